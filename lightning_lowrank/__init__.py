@@ -1,0 +1,21 @@
+"""Memory-efficient low-rank gradient optimization for PyTorch Lightning.
+
+``import lightning_lowrank`` registers the strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...).
+"""
+
+from lightning_lowrank.config import LowRankConfig
+from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
+from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.strategies import LowRankDDPStrategy, LowRankStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LowRankConfig",
+    "LowRankDDPStrategy",
+    "LowRankStrategy",
+    "MemoryReport",
+    "ProjectedAdamW",
+    "account_memory",
+    "render_memory_report",
+]

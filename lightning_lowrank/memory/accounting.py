@@ -1,0 +1,155 @@
+"""Exact byte accounting of parameters, gradients and optimizer state, read off the tensors themselves.
+
+Nothing here is estimated: every figure is a sum of ``numel * element_size`` over live tensors, so
+it holds on CPU as on GPU. The peak allocated figure is the allocator's own and is CUDA-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_lowrank.optim.projected_adamw import ProjectedAdamW
+
+PROJECTOR_KEYS = ("proj", "proj_idx")
+# torch.optim.AdamW keeps exp_avg and exp_avg_sq shaped like the parameter, plus a float32 scalar step.
+_ADAMW_STEP_BYTES = torch.tensor(0.0).element_size()
+
+
+def tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def dense_adamw_state_bytes(param: Tensor) -> int:
+    """Bytes ``torch.optim.AdamW`` (amsgrad off) holds for ``param`` once it has stepped."""
+    return 2 * tensor_bytes(param) + _ADAMW_STEP_BYTES
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One projected weight. ``state_bytes`` includes its own projector storage (P or indices)."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    projector: str
+    state_bytes: int
+    projector_bytes: int
+    dense_adamw_bytes: int
+
+    @property
+    def saving_bytes(self) -> int:
+        return self.dense_adamw_bytes - self.state_bytes
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Totals in bytes. Optimizer state = dense part + projected part + projector storage.
+
+    ``dense_adamw_state_bytes`` is what torch.optim.AdamW would hold for the same stepped parameters.
+    """
+
+    layers: tuple[LayerMemory, ...]
+    param_bytes: int
+    grad_bytes: int
+    dense_state_bytes: int
+    projected_state_bytes: int
+    projector_bytes: int
+    shared_basis_bytes: int
+    dense_adamw_state_bytes: int
+    peak_allocated_bytes: int | None = None
+
+    @property
+    def optimizer_state_bytes(self) -> int:
+        return self.dense_state_bytes + self.projected_state_bytes + self.projector_bytes
+
+    @property
+    def saving_bytes(self) -> int:
+        return self.dense_adamw_state_bytes - self.optimizer_state_bytes
+
+    @property
+    def saving_percent(self) -> float:
+        return 100.0 * self.saving_bytes / self.dense_adamw_state_bytes if self.dense_adamw_state_bytes else 0.0
+
+    def as_metrics(self, prefix: str = "lowrank/") -> dict[str, float]:
+        """Flat scalar figures for a Lightning logger."""
+        metrics = {
+            "param_bytes": self.param_bytes,
+            "grad_bytes": self.grad_bytes,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
+            "dense_state_bytes": self.dense_state_bytes,
+            "projected_state_bytes": self.projected_state_bytes,
+            "projector_bytes": self.projector_bytes,
+            "dense_adamw_state_bytes": self.dense_adamw_state_bytes,
+            "saving_bytes": self.saving_bytes,
+            "saving_percent": self.saving_percent,
+        }
+        if self.peak_allocated_bytes is not None:
+            metrics["peak_allocated_bytes"] = self.peak_allocated_bytes
+        return {prefix + k: float(v) for k, v in metrics.items()}
+
+
+def account_memory(
+    optimizers: Iterable[Optimizer],
+    params: Iterable[Tensor],
+    names: Mapping[Tensor, str],
+    device: torch.device | None = None,
+) -> MemoryReport:
+    """Account ``params`` (the model's) and the state of ``optimizers``; ``names`` labels projected layers."""
+    params = list({id(p): p for p in params}.values())
+    layers: list[LayerMemory] = []
+    dense_state = projected_state = projector = shared = adamw = 0
+    for opt in optimizers:
+        projected_params = _projected(opt)
+        for p, state in opt.state.items():
+            if not state:
+                continue
+            adamw += dense_adamw_state_bytes(p)
+            total = sum(tensor_bytes(v) for v in state.values() if isinstance(v, Tensor))
+            if p in projected_params:
+                own = sum(tensor_bytes(state[k]) for k in PROJECTOR_KEYS if k in state)
+                projected_state += total - own
+                projector += own
+                group = projected_params[p]
+                rank = state["exp_avg"].shape[0 if p.shape[0] <= p.shape[1] else 1]
+                layers.append(
+                    LayerMemory(
+                        names.get(p, "?"),
+                        tuple(p.shape),
+                        rank,
+                        group["projector"],
+                        total,
+                        own,
+                        dense_adamw_state_bytes(p),
+                    )
+                )
+            else:
+                dense_state += total
+        if isinstance(opt, ProjectedAdamW):
+            bases = sum(tensor_bytes(b) for b in opt.dct_bases().values())
+            shared += bases
+            projector += bases
+    peak = None
+    if device is not None and device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    return MemoryReport(
+        layers=tuple(sorted(layers, key=lambda layer: layer.name)),
+        param_bytes=sum(tensor_bytes(p) for p in params),
+        grad_bytes=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+        dense_state_bytes=dense_state,
+        projected_state_bytes=projected_state,
+        projector_bytes=projector,
+        shared_basis_bytes=shared,
+        dense_adamw_state_bytes=adamw,
+        peak_allocated_bytes=peak,
+    )
+
+
+def _projected(opt: Optimizer) -> dict[Tensor, dict]:
+    if not isinstance(opt, ProjectedAdamW):
+        return {}
+    return {p: group for group in opt.param_groups for p, on in zip(group["params"], opt._mask(group)) if on}

@@ -1,0 +1,66 @@
+"""Draws a ``MemoryReport`` with rich, in the look of Lightning's ``RichModelSummary``."""
+
+from __future__ import annotations
+
+from rich import get_console
+from rich.console import Console
+from rich.table import Table
+
+from lightning_lowrank.memory.accounting import MemoryReport
+
+
+def format_bytes(n: float) -> str:
+    """Binary units, three significant digits: 0 B, 812 B, 1.50 KiB, 23.4 MiB."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    if unit == "B":
+        return f"{sign}{int(n)} B"
+    return f"{sign}{n:.3g} {unit}" if n >= 100 else f"{sign}{n:.2f} {unit}"
+
+
+def render_memory_report(report: MemoryReport, console: Console | None = None) -> None:
+    console = console or get_console()
+    table = Table(header_style="bold magenta", title="Low-rank optimizer memory")
+    table.add_column(" ", style="dim")
+    table.add_column("Name", justify="left", no_wrap=True)
+    table.add_column("Shape")
+    table.add_column("Rank", justify="right")
+    table.add_column("Projector")
+    table.add_column("State", justify="right")
+    table.add_column("AdamW state", justify="right")
+    table.add_column("Saving", justify="right")
+    for i, layer in enumerate(report.layers):
+        table.add_row(
+            str(i),
+            layer.name,
+            "x".join(map(str, layer.shape)),
+            str(layer.rank),
+            layer.projector,
+            format_bytes(layer.state_bytes),
+            format_bytes(layer.dense_adamw_bytes),
+            format_bytes(layer.saving_bytes),
+        )
+    console.print(table)
+
+    grid = Table.grid(expand=True)
+    grid.add_column()
+    rows = [
+        ("Parameters", format_bytes(report.param_bytes)),
+        ("Gradients", format_bytes(report.grad_bytes)),
+        (
+            "Optimizer state",
+            f"{format_bytes(report.optimizer_state_bytes)} (dense {format_bytes(report.dense_state_bytes)}, "
+            f"projected {format_bytes(report.projected_state_bytes)}, projectors {format_bytes(report.projector_bytes)})",
+        ),
+        ("Dense AdamW state", format_bytes(report.dense_adamw_state_bytes)),
+        ("Saving vs AdamW", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
+    ]
+    if report.peak_allocated_bytes is not None:
+        rows.append(("Peak CUDA allocated", format_bytes(report.peak_allocated_bytes)))
+    for label, value in rows:
+        grid.add_row(f"[bold]{label}[/]: {value}")
+    console.print(grid)

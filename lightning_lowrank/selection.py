@@ -1,0 +1,64 @@
+"""Which weights of a model get a low-rank subspace.
+
+Default: the 2-D ``weight`` of every ``nn.Linear`` except output heads (a Linear whose weight is tied to
+an ``nn.Embedding``, or whose own name is a usual head name). ``target_modules`` and ``exclude`` are
+patterns over qualified module names: a pattern matches a name when it is a glob (``fnmatch``) of the
+whole name or of a substring, so ``"attn"`` selects ``blocks.0.attn.q_proj`` as in GaLore's scripts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+from torch import Tensor, nn
+
+HEAD_NAMES = frozenset({"lm_head", "head", "output", "output_layer", "classifier", "fc_out", "out_head"})
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatchcase(name, pattern) or fnmatchcase(name, f"*{pattern}*")
+
+
+def _is_head(name: str, module: nn.Linear, embedding_weights: set[int]) -> bool:
+    return name.rsplit(".", 1)[-1] in HEAD_NAMES or id(module.weight) in embedding_weights
+
+
+def select_lowrank_params(
+    model: nn.Module,
+    target_modules: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[Tensor, str]:
+    """Map each weight to project onto its module's qualified name.
+
+    Raises ValueError when a pattern matches no candidate module, naming the candidates.
+    """
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if target_modules is None:
+        candidates = {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not _is_head(name, m, embedding_weights)
+        }
+    else:
+        owners = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+        owners = {name: m for name, m in owners.items() if m.weight.ndim == 2}
+        _check_patterns("target_modules", target_modules, owners)
+        candidates = {n: m for n, m in owners.items() if any(_matches(n, p) for p in target_modules)}
+    _check_patterns("exclude", exclude, candidates)
+    selected: dict[Tensor, str] = {}
+    for name, module in candidates.items():
+        if any(_matches(name, p) for p in exclude) or not module.weight.requires_grad:
+            continue
+        selected.setdefault(module.weight, name)
+    return selected
+
+
+def _check_patterns(kind: str, patterns: Sequence[str], names: dict[str, nn.Module]) -> None:
+    for pattern in patterns:
+        if not any(_matches(name, pattern) for name in names):
+            shown = ", ".join(sorted(names)[:20]) + (" ..." if len(names) > 20 else "")
+            raise ValueError(
+                f"{kind} pattern {pattern!r} matches no module with a 2-D weight. Patterns are globs over "
+                f"qualified module names (or substrings of them); the candidates are: {shown or '(none)'}"
+            )

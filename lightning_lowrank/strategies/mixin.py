@@ -1,0 +1,112 @@
+"""The one place where a Lightning strategy swaps the user's optimizer for a projected one.
+
+``LowRankMixin`` goes first in the bases of a concrete strategy (``LowRankStrategy``,
+``LowRankDDPStrategy``) so Lightning's ``isinstance`` checks still see its own base class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LRSchedulerConfig
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_lowrank.config import LowRankConfig
+from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
+from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.selection import select_lowrank_params
+
+
+class LowRankMixin:
+    """Adds low-rank optimizer state and a memory report to a Lightning strategy.
+
+    Args:
+        rank: subspace rank per projected weight (clamped to the weight's smaller side).
+        projector: ``"svd"`` or ``"dct"``.
+        update_gap: optimizer steps between subspace refreshes.
+        scale: multiplies the projected-back update (GaLore's alpha).
+        target_modules: module-name patterns to project (default: every ``nn.Linear`` but output heads).
+        exclude: module-name patterns never to project.
+        memory_report: print the rich memory report at the end of training (it is logged either way).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        rank: int = 128,
+        projector: str = "svd",
+        update_gap: int = 200,
+        scale: float = 1.0,
+        target_modules: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        memory_report: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.lowrank_config = LowRankConfig(rank, projector, update_gap, scale, target_modules, exclude)
+        self.print_memory_report = memory_report
+        self._lowrank_names: dict[Tensor, str] = {}
+        super().__init__(*args, **kwargs)
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        cfg = self.lowrank_config
+        selected = select_lowrank_params(self.lightning_module, cfg.target_modules, cfg.exclude)
+        _warn_clamped(selected, cfg.rank)
+        swapped = []
+        for old in self.optimizers:
+            if isinstance(old, ProjectedAdamW):
+                new = old
+            else:
+                new = ProjectedAdamW.from_optimizer(
+                    old, set(selected), rank=cfg.rank, projector=cfg.projector, update_gap=cfg.update_gap, scale=cfg.scale
+                )
+                rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
+            swapped.append(new)
+        self._lowrank_names = selected
+        self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
+
+    def memory_report(self) -> MemoryReport:
+        """Exact bytes of parameters, gradients and optimizer state right now."""
+        return account_memory(
+            self.optimizers, self.lightning_module.parameters(), self._lowrank_names, self.root_device
+        )
+
+    def on_train_end(self) -> None:
+        super().on_train_end()  # type: ignore[misc]
+        report = self.memory_report()
+        trainer = self.lightning_module.trainer
+        for logger in trainer.loggers:
+            logger.log_metrics(report.as_metrics(), step=trainer.global_step)
+        if self.print_memory_report and self.is_global_zero:
+            render_memory_report(report)
+
+
+def rebind_lr_schedulers(configs: Sequence[LRSchedulerConfig], old: Optimizer, new: Optimizer) -> None:
+    """Point every scheduler (also those nested in SequentialLR/ChainedScheduler) at ``new``.
+
+    Without this a resumed run freezes the LR: ``load_state_dict`` gives ``new`` fresh group dicts
+    that the old optimizer, still held by the scheduler, never sees.
+    """
+    for config in configs:
+        _rebind(config.scheduler, old, new)
+
+
+def _rebind(scheduler: Any, old: Optimizer, new: Optimizer) -> None:
+    if getattr(scheduler, "optimizer", None) is old:
+        scheduler.optimizer = new
+    for child in getattr(scheduler, "_schedulers", ()):
+        _rebind(child, old, new)
+
+
+def _warn_clamped(selected: dict[Tensor, str], rank: int) -> None:
+    clamped = [f"{name} {tuple(p.shape)}" for p, name in selected.items() if rank >= min(p.shape)]
+    if clamped:
+        rank_zero_warn(
+            f"rank={rank} is not below the smaller side of {len(clamped)} projected weight(s): "
+            f"{', '.join(clamped[:8])}{' ...' if len(clamped) > 8 else ''}. Their rank is clamped to that side, "
+            "so they save no optimizer memory; lower `rank` or `exclude` them."
+        )

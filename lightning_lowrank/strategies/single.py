@@ -1,0 +1,45 @@
+"""Low-rank optimizer state on one device."""
+
+from __future__ import annotations
+
+import torch
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from lightning_lowrank.strategies.mixin import LowRankMixin
+
+
+class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
+    """``SingleDeviceStrategy`` with projected optimizer state: ``Trainer(strategy="lowrank")``.
+
+    ``device`` defaults to the Trainer's accelerator (the first of its devices), so a registry name
+    still lands on the GPU with ``accelerator="gpu"``.
+    """
+
+    strategy_name = "lowrank"
+
+    def __init__(self, *args, device: torch.device | str | None = None, **kwargs) -> None:
+        super().__init__(*args, device=device or "cpu", **kwargs)
+        # Lightning's connector fills ``parallel_devices`` on any strategy that has the attribute.
+        self._parallel_devices: list[torch.device] | None = [torch.device(device)] if device is not None else None
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if devices and len(devices) > 1:
+            raise ValueError(
+                f"LowRankStrategy runs on one device, but the Trainer asked for {len(devices)}. "
+                "Use strategy='lowrank_ddp' (or 'lowrank_ddp_spawn' / 'lowrank_ddp_fork') for several devices, or devices=1."
+            )
+        self._parallel_devices = devices
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._parallel_devices[0] if self._parallel_devices else self._root_device
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="Single device with low-rank optimizer state")
