@@ -28,7 +28,7 @@ class LowRankConfig:
         if self.projector not in PROJECTORS:
             raise ValueError(f"Unknown projector {self.projector!r}; allowed: {', '.join(map(repr, PROJECTORS))}")
         if isinstance(self.update_gap, bool) or not isinstance(self.update_gap, int) or self.update_gap < 1:
-            raise ValueError(f"update_gap must be an int >= 1 (optimizer steps between refreshes), got {self.update_gap!r}")
+            raise ValueError(f"update_gap must be an int >= 1 (steps between refreshes), got {self.update_gap!r}")
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
             raise ValueError(f"scale must be a number > 0, got {self.scale!r}")
         object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))

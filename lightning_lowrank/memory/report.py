@@ -51,11 +51,10 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
     rows = [
         ("Parameters", format_bytes(report.param_bytes)),
         ("Gradients", format_bytes(report.grad_bytes)),
-        (
-            "Optimizer state",
-            f"{format_bytes(report.optimizer_state_bytes)} (dense {format_bytes(report.dense_state_bytes)}, "
-            f"projected {format_bytes(report.projected_state_bytes)}, projectors {format_bytes(report.projector_bytes)})",
-        ),
+        ("Optimizer state", format_bytes(report.optimizer_state_bytes)),
+        ("  dense part", format_bytes(report.dense_state_bytes)),
+        ("  projected part", format_bytes(report.projected_state_bytes)),
+        ("  projectors", format_bytes(report.projector_bytes)),
         ("Dense AdamW state", format_bytes(report.dense_adamw_state_bytes)),
         ("Saving vs AdamW", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
     ]

@@ -255,4 +255,4 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise ValueError(f"lowrank_mask has {len(mask)} entries for {len(group['params'])} params")
         for p, projected in zip(group["params"], mask):
             if projected and p.ndim != 2:
-                raise ValueError(f"lowrank_mask selects a parameter of shape {tuple(p.shape)}; only 2-D weights project")
+                raise ValueError(f"lowrank_mask selects shape {tuple(p.shape)}; only 2-D weights project")

@@ -62,7 +62,12 @@ class LowRankMixin:
                 new = old
             else:
                 new = ProjectedAdamW.from_optimizer(
-                    old, set(selected), rank=cfg.rank, projector=cfg.projector, update_gap=cfg.update_gap, scale=cfg.scale
+                    old,
+                    set(selected),
+                    rank=cfg.rank,
+                    projector=cfg.projector,
+                    update_gap=cfg.update_gap,
+                    scale=cfg.scale,
                 )
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)

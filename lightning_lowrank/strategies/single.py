@@ -32,7 +32,8 @@ class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
         if devices and len(devices) > 1:
             raise ValueError(
                 f"LowRankStrategy runs on one device, but the Trainer asked for {len(devices)}. "
-                "Use strategy='lowrank_ddp' (or 'lowrank_ddp_spawn' / 'lowrank_ddp_fork') for several devices, or devices=1."
+                "Use strategy='lowrank_ddp' (or 'lowrank_ddp_spawn', 'lowrank_ddp_fork') for several devices, "
+                "or devices=1."
             )
         self._parallel_devices = devices
 
