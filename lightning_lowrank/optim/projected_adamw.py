@@ -12,6 +12,7 @@ primitives, so ``state_dict()`` round-trips and loads with ``torch.load(weights_
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -112,6 +113,16 @@ class ProjectedAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but subspace indices stay int64 (torch casts every state tensor to the param's dtype)."""
+        indices = {k: v["proj_idx"] for k, v in state_dict["state"].items() if "proj_idx" in v}
+        state = {k: {n: t for n, t in v.items() if n != "proj_idx"} for k, v in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+        for key, idx in indices.items():
+            self.state[params[key]]["proj_idx"] = idx.to(device=params[key].device, dtype=torch.int64)
 
     def _mask(self, group: dict[str, Any]) -> list[bool]:
         if group["rank"] is None:

@@ -43,9 +43,11 @@ def project_back(low_rank: Tensor, P: Tensor, full_shape: torch.Size) -> Tensor:
 def svd_projection(grad: Tensor, rank: int) -> Tensor:
     """Top-``rank`` singular vectors of ``grad`` on its smaller side (GaLore).
 
-    The SVD runs in float32 (CPU has no bf16 SVD); P is returned in the gradient's dtype.
+    Half-precision gradients are decomposed in float32 (CPU has no bf16 SVD); P is returned in the
+    gradient's dtype.
     """
-    U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+    U, _, Vh = torch.linalg.svd(work, full_matrices=False)
     P = U[:, :rank] if is_left(grad.shape) else Vh[:rank].T
     return P.to(grad.dtype).contiguous()
 
