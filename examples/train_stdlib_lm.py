@@ -21,8 +21,7 @@ from byte_lm import ByteLM, ByteLMConfig
 from lightning.pytorch.loggers import CSVLogger
 from stdlib_data import StdlibDataModule
 
-import lightning_lowrank  # noqa: F401  (registers the "lowrank" strategy names; the class is used below)
-from lightning_lowrank import LowRankStrategy
+import lightning_lowrank
 
 # The batches are slices of an in-memory tensor: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -74,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         strategy = "auto"
         name = "dense"
     else:
-        strategy = LowRankStrategy(rank=args.rank, projector=args.projector, update_gap=args.update_gap, scale=args.scale)
+        strategy = lightning_lowrank.LowRankStrategy(
+            rank=args.rank, projector=args.projector, update_gap=args.update_gap, scale=args.scale
+        )
         name = f"lowrank_{args.projector}_r{args.rank}"
 
     trainer = L.Trainer(

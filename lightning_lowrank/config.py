@@ -12,7 +12,7 @@ from lightning_lowrank.optim.projection import PROJECTORS
 class LowRankConfig:
     """What the strategy applies to every projected weight.
 
-    ``rank`` larger than a layer's smaller side is clamped to that side (with a warning at setup).
+    A weight whose smaller side is <= ``rank`` stays dense (with a warning at setup): projecting it saves nothing.
     """
 
     rank: int = 128

@@ -25,7 +25,7 @@ class LowRankMixin:
     """Adds low-rank optimizer state and a memory report to a Lightning strategy.
 
     Args:
-        rank: subspace rank per projected weight (clamped to the weight's smaller side).
+        rank: subspace rank per projected weight; weights whose smaller side is <= rank stay dense.
         projector: ``"svd"`` or ``"dct"``.
         update_gap: optimizer steps between subspace refreshes.
         scale: multiplies the projected-back update (GaLore's alpha).
@@ -55,7 +55,7 @@ class LowRankMixin:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         cfg = self.lowrank_config
         selected = select_lowrank_params(self.lightning_module, cfg.target_modules, cfg.exclude)
-        _warn_clamped(selected, cfg.rank)
+        selected = _drop_full_rank(selected, cfg.rank)
         swapped = []
         for old in self.optimizers:
             if isinstance(old, ProjectedAdamW):
@@ -107,11 +107,14 @@ def _rebind(scheduler: Any, old: Optimizer, new: Optimizer) -> None:
         _rebind(child, old, new)
 
 
-def _warn_clamped(selected: dict[Tensor, str], rank: int) -> None:
-    clamped = [f"{name} {tuple(p.shape)}" for p, name in selected.items() if rank >= min(p.shape)]
-    if clamped:
+def _drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]:
+    """Weights whose smaller side is <= rank would store more than dense AdamW; train them densely."""
+    full = {p: name for p, name in selected.items() if rank >= min(p.shape)}
+    if full:
+        shown = ", ".join(f"{name} {tuple(p.shape)}" for p, name in list(full.items())[:8])
         rank_zero_warn(
-            f"rank={rank} is not below the smaller side of {len(clamped)} projected weight(s): "
-            f"{', '.join(clamped[:8])}{' ...' if len(clamped) > 8 else ''}. Their rank is clamped to that side, "
-            "so they save no optimizer memory; lower `rank` or `exclude` them."
+            f"rank={rank} is not below the smaller side of {len(full)} selected weight(s): {shown}"
+            f"{' ...' if len(full) > 8 else ''}. A projection would save nothing there, so they stay dense "
+            "(plain AdamW); lower `rank` to project them."
         )
+    return {p: name for p, name in selected.items() if p not in full}

@@ -1,0 +1,83 @@
+"""Small LightningModules written the way a user would: plain AdamW, no knowledge of low rank.
+
+Module level so DDP spawn/fork workers can import them.
+"""
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB, WIDTH = 32, 24
+
+
+def token_data(n: int = 64, seed: int = 0) -> TensorDataset:
+    """A learnable toy task: predict (3x + 1) mod VOCAB from x."""
+    x = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(x, (3 * x + 1) % VOCAB)
+
+
+class TinyNet(L.LightningModule):
+    def __init__(
+        self,
+        lr: float = 1e-2,
+        scheduler: str | None = "step",
+        batch_size: int = 16,
+        n: int = 64,
+        width: int = WIDTH,
+        hidden: int = 40,
+    ):
+        super().__init__()
+        self.lr, self.scheduler, self.batch_size, self.n = lr, scheduler, batch_size, n
+        self.embed = nn.Embedding(VOCAB, width)
+        self.attn = nn.Linear(width, hidden)
+        self.mlp = nn.Linear(hidden, width)
+        self.norm = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, VOCAB)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.mlp(torch.relu(self.attn(h)))
+        return self.lm_head(self.norm(h))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        if self.scheduler is None:
+            return opt
+        if self.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.8)
+        else:  # warmup then cosine, nested in SequentialLR
+            warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=2)
+            cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[2])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self):
+        return DataLoader(token_data(self.n), batch_size=self.batch_size, shuffle=False)
+
+
+class ManualNet(TinyNet):
+    def __init__(self):
+        super().__init__(scheduler=None)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train_loss", loss)
+        return loss
+
+
+class SGDNet(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -1,0 +1,54 @@
+"""Two CPU processes (gloo): every rank must end with the same parameters and subspaces."""
+
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_lowrank import LowRankDDPStrategy
+from tests.models import TinyNet
+
+
+class SaveRankState(Callback):
+    """Each worker writes its parameters and projection state; the test compares them in the main process."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        state = {
+            "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+            "proj": opt.state[pl_module.attn.weight]["proj"].clone(),
+            "step": opt.state[pl_module.attn.weight]["step"].item(),
+        }
+        torch.save(state, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_two_process_ddp_ends_with_identical_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(scheduler="step", n=128)
+    trainer = L.Trainer(
+        strategy=LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork"),
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        callbacks=[SaveRankState(str(tmp_path))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4  # 128 samples / 2 ranks / 16 per batch / 2 accumulated, 2 epochs
+    assert torch.equal(r0["proj"], r1["proj"])
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    torch.manual_seed(0)
+    start = TinyNet(scheduler="step")
+    assert not torch.equal(r0["params"]["attn.weight"], start.attn.weight)  # it trained
