@@ -98,7 +98,7 @@ def test_update_lies_in_the_subspace_and_refresh_follows_the_gap(projector):
     opt = ProjectedAdamW([w], lr=1e-2, weight_decay=0.0, rank=3, projector=projector, update_gap=3)
     key = "proj" if projector == "svd" else "proj_idx"
     seen = []
-    for t, G in enumerate(_grads((8, 12), 7, seed=5)):
+    for G in _grads((8, 12), 7, seed=5):
         before = w.detach().clone()
         w.grad = G
         opt.step()
