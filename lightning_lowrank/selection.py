@@ -1,7 +1,8 @@
 """Which weights of a model get a low-rank subspace.
 
-Default: the 2-D ``weight`` of every ``nn.Linear`` except output heads (a Linear whose weight is tied to
-an ``nn.Embedding``, or whose own name is a usual head name). ``target_modules`` and ``exclude`` are
+Default: the 2-D ``weight`` of every ``nn.Linear`` except output heads: a Linear whose weight is tied to
+an ``nn.Embedding``, whose ``out_features`` is an embedding's vocabulary size, or whose own name is a usual
+head name (``lm_head``, ``head``, ``classifier``, ...). ``target_modules`` and ``exclude`` are
 patterns over qualified module names: a pattern matches a name when it is a glob (``fnmatch``) of the
 whole name or of a substring, so ``"attn"`` selects ``blocks.0.attn.q_proj`` as in GaLore's scripts.
 """
@@ -20,8 +21,12 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, f"*{pattern}*")
 
 
-def _is_head(name: str, module: nn.Linear, embedding_weights: set[int]) -> bool:
-    return name.rsplit(".", 1)[-1] in HEAD_NAMES or id(module.weight) in embedding_weights
+def _is_head(name: str, module: nn.Linear, embeddings: list[nn.Embedding]) -> bool:
+    return (
+        name.rsplit(".", 1)[-1] in HEAD_NAMES
+        or any(module.weight is e.weight for e in embeddings)
+        or any(module.out_features == e.num_embeddings for e in embeddings)
+    )
 
 
 def select_lowrank_params(
@@ -33,12 +38,12 @@ def select_lowrank_params(
 
     Raises ValueError when a pattern matches no candidate module, naming the candidates.
     """
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if target_modules is None:
         candidates = {
             name: m
             for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not _is_head(name, m, embedding_weights)
+            if isinstance(m, nn.Linear) and not _is_head(name, m, embeddings)
         }
     else:
         owners = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
