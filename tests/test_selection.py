@@ -84,7 +84,15 @@ def test_conv_weights_cannot_be_targets():
 
 
 @pytest.mark.parametrize(
-    "n,text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (1536, "1.50 KiB"), (5 * 2**20, "5.00 MiB"), (-2048, "-2.00 KiB")]
+    "n,text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (5 * 2**20, "5.00 MiB"),
+        (-2048, "-2.00 KiB"),
+    ],
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
