@@ -27,12 +27,18 @@ class SaveRankState(Callback):
         torch.save(state, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
-def test_two_process_ddp_ends_with_identical_parameters(tmp_path):
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and spawn of gloo workers")
+@pytest.mark.parametrize("how", ["fork_instance", "spawn_name"])
+def test_two_process_ddp_ends_with_identical_parameters(tmp_path, how):
     torch.manual_seed(0)
-    model = TinyNet(scheduler="step", n=128)
+    if how == "fork_instance":
+        model = TinyNet(scheduler="step", n=128)
+        strategy = LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork")
+    else:  # the registered name with its defaults (rank 128, so wider layers)
+        model = TinyNet(scheduler="step", n=128, width=160, hidden=192)
+        strategy = "lowrank_ddp_spawn"
     trainer = L.Trainer(
-        strategy=LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork"),
+        strategy=strategy,
         accelerator="cpu",
         devices=2,
         max_epochs=2,
@@ -49,6 +55,7 @@ def test_two_process_ddp_ends_with_identical_parameters(tmp_path):
     assert torch.equal(r0["proj"], r1["proj"])
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
+    assert r0["proj"].shape[1] == (4 if how == "fork_instance" else 128)
     torch.manual_seed(0)
-    start = TinyNet(scheduler="step")
+    start = TinyNet(scheduler="step", width=model.embed.embedding_dim, hidden=model.attn.out_features)
     assert not torch.equal(r0["params"]["attn.weight"], start.attn.weight)  # it trained

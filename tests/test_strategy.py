@@ -45,6 +45,15 @@ def test_names_are_registered():
     assert isinstance(_trainer("LowRank_DDP_Spawn", devices=2).strategy, LowRankDDPStrategy)
 
 
+def test_single_device_strategy_takes_the_trainers_device():
+    """A registry name is built without arguments; the Trainer's device list must still reach it."""
+    assert _trainer("lowrank").strategy.root_device == torch.device("cpu")
+    strategy = LowRankStrategy()
+    strategy.parallel_devices = [torch.device("cuda", 1)]  # what the connector does for accelerator="gpu"
+    assert strategy.root_device == torch.device("cuda", 1)
+    assert LowRankStrategy(device="cuda:0").root_device == torch.device("cuda", 0)
+
+
 def test_registry_name_trains_unchanged_module_and_swaps_optimizer():
     torch.manual_seed(0)
     model, history = TinyNet(width=160, hidden=192), LossHistory()  # smaller sides above the default rank 128
