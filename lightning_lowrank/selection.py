@@ -1,8 +1,8 @@
 """Which weights of a model get a low-rank subspace.
 
 Default: the 2-D ``weight`` of every ``nn.Linear`` except output heads: a Linear whose weight is tied to
-an ``nn.Embedding``, whose ``out_features`` is an embedding's vocabulary size, or whose own name is a usual
-head name (``lm_head``, ``head``, ``classifier``, ...). ``target_modules`` and ``exclude`` are
+an ``nn.Embedding``, whose own name is a usual head name (``lm_head``, ``head``, ``classifier``, ...), or
+that is the model's last Linear and maps to an embedding's vocabulary size. ``target_modules`` and ``exclude`` are
 patterns over qualified module names: a pattern matches a name when it is a glob (``fnmatch``) of the
 whole name or of a substring, so ``"attn"`` selects ``blocks.0.attn.q_proj`` as in GaLore's scripts.
 """
@@ -21,11 +21,11 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, f"*{pattern}*")
 
 
-def _is_head(name: str, module: nn.Linear, embeddings: list[nn.Embedding]) -> bool:
+def _is_head(name: str, module: nn.Linear, embeddings: list[nn.Embedding], last: nn.Module | None) -> bool:
     return (
         name.rsplit(".", 1)[-1] in HEAD_NAMES
         or any(module.weight is e.weight for e in embeddings)
-        or any(module.out_features == e.num_embeddings for e in embeddings)
+        or (module is last and any(module.out_features == e.num_embeddings for e in embeddings))
     )
 
 
@@ -40,11 +40,9 @@ def select_lowrank_params(
     """
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if target_modules is None:
-        candidates = {
-            name: m
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not _is_head(name, m, embeddings)
-        }
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        last = list(linears.values())[-1] if linears else None
+        candidates = {name: m for name, m in linears.items() if not _is_head(name, m, embeddings, last)}
     else:
         owners = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
         owners = {name: m for name, m in owners.items() if m.weight.ndim == 2}

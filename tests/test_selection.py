@@ -37,6 +37,9 @@ def test_default_is_every_linear_but_heads_and_embeddings():
 
 
 def test_heads_are_recognised_by_name_tie_or_vocabulary_size():
+    inner_vocab_sized = Net()
+    inner_vocab_sized.blocks[0].mlp[0] = nn.Linear(8, 50)  # same width as the vocabulary, but not the last Linear
+    assert "blocks.0.mlp.0" in _names(select_lowrank_params(inner_vocab_sized))
     untied_other_size = Net()
     untied_other_size.decoder = nn.Linear(8, 40)
     assert "decoder" in _names(select_lowrank_params(untied_other_size))
