@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="peak learning rate (default: 1e-2 low-rank, as in GaLore's recipe with scale 0.25; 1e-3 with --dense)",
     )
-    parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps (default: 500)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows of 128 bytes per step (default: 32)")
     parser.add_argument("--val-every", type=int, default=100, help="validate every this many steps (default: 100)")
     parser.add_argument("--val-batches", type=int, default=4, help="batches per validation (default: 4)")
@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         name = f"lowrank_{args.projector}_r{args.rank}"
 
+    val_every = min(args.val_every, args.max_steps)
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="auto",
         devices=1,
         precision=args.precision,
         max_steps=args.max_steps,
-        val_check_interval=min(args.val_every, args.max_steps),
+        val_check_interval=val_every,
         limit_val_batches=args.val_batches,
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
@@ -95,12 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)  # LowRankStrategy prints its memory report when this returns
     elapsed = time.perf_counter() - start
+    train_loss = trainer.callback_metrics["train_loss"].item()
+    if trainer.global_step % val_every:  # the last step was not a validation step: measure the final model
+        trainer.validate(model, datamodule=data, verbose=False)
+    val_loss = trainer.callback_metrics["val_loss"].item()
 
-    metrics = trainer.callback_metrics
     print(f"\n{name}: {trainer.global_step} steps in {elapsed:.0f}s, lr={lr:g}")
     print(f"initial loss (uniform over 256 bytes) = {math.log(256):.3f}")
-    print(f"final train_loss = {metrics['train_loss'].item():.3f}")
-    print(f"final val_loss   = {metrics['val_loss'].item():.3f}")
+    print(f"final train_loss = {train_loss:.3f}")
+    print(f"final val_loss   = {val_loss:.3f}")
     print(f"logs: {trainer.logger.log_dir}")
 
 

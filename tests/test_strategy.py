@@ -177,6 +177,8 @@ def test_memory_report_equals_tensor_bytes_and_is_logged():
     dense = sum(2 * n * 4 + 4 for n in dense_numels)
     n_params = sum(p.numel() for p in model.parameters())
     assert report.param_bytes == n_params * 4 == report.grad_bytes
+    model.embed.weight.requires_grad_(False)  # a frozen weight has no gradient buffer
+    assert trainer.strategy.memory_report().grad_bytes == (n_params - 32 * 24) * 4
     assert report.projected_state_bytes == projected_moments + projected_steps
     assert report.projector_bytes == indices + shared_basis
     assert report.dense_state_bytes == dense

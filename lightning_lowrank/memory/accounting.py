@@ -50,6 +50,9 @@ class LayerMemory:
 class MemoryReport:
     """Totals in bytes. Optimizer state = dense part + projected part + projector storage.
 
+    ``grad_bytes`` is what the trainable parameters' ``.grad`` buffers take during a step (Lightning may
+    already have freed them when the report is made at the end of training).
+
     ``dense_adamw_state_bytes`` is what torch.optim.AdamW would hold for the same stepped parameters.
     """
 
@@ -139,7 +142,7 @@ def account_memory(
     return MemoryReport(
         layers=tuple(sorted(layers, key=lambda layer: layer.name)),
         param_bytes=sum(tensor_bytes(p) for p in params),
-        grad_bytes=sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
+        grad_bytes=sum(tensor_bytes(p) for p in params if p.requires_grad),
         dense_state_bytes=dense_state,
         projected_state_bytes=projected_state,
         projector_bytes=projector,

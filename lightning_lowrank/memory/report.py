@@ -23,7 +23,14 @@ def format_bytes(n: float) -> str:
 
 
 def render_memory_report(report: MemoryReport, console: Console | None = None) -> None:
+    """Print through rich's global console, like Lightning's own rich callbacks.
+
+    Output that is not a terminal (a log file, CI) gets at least 120 columns instead of rich's 80, so
+    layer names and sizes do not wrap.
+    """
     console = console or get_console()
+    if not console.is_terminal and console.width < 120:
+        console = Console(file=console.file, width=120)
     table = Table(header_style="bold magenta", title="Low-rank optimizer memory")
     table.add_column(" ", style="dim")
     table.add_column("Name", justify="left", no_wrap=True)
