@@ -26,6 +26,16 @@ def _adam_direction(
     return exp_avg / denom, 1 / bias_correction1
 
 
+def _weight_decay_(param: Tensor, grad: Tensor, lr: float, weight_decay: float, decoupled: bool) -> Tensor:
+    """AdamW shrinks the weight in place; Adam adds an L2 term to the gradient (returned)."""
+    if weight_decay == 0:
+        return grad
+    if decoupled:
+        param.mul_(1 - lr * weight_decay)
+        return grad
+    return grad.add(param, alpha=weight_decay)
+
+
 def adamw_step_(
     param: Tensor,
     grad: Tensor,
@@ -41,11 +51,7 @@ def adamw_step_(
     decoupled: bool = True,
 ) -> None:
     """One dense Adam step; ``decoupled=False`` gives Adam's L2 penalty instead of AdamW's decay."""
-    if weight_decay != 0:
-        if decoupled:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            grad = grad.add(param, alpha=weight_decay)
+    grad = _weight_decay_(param, grad, lr, weight_decay, decoupled)
     direction, inv_bc1 = _adam_direction(grad, exp_avg, exp_avg_sq, step, beta1, beta2, eps)
     param.add_(direction, alpha=-lr * inv_bc1)
 
@@ -71,11 +77,7 @@ def projected_adamw_step_(
     The moments have the projected shape ((r, n) or (m, r)); the normalized update is mapped back
     to (m, n) and multiplied by ``scale`` (GaLore's alpha). Weight decay acts on the full weight.
     """
-    if weight_decay != 0:
-        if decoupled:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            grad = grad.add(param, alpha=weight_decay)
+    grad = _weight_decay_(param, grad, lr, weight_decay, decoupled)
     low_rank = project(grad, P)
     direction, inv_bc1 = _adam_direction(low_rank, exp_avg, exp_avg_sq, step, beta1, beta2, eps)
     param.add_(project_back(direction, P, param.shape), alpha=-lr * inv_bc1 * scale)
