@@ -3,6 +3,7 @@
 ``import lightning_lowrank`` registers the strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...).
 """
 
+from lightning_lowrank.callbacks import SubspaceRefresh
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
 from lightning_lowrank.optim import ProjectedAdamW
@@ -16,6 +17,7 @@ __all__ = [
     "LowRankStrategy",
     "MemoryReport",
     "ProjectedAdamW",
+    "SubspaceRefresh",
     "account_memory",
     "render_memory_report",
 ]

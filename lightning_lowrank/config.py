@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from lightning_lowrank.optim.projection import PROJECTORS
+from lightning_lowrank.optim.projected_adamw import validate_options
 
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """What the strategy applies to every projected weight.
+    """What the strategy applies to every projected weight (see ``ProjectedAdamW`` for each option).
 
     A weight whose smaller side is <= ``rank`` stays dense (with a warning at setup): projecting it saves nothing.
     """
@@ -19,20 +19,31 @@ class LowRankConfig:
     projector: str = "svd"
     update_gap: int = 200
     scale: float = 1.0
+    moments: str = "keep"
+    projector_bits: int | None = None
+    proj_group_size: int = 256
+    seed: int = 0
+    rsvd_oversample: int = 8
+    rsvd_niter: int = 2
+    dct_scorer: str = "matmul"
+    pca_lr: float = 0.1
     target_modules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-        if self.projector not in PROJECTORS:
-            raise ValueError(f"Unknown projector {self.projector!r}; allowed: {', '.join(map(repr, PROJECTORS))}")
-        if isinstance(self.update_gap, bool) or not isinstance(self.update_gap, int) or self.update_gap < 1:
-            raise ValueError(f"update_gap must be an int >= 1 (steps between refreshes), got {self.update_gap!r}")
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
             raise ValueError(f"scale must be a number > 0, got {self.scale!r}")
+        validate_options(**self.optimizer_options())
         object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude) or ())
+
+    def optimizer_options(self) -> dict:
+        """The keyword arguments for ``ProjectedAdamW``."""
+        options = asdict(self)
+        del options["target_modules"], options["exclude"]
+        return options
 
 
 def _patterns(kind: str, value: Sequence[str] | str | None) -> tuple[str, ...] | None:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 HEAD_NAMES = frozenset({"lm_head", "head", "output", "output_layer", "classifier", "fc_out", "out_head"})
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """A glob of the whole name, or of any substring of it."""
     return fnmatchcase(name, pattern) or fnmatchcase(name, f"*{pattern}*")
 
 
@@ -47,11 +48,11 @@ def select_lowrank_params(
         owners = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
         owners = {name: m for name, m in owners.items() if m.weight.ndim == 2}
         _check_patterns("target_modules", target_modules, owners)
-        candidates = {n: m for n, m in owners.items() if any(_matches(n, p) for p in target_modules)}
+        candidates = {n: m for n, m in owners.items() if any(matches(n, p) for p in target_modules)}
     _check_patterns("exclude", exclude, candidates)
     selected: dict[Tensor, str] = {}
     for name, module in candidates.items():
-        if any(_matches(name, p) for p in exclude) or not module.weight.requires_grad:
+        if any(matches(name, p) for p in exclude) or not module.weight.requires_grad:
             continue
         selected.setdefault(module.weight, name)
     return selected
@@ -59,7 +60,7 @@ def select_lowrank_params(
 
 def _check_patterns(kind: str, patterns: Sequence[str], names: dict[str, nn.Module]) -> None:
     for pattern in patterns:
-        if not any(_matches(name, pattern) for name in names):
+        if not any(matches(name, pattern) for name in names):
             shown = ", ".join(sorted(names)[:20]) + (" ..." if len(names) > 20 else "")
             raise ValueError(
                 f"{kind} pattern {pattern!r} matches no module with a 2-D weight. Patterns are globs over "

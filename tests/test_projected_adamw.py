@@ -203,7 +203,10 @@ def test_state_dict_round_trip_with_weights_only_resumes_bit_for_bit(projector):
     [
         (dict(rank=0), "rank"),
         (dict(rank=-3), "rank"),
-        (dict(projector="pca"), "svd, dct"),
+        (dict(projector="pca"), "'svd', 'rsvd', 'dct', 'random', 'online_pca'"),
+        (dict(moments="rotate_all"), "'keep', 'reset', 'rotate'"),
+        (dict(projector_bits=2), "None, 4, 8"),
+        (dict(dct_scorer="dft"), "'matmul', 'fft'"),
         (dict(update_gap=0), "update_gap"),
         (dict(scale=0.0), "scale"),
         (dict(lr=-1.0), "learning rate"),

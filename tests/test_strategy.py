@@ -242,7 +242,9 @@ def test_resume_from_mid_run_checkpoint_is_bit_identical(tmp_path):
     "kwargs,match",
     [
         (dict(rank=0), "rank must be a positive int"),
-        (dict(projector="fft"), "'svd', 'dct'"),
+        (dict(projector="fft"), "'svd', 'rsvd', 'dct'"),
+        (dict(projector_bits=3), "projector_bits"),
+        (dict(moments="zero"), "moments"),
         (dict(update_gap=0), "update_gap"),
         (dict(scale=-1), "scale"),
         (dict(target_modules=[]), "target_modules"),

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.optim.projected_adamw import ProjectedAdamW
 
-PROJECTOR_KEYS = ("proj", "proj_idx")
+PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
 # torch.optim.AdamW keeps exp_avg and exp_avg_sq shaped like the parameter, plus a float32 scalar step.
 _ADAMW_STEP_BYTES = torch.tensor(0.0).element_size()
 
@@ -40,6 +40,10 @@ class LayerMemory:
     state_bytes: int
     projector_bytes: int
     dense_adamw_bytes: int
+    refreshes: int | None = None  # with a SubspaceRefresh callback: refreshes done
+    skipped: int | None = None  # refreshes the adaptive rule skipped against a fixed gap
+    refresh_seconds: float | None = None
+    gap: int | None = None  # the layer's current refresh gap
 
     @property
     def saving_bytes(self) -> int:
@@ -93,6 +97,10 @@ class MemoryReport:
         }
         if self.peak_allocated_bytes is not None:
             metrics["peak_allocated_bytes"] = self.peak_allocated_bytes
+        for layer in self.layers:
+            for key in ("refreshes", "skipped", "refresh_seconds", "gap"):
+                if getattr(layer, key) is not None:
+                    metrics[f"{key}/{layer.name}"] = getattr(layer, key)
         return {prefix + k: float(v) for k, v in metrics.items()}
 
 
@@ -101,8 +109,11 @@ def account_memory(
     params: Iterable[Tensor],
     names: Mapping[Tensor, str],
     device: torch.device | None = None,
+    refresh_stats: Mapping[str, Mapping[str, float]] | None = None,
 ) -> MemoryReport:
-    """Account ``params`` (the model's) and the state of ``optimizers``; ``names`` labels projected layers."""
+    """Account ``params`` (the model's) and the state of ``optimizers``; ``names`` labels projected layers and
+    ``refresh_stats`` (by name: refreshes, skipped, seconds, gap) adds refresh counters to them."""
+    refresh_stats = refresh_stats or {}
     params = list({id(p): p for p in params}.values())
     layers: list[LayerMemory] = []
     dense_state = projected_state = projector = shared = adamw = 0
@@ -114,20 +125,27 @@ def account_memory(
             adamw += dense_adamw_state_bytes(p)
             total = sum(tensor_bytes(v) for v in state.values() if isinstance(v, Tensor))
             if p in projected_params:
-                own = sum(tensor_bytes(state[k]) for k in PROJECTOR_KEYS if k in state)
+                own = sum(tensor_bytes(v) for k, v in state.items() if k.startswith(PROJECTOR_PREFIX))
                 projected_state += total - own
                 projector += own
                 group = projected_params[p]
                 rank = state["exp_avg"].shape[0 if p.shape[0] <= p.shape[1] else 1]
+                name = names.get(p, "?")
+                bits = group.get("projector_bits")
+                stats = refresh_stats.get(name, {})
                 layers.append(
                     LayerMemory(
-                        names.get(p, "?"),
+                        name,
                         tuple(p.shape),
                         rank,
-                        group["projector"],
+                        group["projector"] + (f"/int{bits}" if bits else ""),
                         total,
                         own,
                         dense_adamw_state_bytes(p),
+                        _opt_int(stats.get("refreshes")),
+                        _opt_int(stats.get("skipped")),
+                        stats.get("seconds"),
+                        _opt_int(stats.get("gap")),
                     )
                 )
             else:
@@ -150,6 +168,10 @@ def account_memory(
         dense_adamw_state_bytes=adamw,
         peak_allocated_bytes=peak,
     )
+
+
+def _opt_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _projected(opt: Optimizer) -> dict[Tensor, dict]:

@@ -22,15 +22,20 @@ def format_bytes(n: float) -> str:
     return f"{sign}{n:.3g} {unit}" if n >= 100 else f"{sign}{n:.2f} {unit}"
 
 
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def render_memory_report(report: MemoryReport, console: Console | None = None) -> None:
     """Print through rich's global console, like Lightning's own rich callbacks.
 
-    Output that is not a terminal (a log file, CI) gets at least 120 columns instead of rich's 80, so
+    Output that is not a terminal (a log file, CI) gets at least 160 columns instead of rich's 80, so
     layer names and sizes do not wrap.
     """
-    console = console or get_console()
-    if not console.is_terminal and console.width < 120:
-        console = Console(file=console.file, width=120)
+    if console is None:
+        console = get_console()
+        if not console.is_terminal and console.width < 160:
+            console = Console(file=console.file, width=160)
     table = Table(header_style="bold magenta", title="Low-rank optimizer memory")
     table.add_column(" ", style="dim")
     table.add_column("Name", justify="left", no_wrap=True)
@@ -40,7 +45,19 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
     table.add_column("State", justify="right")
     table.add_column("AdamW state", justify="right")
     table.add_column("Saving", justify="right")
+    with_refresh = any(layer.refreshes is not None for layer in report.layers)
+    if with_refresh:
+        for title in ("Refreshes", "Skipped", "Refresh time", "Gap"):
+            table.add_column(title, justify="right")
     for i, layer in enumerate(report.layers):
+        refresh_cells = []
+        if with_refresh:
+            refresh_cells = [
+                _or_dash(layer.refreshes),
+                _or_dash(layer.skipped),
+                "-" if layer.refresh_seconds is None else f"{layer.refresh_seconds:.3f} s",
+                _or_dash(layer.gap),
+            ]
         table.add_row(
             str(i),
             layer.name,
@@ -50,6 +67,7 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
             format_bytes(layer.state_bytes),
             format_bytes(layer.dense_adamw_bytes),
             format_bytes(layer.saving_bytes),
+            *refresh_cells,
         )
     console.print(table)
 

@@ -1,35 +1,49 @@
 """``ProjectedAdamW``: AdamW whose 2-D weights keep their moments in a rank-r subspace.
 
-The class is a thin shell around ``functional.py``: it validates hyperparameters, creates state
-lazily, decides when a layer's subspace is refreshed, and calls the update functions.
+The class is a thin shell around ``functional.py`` and ``projectors.py``: it validates hyperparameters,
+creates state lazily, refreshes each layer's subspace when it is due, and calls the update functions.
 
-Which parameters are projected is decided per parameter by the group key ``lowrank_mask``
-(a list of bools parallel to ``group["params"]``; when absent, every 2-D parameter of a group whose
-``rank`` is not None). Everything lives in ``self.state`` and ``self.param_groups`` as tensors and
-primitives, so ``state_dict()`` round-trips and loads with ``torch.load(weights_only=True)``.
+Which parameters are projected is decided per parameter by the group key ``lowrank_mask`` (a list of
+bools parallel to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank`` is not
+None). Everything lives in ``self.state`` and ``self.param_groups`` as tensors and primitives, so
+``state_dict()`` round-trips and loads with ``torch.load(weights_only=True)``.
+
+When a refresh is due: by default every ``update_gap`` steps of the layer's own counter. A scheduler
+(the ``SubspaceRefresh`` callback) can take that decision over with ``external_schedule()`` and
+``request_refresh(params)``; the refresh itself always runs here, inside ``step()``, on the final gradient.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim.functional import adamw_step_, projected_adamw_step_
-from lightning_lowrank.optim.projection import (
-    PROJECTORS,
-    dct_basis,
-    dct_select,
-    effective_rank,
-    is_left,
-    svd_projection,
-)
+from lightning_lowrank.optim.projection import PROJECTORS, dct_basis, effective_rank, is_left, subspace_similarity
+from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
 
 SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+DCT_SCORERS = ("matmul", "fft")
+
+
+@dataclass(frozen=True)
+class RefreshInfo:
+    """What one refresh of one layer did (kept until the next ``step()``)."""
+
+    step: int  # the layer's update count when it refreshed (0 = first subspace)
+    seconds: float  # wall time of this layer's refresh on this rank (0 where another rank computed it)
+    similarity: float | None  # mean squared cosine of principal angles to the previous subspace
+    leading_similarity: float | None  # |cos| between the previous and new leading directions
+    computed_here: bool  # False when DDP sharding gave the work to another rank
 
 
 class ProjectedAdamW(Optimizer):
@@ -39,10 +53,17 @@ class ProjectedAdamW(Optimizer):
         params: parameters or param-group dicts (groups may override every keyword below).
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
         rank: subspace rank r; ``None`` makes a group dense. Clamped per layer to min(m, n).
-        projector: ``"svd"`` (top-r singular vectors) or ``"dct"`` (r DCT-II columns, indices only).
-        update_gap: refresh the subspace every this many optimizer steps of that layer.
+        projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca`` (see ``projectors.py``).
+        update_gap: refresh every this many updates of a layer (unless a scheduler owns the schedule).
         scale: multiplies the projected-back update (GaLore's alpha).
         decoupled_weight_decay: True for AdamW's decay, False for Adam's L2 penalty.
+        moments: at a refresh ``keep`` the moments (GaLore), ``reset`` them, or ``rotate`` them into the new basis.
+        projector_bits: store P quantized to 8 or 4 bits (group-wise, Q-GaLore); None keeps it in the weight dtype.
+        proj_group_size: elements per quantization group.
+        seed: base seed for random sketches and stochastic rounding (mixed with layer index and step).
+        rsvd_oversample, rsvd_niter: randomized SVD's extra sketch columns and power iterations.
+        dct_scorer: ``matmul`` (shared d x d basis) or ``fft`` (Makhoul's FFT, no basis kept).
+        pca_lr: online PCA's step size on P.
     """
 
     def __init__(
@@ -58,6 +79,14 @@ class ProjectedAdamW(Optimizer):
         update_gap: int = 200,
         scale: float = 1.0,
         decoupled_weight_decay: bool = True,
+        moments: str = "keep",
+        projector_bits: int | None = None,
+        proj_group_size: int = 256,
+        seed: int = 0,
+        rsvd_oversample: int = 8,
+        rsvd_niter: int = 2,
+        dct_scorer: str = "matmul",
+        pca_lr: float = 0.1,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -69,9 +98,21 @@ class ProjectedAdamW(Optimizer):
             update_gap=update_gap,
             scale=scale,
             decoupled_weight_decay=decoupled_weight_decay,
+            moments=moments,
+            projector_bits=projector_bits,
+            proj_group_size=proj_group_size,
+            seed=seed,
+            rsvd_oversample=rsvd_oversample,
+            rsvd_niter=rsvd_niter,
+            dct_scorer=dct_scorer,
+            pca_lr=pca_lr,
             lowrank_mask=None,
         )
         self._dct_bases: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._projectors = {name: cls() for name, cls in PROJECTOR_CLASSES.items()}
+        self._refresh_requests: set[Tensor] | None = None  # None: fixed update_gap
+        self._shard: tuple[int, int, Any] | None = None  # (rank, world_size, process group)
+        self.last_refreshes: dict[Tensor, RefreshInfo] = {}
         super().__init__(params, defaults)
 
     @classmethod
@@ -79,15 +120,12 @@ class ProjectedAdamW(Optimizer):
         cls,
         optimizer: Optimizer,
         projected: set[Tensor] | Callable[[Tensor], bool],
-        *,
-        rank: int,
-        projector: str = "svd",
-        update_gap: int = 200,
-        scale: float = 1.0,
+        **options: Any,
     ) -> ProjectedAdamW:
         """Build on the *same* param-group dicts as a torch Adam/AdamW (keeps lr, betas, user keys).
 
-        Sharing the dicts keeps values that LR schedulers and Lightning wrote into them (``initial_lr``).
+        ``options`` are this class's keyword arguments (rank, projector, ...). Sharing the dicts keeps values that
+        LR schedulers and Lightning wrote into them (``initial_lr``).
         """
         if type(optimizer) not in SUPPORTED_OPTIMIZERS:
             names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
@@ -102,35 +140,49 @@ class ProjectedAdamW(Optimizer):
             for flag in ("amsgrad", "maximize"):
                 if group.get(flag):
                     raise ValueError(f"ProjectedAdamW does not support {flag}=True; set {flag}=False in the optimizer.")
-            group.setdefault("rank", rank)
-            group.setdefault("projector", projector)
-            group.setdefault("update_gap", update_gap)
-            group.setdefault("scale", scale)
+            for key, value in options.items():
+                group.setdefault(key, value)
             group["decoupled_weight_decay"] = decoupled or bool(group.get("decoupled_weight_decay", False))
             group["lowrank_mask"] = [bool(is_selected(p)) for p in group["params"]]
-        return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], rank=rank, projector=projector)
+        return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but subspace indices stay int64 (torch casts every state tensor to the param's dtype)."""
-        indices = {k: v["proj_idx"] for k, v in state_dict["state"].items() if "proj_idx" in v}
-        state = {k: {n: t for n, t in v.items() if n != "proj_idx"} for k, v in state_dict["state"].items()}
+        """As torch's, but integer projector state stays integer (torch casts every state tensor to the
+        param's dtype; bf16 would round DCT indices above 256)."""
+        ints = {
+            k: {n: t for n, t in v.items() if n.startswith("proj") and not t.is_floating_point()}
+            for k, v in state_dict["state"].items()
+        }
+        state = {k: {n: t for n, t in v.items() if n not in ints[k]} for k, v in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": state})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
-        for key, idx in indices.items():
-            self.state[params[key]]["proj_idx"] = idx.to(device=params[key].device, dtype=torch.int64)
+        for key, tensors in ints.items():
+            for name, t in tensors.items():
+                self.state[params[key]][name] = t.to(device=params[key].device)
 
-    def _mask(self, group: dict[str, Any]) -> list[bool]:
-        if group["rank"] is None:
-            return [False] * len(group["params"])
-        mask = group["lowrank_mask"]
-        if mask is None:
-            return [p.ndim == 2 for p in group["params"]]
-        return mask
+    # -- what a scheduler or a strategy may ask of it ---------------------------------------------------------
+
+    def external_schedule(self) -> None:
+        """Refresh only layers passed to ``request_refresh`` (and layers without a subspace yet)."""
+        self._refresh_requests = set()
+
+    def request_refresh(self, params: Iterable[Tensor]) -> None:
+        """Refresh these layers at their next update (a skipped AMP step leaves the request pending)."""
+        if self._refresh_requests is None:
+            self.external_schedule()
+        self._refresh_requests.update(params)
+
+    def shard_refreshes(self, group: Any = None) -> None:
+        """Under torch.distributed: compute each due refresh on one rank (layer i on rank i % world), broadcast it."""
+        self._shard = (dist.get_rank(group), dist.get_world_size(group), group)
+
+    def projected_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p, on in zip(g["params"], self._mask(g)) if on]
 
     def is_projected(self, param: Tensor) -> bool:
         """Whether ``param`` is updated in a low-rank subspace."""
@@ -144,29 +196,125 @@ class ProjectedAdamW(Optimizer):
         """The shared DCT bases built so far (one per size, dtype and device); rebuilt on demand, not saved."""
         return self._dct_bases
 
-    def _dct_basis(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def projection_matrix(self, param: Tensor) -> Tensor:
+        """The current P (d x r) of a projected parameter."""
+        index, group = self._locate(param)
+        return self._projectors[group["projector"]].matrix(param, self.state[param], self._context(index, param, group))
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _mask(self, group: dict[str, Any]) -> list[bool]:
+        if group["rank"] is None:
+            return [False] * len(group["params"])
+        mask = group["lowrank_mask"]
+        if mask is None:
+            return [p.ndim == 2 for p in group["params"]]
+        return mask
+
+    def _locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
+        for index, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
+            if p is param:
+                return index, group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _basis(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         key = (size, dtype, device)
         if key not in self._dct_bases:
             self._dct_bases[key] = dct_basis(size, dtype=dtype, device=device)
         return self._dct_bases[key]
 
-    def projection_matrix(self, param: Tensor) -> Tensor:
-        """The current P (d x r, orthonormal columns) of a projected parameter."""
+    def _context(self, index: int, param: Tensor, group: dict[str, Any]) -> LayerContext:
         state = self.state[param]
-        if "proj" in state:
-            return state["proj"]
-        basis = self._dct_basis(min(param.shape), param.dtype, param.device)
-        return basis.index_select(1, state["proj_idx"])
+        step = int(state["step"]) if "step" in state else 0
+        return LayerContext(index, step, effective_rank(param.shape, group["rank"]), group, self._basis)
 
-    def _refresh(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """Choose a new subspace from the current (finite, unscaled, clipped) gradient."""
-        state = self.state[param]
-        rank = effective_rank(param.shape, group["rank"])
-        if group["projector"] == "svd":
-            state["proj"] = svd_projection(grad, rank)
-        else:
-            basis = self._dct_basis(min(param.shape), param.dtype, param.device)
-            state["proj_idx"] = dct_select(grad, rank, basis)
+    def _is_due(self, param: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
+        if not any(k.startswith("proj") for k in state):
+            return True
+        if self._refresh_requests is None:
+            return int(state["step"]) % group["update_gap"] == 0
+        return param in self._refresh_requests
+
+    def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]]) -> None:
+        """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments."""
+        rank, world = (self._shard[0], self._shard[1]) if self._shard else (0, 1)
+        old = {}
+        seconds = {}
+        for i, (p, group, ctx) in enumerate(due):
+            state = self.state[p]
+            projector = self._projectors[group["projector"]]
+            if any(k.startswith("proj") for k in state):
+                old[p] = projector.matrix(p, state, ctx)
+            if i % world == rank:
+                start = time.perf_counter()
+                projector.refresh(p, p.grad, state, ctx)
+                if p.is_cuda:
+                    torch.cuda.synchronize(p.device)
+                seconds[p] = time.perf_counter() - start
+        if self._shard:
+            for i, (p, _, _) in enumerate(due):
+                self._broadcast_projector_state(self.state[p], src_index=i % world)
+        for p, group, ctx in due:
+            state = self.state[p]
+            P_new = self._projectors[group["projector"]].matrix(p, state, ctx)
+            similarity = leading = None
+            if p in old:
+                similarity, leading = subspace_similarity(old[p], P_new)
+                _move_moments(state, old[p], P_new, group["moments"], is_left(p.shape))
+            self.last_refreshes[p] = RefreshInfo(ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds)
+            if self._refresh_requests is not None:
+                self._refresh_requests.discard(p)
+
+    def _broadcast_projector_state(self, state: dict[str, Tensor], src_index: int) -> None:
+        group = self._shard[2]
+        src = dist.get_global_rank(group, src_index) if group is not None else src_index
+        keys = [k for k in state if k.startswith("proj")]
+        meta = [[(k, tuple(state[k].shape), state[k].dtype) for k in sorted(keys)]]
+        dist.broadcast_object_list(meta, src=src, group=group)
+        device = state["exp_avg"].device
+        for key, shape, dtype in meta[0]:
+            if key not in state or state[key].shape != shape or state[key].dtype != dtype:
+                state[key] = torch.empty(shape, dtype=dtype, device=device)
+            tensor = state[key].to(device)
+            dist.broadcast(tensor, src=src, group=group)
+            state[key] = tensor
+        for key in [k for k in state if k.startswith("proj") and k not in {m[0] for m in meta[0]}]:
+            del state[key]
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        self.last_refreshes = {}
+        projected: list[tuple[Tensor, dict[str, Any], LayerContext]] = []
+        index = -1
+        for group in self.param_groups:
+            for p, on in zip(group["params"], self._mask(group)):
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("ProjectedAdamW does not support sparse gradients.")
+                if on:
+                    if not self.state[p]:
+                        self._init_projected_state(p, group)
+                    projected.append((p, group, self._context(index, p, group)))
+                else:
+                    self._dense_step(p, group)
+        self._refresh([(p, g, ctx) for p, g, ctx in projected if self._is_due(p, self.state[p], g)])
+        for p, group, ctx in projected:
+            state = self.state[p]
+            projector = self._projectors[group["projector"]]
+            state["step"] += 1
+            projected_adamw_step_(
+                p,
+                p.grad,
+                projector.matrix(p, state, ctx),
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                int(state["step"]),
+                scale=group["scale"],
+                **_hyper(group),
+            )
+            projector.after_update(p, p.grad, state, ctx)
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any]) -> None:
         rank = effective_rank(param.shape, group["rank"])
@@ -177,47 +325,14 @@ class ProjectedAdamW(Optimizer):
         state["exp_avg"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
 
-    @torch.no_grad()
-    def _update(self) -> None:
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled=group["decoupled_weight_decay"],
-            )
-            for p, projected in zip(group["params"], self._mask(group)):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ProjectedAdamW does not support sparse gradients.")
-                state = self.state[p]
-                if projected:
-                    if not state:
-                        self._init_projected_state(p, group)
-                    if int(state["step"]) % group["update_gap"] == 0:
-                        self._refresh(p, p.grad, group)
-                    state["step"] += 1
-                    projected_adamw_step_(
-                        p,
-                        p.grad,
-                        self.projection_matrix(p),
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        int(state["step"]),
-                        scale=group["scale"],
-                        **hyper,
-                    )
-                else:
-                    if not state:
-                        state["step"] = torch.tensor(0.0)
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["step"] += 1
-                    adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), **hyper)
+    def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), **_hyper(group))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` first when given (Lightning runs forward/backward/clipping in it), then update.
@@ -229,7 +344,7 @@ class ProjectedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # What torch's LR-scheduler step wrapper records; see the attribute set below the class.
+        # What torch's LR-scheduler step wrapper records; see the attribute set below.
         self._opt_called = True
         self._update()
         return loss
@@ -237,6 +352,46 @@ class ProjectedAdamW(Optimizer):
     # LR schedulers wrap ``optimizer.step`` to detect a scheduler step before the first optimizer step.
     # This class records that itself (``_opt_called`` above), so schedulers rebound to it need no re-wrapping.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=float(group["lr"]),
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        decoupled=group["decoupled_weight_decay"],
+    )
+
+
+def _move_moments(state: dict[str, Tensor], P_old: Tensor, P_new: Tensor, policy: str, left: bool) -> None:
+    """Carry Adam's moments across a change of basis.
+
+    ``rotate`` maps the first moment exactly into the new coordinates with R = P_old^T P_new (r x r). The second
+    moment is a per-coordinate variance, which no linear map carries exactly; it is mapped with R's elementwise
+    square (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps it non-negative and is exact for (signed) permutations.
+    """
+    if policy == "keep":
+        return
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if policy == "reset":
+        m.zero_()
+        v.zero_()
+        return
+    R = (P_old.T.float() @ P_new.float()).to(m.dtype)
+    if left:  # moments are (r, n) in P's coordinates
+        m.copy_(R.T @ m)
+        v.copy_(R.T.pow(2) @ v)
+    else:  # moments are (m, r)
+        m.copy_(m @ R)
+        v.copy_(v @ R.pow(2))
+
+
+def validate_options(**options: Any) -> None:
+    """Check ProjectedAdamW keyword arguments without building an optimizer (raises ValueError)."""
+    ProjectedAdamW([torch.zeros(1, 1, requires_grad=True)], **options)
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -253,13 +408,18 @@ def _validate_group(group: dict[str, Any]) -> None:
     rank = group["rank"]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"Invalid rank: {rank!r} (must be a positive int, or None for a dense group)")
-    if group["projector"] not in PROJECTORS:
-        raise ValueError(f"Unknown projector {group['projector']!r}; choose one of {', '.join(PROJECTORS)}")
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"Invalid update_gap: {gap!r} (must be an int >= 1)")
+    _check_choice("projector", group["projector"], PROJECTORS)
+    _check_choice("moments", group["moments"], MOMENT_POLICIES)
+    _check_choice("dct_scorer", group["dct_scorer"], DCT_SCORERS)
+    _check_choice("projector_bits", group["projector_bits"], (None, 4, 8))
+    for key, low in (("update_gap", 1), ("proj_group_size", 1), ("rsvd_oversample", 0), ("rsvd_niter", 0)):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Invalid {key}: {value!r} (must be an int >= {low})")
     if not group["scale"] > 0:
         raise ValueError(f"Invalid scale: {group['scale']!r} (must be > 0)")
+    if not group["pca_lr"] > 0:
+        raise ValueError(f"Invalid pca_lr: {group['pca_lr']!r} (must be > 0)")
     mask = group["lowrank_mask"]
     if mask is not None:
         if len(mask) != len(group["params"]):
@@ -267,3 +427,8 @@ def _validate_group(group: dict[str, Any]) -> None:
         for p, projected in zip(group["params"], mask):
             if projected and p.ndim != 2:
                 raise ValueError(f"lowrank_mask selects shape {tuple(p.shape)}; only 2-D weights project")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {key} {value!r}; choose one of {', '.join(map(repr, allowed))}")

@@ -17,7 +17,23 @@ import math
 import torch
 from torch import Tensor
 
-PROJECTORS = ("svd", "dct")
+PROJECTORS = ("svd", "rsvd", "dct", "random", "online_pca")
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*parts: int) -> int:
+    """Mix integers (seed, layer, step, ...) into one 63-bit seed (splitmix64 rounds).
+
+    Randomness is drawn from generators seeded this way, never from the global RNG, so a resumed run and every
+    DDP rank draw the same numbers.
+    """
+    h = 0x9E3779B97F4A7C15
+    for x in parts:
+        h = ((h ^ (x & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
 
 
 def is_left(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -65,6 +81,15 @@ def dct_basis(size: int, dtype: torch.dtype = torch.float32, device: torch.devic
     return basis.to(dtype=dtype, device=device)
 
 
+def dct_columns(size: int, indices: Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """Only the chosen columns of ``dct_basis(size)``, from the formula: (size, len(indices)), no size x size basis."""
+    j = torch.arange(size, dtype=torch.float64, device=indices.device).unsqueeze(1)
+    k = indices.to(torch.float64).unsqueeze(0)
+    cols = math.sqrt(2.0 / size) * torch.cos(math.pi * k * (2 * j + 1) / (2 * size))
+    cols = torch.where(k == 0, cols / math.sqrt(2.0), cols)
+    return cols.to(dtype=dtype, device=device)
+
+
 def dct_scores(grad: Tensor, basis: Tensor) -> Tensor:
     """Alignment of each basis column with ``grad``: the l2 norm of G's coefficients on it.
 
@@ -75,7 +100,74 @@ def dct_scores(grad: Tensor, basis: Tensor) -> Tensor:
     return (grad @ basis).norm(dim=0)
 
 
+def top_indices(scores: Tensor, rank: int) -> Tensor:
+    """The ``rank`` best-scored indices (int64), best first, so column 0 of P is the leading direction."""
+    return torch.topk(scores, rank, sorted=True).indices
+
+
 def dct_select(grad: Tensor, rank: int, basis: Tensor) -> Tensor:
-    """Indices (sorted, int64) of the ``rank`` DCT basis columns best aligned with ``grad``."""
-    scores = dct_scores(grad.to(basis.dtype), basis)
-    return torch.topk(scores, rank, sorted=False).indices.sort().values
+    """Indices (int64, best first) of the ``rank`` DCT basis columns best aligned with ``grad``."""
+    return top_indices(dct_scores(grad.to(basis.dtype), basis), rank)
+
+
+def randomized_svd_projection(
+    grad: Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator
+) -> Tensor:
+    """Top-``rank`` singular vectors of ``grad`` on its smaller side by randomized SVD (Halko et al. 2011).
+
+    A Gaussian sketch of ``rank + oversample`` columns, ``niter`` power iterations (re-orthonormalized), then an
+    exact SVD of the small projected matrix. The sketch comes from ``generator`` (CPU), not the global RNG.
+    """
+    work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+    A = work if is_left(grad.shape) else work.T  # (d, k): we want A's left singular vectors
+    d, k = A.shape
+    width = min(rank + oversample, d, k)
+    omega = torch.randn(k, width, generator=generator, dtype=A.dtype).to(A.device)
+    Q = torch.linalg.qr(A @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A @ torch.linalg.qr(A.T @ Q).Q).Q
+    U_small, _, _ = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    return (Q @ U_small[:, :rank]).to(grad.dtype).contiguous()
+
+
+def random_orthonormal(
+    size: int, rank: int, seed: int, dtype: torch.dtype, device: torch.device | str | None
+) -> Tensor:
+    """A (size, rank) matrix with orthonormal columns: QR of a Gaussian drawn from ``seed`` (on CPU, so any device
+    regenerates the same basis)."""
+    gaussian = torch.randn(size, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.linalg.qr(gaussian).Q.to(dtype=dtype, device=device)
+
+
+def orthonormalize(P: Tensor) -> Tensor:
+    """Orthonormal basis of P's column space (P may have drifted, as online PCA's does)."""
+    return torch.linalg.qr(P.float()).Q
+
+
+def subspace_similarity(P_old: Tensor, P_new: Tensor) -> tuple[float, float]:
+    """(principal, leading): mean squared cosine of the principal angles between the two column spaces, in [0, 1],
+    and |cos| between the two leading columns (sign-free, unlike Q-GaLore's)."""
+    Q_old, Q_new = orthonormalize(P_old), orthonormalize(P_new)
+    principal = (Q_old.T @ Q_new).pow(2).sum().item() / Q_new.shape[1]
+    a, b = P_old[:, 0].float(), P_new[:, 0].float()
+    leading = (a @ b).abs().item() / max((a.norm() * b.norm()).item(), 1e-30)
+    return principal, leading
+
+
+def online_pca_gradient(P: Tensor, grad: Tensor) -> Tensor:
+    """d/dP of ||P P^T G_hat - G_hat||_F^2 (left side) or ||G_hat P P^T - G_hat||_F^2 (right side), G_hat = G/||G||.
+
+    Written with products of (d, r) and (d, k) matrices only, never the d x d Gram matrix C = G_hat G_hat^T:
+    grad = 2 [ (P P^T - I) C P + C (P P^T - I) P ].
+    """
+    g = grad.float() / grad.float().norm().clamp_min(1e-30)
+    A = g if is_left(grad.shape) else g.T  # (d, k)
+    P = P.float()
+
+    def gram(X: Tensor) -> Tensor:
+        return A @ (A.T @ X)
+
+    CP = gram(P)
+    term1 = P @ (P.T @ CP) - CP
+    term2 = gram(P @ (P.T @ P) - P)
+    return 2 * (term1 + term2)

@@ -1,14 +1,18 @@
 """Low-rank optimizer state under DDP.
 
-DDP all-reduces gradients before the optimizer step, so every rank projects the same gradient
-and computes the same subspace and update.
+DDP all-reduces gradients before the optimizer step, so every rank projects the same gradient. Each refresh
+is computed on one rank (layer i on rank i % world size) and broadcast, so ranks agree on the subspace
+bit for bit even where a decomposition is not bitwise reproducible, and the refresh work is shared.
 """
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy
 
+from lightning_lowrank.optim import ProjectedAdamW
 from lightning_lowrank.strategies.mixin import LowRankMixin
 
 
@@ -16,6 +20,13 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
     """``DDPStrategy`` with projected optimizer state: ``Trainer(strategy="lowrank_ddp", devices=N)``."""
 
     strategy_name = "lowrank_ddp"
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for opt in self.optimizers:
+                if isinstance(opt, ProjectedAdamW):
+                    opt.shard_refreshes()
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:

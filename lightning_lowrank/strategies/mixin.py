@@ -26,9 +26,11 @@ class LowRankMixin:
 
     Args:
         rank: subspace rank per projected weight; weights whose smaller side is <= rank stay dense.
-        projector: ``"svd"`` or ``"dct"``.
-        update_gap: optimizer steps between subspace refreshes.
+        projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca``.
+        update_gap: optimizer steps between subspace refreshes (a ``SubspaceRefresh`` callback overrides it).
         scale: multiplies the projected-back update (GaLore's alpha).
+        moments, projector_bits, proj_group_size, seed, rsvd_oversample, rsvd_niter, dct_scorer, pca_lr:
+            as in ``ProjectedAdamW``.
         target_modules: module-name patterns to project (default: every ``nn.Linear`` but output heads).
         exclude: module-name patterns never to project.
         memory_report: print the rich memory report at the end of training (it is logged either way).
@@ -41,12 +43,35 @@ class LowRankMixin:
         projector: str = "svd",
         update_gap: int = 200,
         scale: float = 1.0,
+        moments: str = "keep",
+        projector_bits: int | None = None,
+        proj_group_size: int = 256,
+        seed: int = 0,
+        rsvd_oversample: int = 8,
+        rsvd_niter: int = 2,
+        dct_scorer: str = "matmul",
+        pca_lr: float = 0.1,
         target_modules: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         memory_report: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.lowrank_config = LowRankConfig(rank, projector, update_gap, scale, target_modules, exclude)
+        self.lowrank_config = LowRankConfig(
+            rank=rank,
+            projector=projector,
+            update_gap=update_gap,
+            scale=scale,
+            moments=moments,
+            projector_bits=projector_bits,
+            proj_group_size=proj_group_size,
+            seed=seed,
+            rsvd_oversample=rsvd_oversample,
+            rsvd_niter=rsvd_niter,
+            dct_scorer=dct_scorer,
+            pca_lr=pca_lr,
+            target_modules=target_modules,
+            exclude=exclude,
+        )
         self.print_memory_report = memory_report
         self._lowrank_names: dict[Tensor, str] = {}
         super().__init__(*args, **kwargs)
@@ -61,23 +86,26 @@ class LowRankMixin:
             if isinstance(old, ProjectedAdamW):
                 new = old
             else:
-                new = ProjectedAdamW.from_optimizer(
-                    old,
-                    set(selected),
-                    rank=cfg.rank,
-                    projector=cfg.projector,
-                    update_gap=cfg.update_gap,
-                    scale=cfg.scale,
-                )
+                new = ProjectedAdamW.from_optimizer(old, set(selected), **cfg.optimizer_options())
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)
         self._lowrank_names = selected
         self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
 
+    def lowrank_layer_names(self) -> dict[Tensor, str]:
+        """Each projected weight's module name."""
+        return dict(self._lowrank_names)
+
     def memory_report(self) -> MemoryReport:
-        """Exact bytes of parameters, gradients and optimizer state right now."""
+        """Exact bytes of parameters, gradients and optimizer state right now, with refresh counts when a
+        ``SubspaceRefresh`` callback schedules them."""
+        trainer = self.lightning_module.trainer
+        stats: dict[str, dict[str, float]] = {}
+        for callback in trainer.callbacks if trainer is not None else ():
+            if hasattr(callback, "layer_stats"):
+                stats.update(callback.layer_stats(trainer))
         return account_memory(
-            self.optimizers, self.lightning_module.parameters(), self._lowrank_names, self.root_device
+            self.optimizers, self.lightning_module.parameters(), self._lowrank_names, self.root_device, stats
         )
 
     def on_train_end(self) -> None:

@@ -1,0 +1,5 @@
+"""Lightning callbacks: they decide *when*; the strategy and optimizer decide *how*."""
+
+from lightning_lowrank.callbacks.subspace_refresh import SubspaceRefresh
+
+__all__ = ["SubspaceRefresh"]

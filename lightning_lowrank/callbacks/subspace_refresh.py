@@ -1,0 +1,149 @@
+"""``SubspaceRefresh``: owns *when* each layer's subspace is refreshed; the optimizer does the refresh."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.optim.projected_adamw import MOMENT_POLICIES
+from lightning_lowrank.schedule import RefreshPolicy, RefreshSchedule
+from lightning_lowrank.selection import matches
+
+
+class SubspaceRefresh(Callback):
+    """Schedule subspace refreshes per layer.
+
+    Args:
+        every: updates between refreshes of a layer.
+        warmup: for this many first updates refresh every ``warmup_every`` updates instead.
+        overrides: ``{module-name pattern: every}`` per-layer gaps (first matching pattern wins).
+        adaptive: Q-GaLore's lazy rule: a layer whose subspace keeps coming back nearly unchanged refreshes less.
+        cos_threshold, queue_size, gamma_proj, max_gap: that rule's parameters (defaults 0.4, 5, 2, 16 x every).
+        similarity: ``principal`` (mean squared cosine of the principal angles between old and new subspace) or
+            ``leading`` (|cos| of the leading directions, as Q-GaLore compares them).
+        moments: what Adam's moments do at a refresh: ``keep``, ``reset`` or ``rotate`` (None: the strategy's).
+    """
+
+    def __init__(
+        self,
+        every: int = 200,
+        *,
+        warmup: int = 0,
+        warmup_every: int = 1,
+        overrides: Mapping[str, int] | None = None,
+        adaptive: bool = False,
+        cos_threshold: float = 0.4,
+        queue_size: int = 5,
+        gamma_proj: float = 2.0,
+        max_gap: int | None = None,
+        similarity: str = "principal",
+        moments: str | None = None,
+    ) -> None:
+        self.policy = RefreshPolicy(
+            every, warmup, warmup_every, adaptive, cos_threshold, queue_size, gamma_proj, max_gap
+        )
+        if similarity not in ("principal", "leading"):
+            raise ValueError(f"similarity must be 'principal' or 'leading', got {similarity!r}")
+        if moments is not None and moments not in MOMENT_POLICIES:
+            raise ValueError(f"moments must be one of {', '.join(map(repr, MOMENT_POLICIES))} or None, got {moments!r}")
+        self.overrides = dict(overrides or {})
+        for pattern, gap in self.overrides.items():
+            if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+                raise ValueError(f"overrides[{pattern!r}] must be an int >= 1 (updates), got {gap!r}")
+        self.similarity = similarity
+        self.moments = moments
+        self.schedule = RefreshSchedule(self.policy)
+        self._names: dict[Tensor, str] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every=self.policy.every, adaptive=self.policy.adaptive)
+
+    def _optimizers(self, trainer: pl.Trainer) -> list[ProjectedAdamW]:
+        return [opt for opt in trainer.strategy.optimizers if isinstance(opt, ProjectedAdamW)]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = self._optimizers(trainer)
+        if not optimizers:
+            raise ValueError(
+                "SubspaceRefresh needs a low-rank optimizer: use strategy='lowrank' / 'lowrank_ddp' (or "
+                "LowRankStrategy(...)), or return a lightning_lowrank.ProjectedAdamW from configure_optimizers."
+            )
+        names = getattr(trainer.strategy, "lowrank_layer_names", None)
+        by_param = names() if callable(names) else {}
+        param_names = {p: n for n, p in pl_module.named_parameters()}
+        self._names = {
+            p: by_param.get(p, param_names.get(p, "?")) for opt in optimizers for p in opt.projected_params()
+        }
+        for pattern in self.overrides:
+            if not any(matches(name, pattern) for name in self._names.values()):
+                raise ValueError(
+                    f"SubspaceRefresh overrides pattern {pattern!r} matches no projected layer; the layers are: "
+                    f"{', '.join(sorted(self._names.values()))}"
+                )
+        self.schedule.base_gaps = {
+            name: next((gap for pattern, gap in self.overrides.items() if matches(name, pattern)), self.policy.every)
+            for name in self._names.values()
+        }
+        for opt in optimizers:
+            opt.external_schedule()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint's optimizer state is restored (which would overwrite param groups set earlier).
+        if self.moments is not None:
+            for opt in self._optimizers(trainer):
+                for group in opt.param_groups:
+                    group["moments"] = self.moments
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for opt in self._optimizers(trainer):
+            due = [
+                p
+                for p in opt.projected_params()
+                if "step" in opt.state[p] and self.schedule.is_due(self._names[p], int(opt.state[p]["step"]))
+            ]
+            opt.request_refresh(due)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        counted = 0
+        for opt in self._optimizers(trainer):
+            for p, info in opt.last_refreshes.items():
+                similarity = info.similarity if self.similarity == "principal" else info.leading_similarity
+                counted += self.schedule.record(self._names[p], info.step, similarity, info.seconds)
+        if counted:
+            layers = self.schedule.layers.values()
+            pl_module.log("lowrank/refreshes", float(sum(s.refreshes for s in layers)), on_step=True, on_epoch=False)
+            pl_module.log("lowrank/mean_gap", sum(s.gap for s in layers) / len(layers), on_step=True, on_epoch=False)
+
+    def layer_stats(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
+        """Per layer name: refreshes done, refreshes the adaptive rule skipped, seconds refreshing, current gap."""
+        steps = {
+            self._names[p]: int(opt.state[p]["step"])
+            for opt in self._optimizers(trainer)
+            for p in opt.projected_params()
+            if "step" in opt.state[p]
+        }
+        return {
+            name: {
+                "refreshes": layer.refreshes,
+                "skipped": self.schedule.skipped(name, steps.get(name, 0)),
+                "seconds": layer.seconds,
+                "gap": layer.gap,
+            }
+            for name, layer in self.schedule.layers.items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state_dict)

@@ -1,0 +1,161 @@
+"""The subspace families behind ``projector=``: how a layer's P is chosen, stored and rebuilt.
+
+Every projector has the same three methods and keeps nothing per layer itself: what a layer needs lives in
+the optimizer's ``state[p]`` under keys starting with ``proj`` (tensors only), so it checkpoints, loads with
+``weights_only=True`` and can be broadcast between DDP ranks.
+
+* ``refresh``: choose a new subspace from the current gradient (at the schedule's refresh steps).
+* ``matrix``: the current P (d x r) rebuilt from the stored keys, d = min(m, n).
+* ``after_update``: work done every step (only online PCA has any).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lowrank.optim.projection import (
+    dct_columns,
+    dct_scores,
+    derive_seed,
+    is_left,
+    online_pca_gradient,
+    random_orthonormal,
+    randomized_svd_projection,
+    svd_projection,
+    top_indices,
+)
+from lightning_lowrank.optim.quantize import dequantize, quantize
+
+MATRIX_KEYS = ("proj", "proj_codes", "proj_scale", "proj_zero")
+
+
+@dataclass
+class LayerContext:
+    """What a projector may know about the layer it works on."""
+
+    index: int  # position of the weight among the optimizer's parameters: seeds, refresh sharding
+    step: int  # the layer's completed updates (refreshes happen before the update of this step)
+    rank: int  # effective rank, <= min(m, n)
+    group: dict[str, Any]
+    basis: Any  # callable (size, dtype, device) -> the optimizer's shared DCT basis
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, layer, step, salt): same draws on every rank and after resume."""
+        return torch.Generator().manual_seed(derive_seed(self.group["seed"], self.index, self.step, salt))
+
+
+def store_matrix(state: dict[str, Tensor], P: Tensor, ctx: LayerContext, stochastic: bool = False) -> None:
+    """Keep P in ``state``: as is, or group-wise quantized to ``projector_bits`` (Q-GaLore's INT8/INT4)."""
+    for key in MATRIX_KEYS:
+        state.pop(key, None)
+    bits = ctx.group["projector_bits"]
+    if bits is None:
+        state["proj"] = P
+        return
+    gen = ctx.generator(salt=1) if stochastic else None
+    q = quantize(P, bits, ctx.group["proj_group_size"], stochastic=stochastic, generator=gen)
+    state["proj_codes"], state["proj_scale"], state["proj_zero"] = q["codes"], q["scale"], q["zero"]
+
+
+def load_matrix(param: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> Tensor:
+    if "proj" in state:
+        return state["proj"]
+    q = {"codes": state["proj_codes"], "scale": state["proj_scale"], "zero": state["proj_zero"]}
+    return dequantize(q, (min(param.shape), ctx.rank), param.dtype)
+
+
+class Projector:
+    name = ""
+
+    def refresh(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> None:
+        raise NotImplementedError
+
+    def matrix(self, param: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> Tensor:
+        return load_matrix(param, state, ctx)
+
+    def after_update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> None:
+        """Per-step work besides the refresh; most projectors have none."""
+
+
+class SVDProjector(Projector):
+    """GaLore: the top-r singular vectors of the gradient. Exact, and the most expensive refresh."""
+
+    name = "svd"
+
+    def refresh(self, param, grad, state, ctx):
+        store_matrix(state, svd_projection(grad, ctx.rank), ctx)
+
+
+class RandomizedSVDProjector(Projector):
+    """Randomized SVD: near-SVD subspaces for the cost of a few (d x k) @ (k x r) products."""
+
+    name = "rsvd"
+
+    def refresh(self, param, grad, state, ctx):
+        group = ctx.group
+        P = randomized_svd_projection(grad, ctx.rank, group["rsvd_oversample"], group["rsvd_niter"], ctx.generator())
+        store_matrix(state, P, ctx)
+
+
+class DCTProjector(Projector):
+    """SVD-free: r columns of a fixed DCT-II basis picked by the gradient's energy on them; stores r indices.
+
+    ``dct_scorer="matmul"`` scores with the optimizer's shared d x d basis; ``"fft"`` scores with one FFT per
+    row/column (Makhoul) and rebuilds the r columns from the formula, so no d x d basis is ever held.
+    """
+
+    name = "dct"
+
+    def refresh(self, param, grad, state, ctx):
+        d = min(param.shape)
+        if ctx.group["dct_scorer"] == "fft":
+            from lightning_lowrank.optim.dct_fft import dct_scores_fft
+
+            scores = dct_scores_fft(grad, is_left(param.shape))
+        else:
+            scores = dct_scores(grad.to(param.dtype), ctx.basis(d, param.dtype, param.device))
+        state["proj_idx"] = top_indices(scores, ctx.rank)
+
+    def matrix(self, param, state, ctx):
+        d, idx = min(param.shape), state["proj_idx"]
+        if ctx.group["dct_scorer"] == "fft":
+            return dct_columns(d, idx, param.dtype, param.device)
+        return ctx.basis(d, param.dtype, param.device).index_select(1, idx)
+
+
+class RandomProjector(Projector):
+    """A random orthonormal basis (GoLore/Flora style), independent of the gradient: only a seed is stored."""
+
+    name = "random"
+
+    def refresh(self, param, grad, state, ctx):
+        seed = derive_seed(ctx.group["seed"], ctx.index, ctx.step)
+        state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+
+    def matrix(self, param, state, ctx):
+        return random_orthonormal(min(param.shape), ctx.rank, int(state["proj_seed"]), param.dtype, param.device)
+
+
+class OnlinePCAProjector(Projector):
+    """Online Subspace Descent: P starts from an SVD and then takes one SGD step per update on the online-PCA loss
+    ||P P^T G_hat - G_hat||^2, so it follows the gradient's subspace without further SVDs. A scheduled refresh
+    re-initialises it by SVD. P is not re-orthonormalised between refreshes (as in the paper's code)."""
+
+    name = "online_pca"
+
+    def refresh(self, param, grad, state, ctx):
+        store_matrix(state, svd_projection(grad, ctx.rank), ctx)
+
+    def after_update(self, param, grad, state, ctx):
+        P = load_matrix(param, state, ctx)
+        P = P - ctx.group["pca_lr"] * online_pca_gradient(P, grad).to(P.dtype)
+        store_matrix(state, P, ctx, stochastic=True)  # small steps would vanish under round-to-nearest
+
+
+PROJECTOR_CLASSES: dict[str, type[Projector]] = {
+    cls.name: cls for cls in (SVDProjector, RandomizedSVDProjector, DCTProjector, RandomProjector, OnlinePCAProjector)
+}
