@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lowrank.optim.dct_fft import dct_scores_fft
 from lightning_lowrank.optim.projection import (
     dct_columns,
     dct_scores,
@@ -113,8 +114,6 @@ class DCTProjector(Projector):
     def refresh(self, param, grad, state, ctx):
         d = min(param.shape)
         if ctx.group["dct_scorer"] == "fft":
-            from lightning_lowrank.optim.dct_fft import dct_scores_fft
-
             scores = dct_scores_fft(grad, is_left(param.shape))
         else:
             scores = dct_scores(grad.to(param.dtype), ctx.basis(d, param.dtype, param.device))
