@@ -27,7 +27,8 @@ class LayerSchedule:
 class RefreshPolicy:
     """``every`` steps; ``warmup_every`` during the first ``warmup`` steps; with ``adaptive``, a layer whose last
     ``queue_size`` refreshes all left its subspace nearly unchanged (mean similarity >= ``cos_threshold``) gets its
-    gap multiplied by ``gamma_proj``, up to ``max_gap`` (Q-GaLore's names and defaults)."""
+    gap multiplied by ``gamma_proj``, up to ``max_gap`` (Q-GaLore's names and defaults). The regular schedule
+    starts with a refresh at update ``warmup``."""
 
     every: int = 200
     warmup: int = 0

@@ -1,14 +1,17 @@
 """Two CPU processes (gloo): every rank must end with the same parameters and subspaces."""
 
 import sys
+from datetime import timedelta
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_lowrank import LowRankDDPStrategy
+from lightning_lowrank import LowRankDDPStrategy, SubspaceRefresh
 from tests.models import TinyNet
+
+HANG = timedelta(seconds=120)  # a collective that one rank never joins fails the test instead of hanging CI
 
 
 class SaveRankState(Callback):
@@ -33,7 +36,7 @@ def test_two_process_ddp_ends_with_identical_parameters(tmp_path, how):
     torch.manual_seed(0)
     if how == "fork_instance":
         model = TinyNet(scheduler="step", n=128)
-        strategy = LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork")
+        strategy = LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork", timeout=HANG)
     else:  # the registered name with its defaults (rank 128, so wider layers)
         model = TinyNet(scheduler="step", n=128, width=160, hidden=192)
         strategy = "lowrank_ddp_spawn"
@@ -59,3 +62,50 @@ def test_two_process_ddp_ends_with_identical_parameters(tmp_path, how):
     torch.manual_seed(0)
     start = TinyNet(scheduler="step", width=model.embed.embedding_dim, hidden=model.attn.out_features)
     assert not torch.equal(r0["params"]["attn.weight"], start.attn.weight)  # it trained
+
+
+class CountRefreshes(Callback):
+    """Per rank: refreshes computed here vs received from the other rank, and the final subspaces."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.here, self.total = out_dir, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        infos = trainer.optimizers[0].last_refreshes.values()
+        self.here += sum(info.computed_here for info in infos)
+        self.total += len(infos)
+
+    def on_train_end(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        torch.save(
+            {
+                "here": self.here,
+                "total": self.total,
+                "P": [opt.projection_matrix(p) for p in opt.projected_params()],
+                "params": [p.detach().clone() for p in pl_module.parameters()],
+            },
+            f"{self.out_dir}/rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_refreshes_are_sharded_across_ranks_and_broadcast(tmp_path):
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        strategy=LowRankDDPStrategy(rank=4, projector="rsvd", start_method="fork", timeout=HANG),
+        accelerator="cpu",
+        devices=2,
+        max_steps=6,
+        callbacks=[SubspaceRefresh(every=2, adaptive=True, queue_size=1), CountRefreshes(str(tmp_path))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TinyNet(scheduler=None, n=128))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["total"] == r1["total"] >= 4  # 2 layers, several refreshes each
+    # The i-th due layer of each refresh is computed on rank i % 2 only, and received by the other rank.
+    assert r0["here"] + r1["here"] == r0["total"] and r0["here"] > 0 and r1["here"] > 0
+    for a, b in zip(r0["P"] + r0["params"], r1["P"] + r1["params"]):
+        assert torch.equal(a, b)

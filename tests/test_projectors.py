@@ -10,7 +10,7 @@ from lightning_lowrank.optim.projected_adamw import _move_moments
 from lightning_lowrank.optim.projection import online_pca_gradient, orthonormalize
 
 ALL = ["svd", "rsvd", "dct", "random", "online_pca"]
-ORTHONORMAL = ["svd", "rsvd", "dct", "random"]  # online PCA's P drifts between refreshes by design
+ORTHONORMAL = ALL
 
 
 def _low_rank_gradient(shape, true_rank=4, noise=0.01, seed=0):
@@ -51,7 +51,10 @@ def test_shapes_on_both_sides(projector, shape):
 
 @pytest.mark.parametrize("projector", ORTHONORMAL)
 def test_orthonormal_columns(projector):
-    w, opt = _one_step(projector, torch.randn(30, 50), rank=7)
+    w, opt = _one_step(projector, torch.randn(30, 50), rank=7, pca_lr=5.0)
+    for _ in range(3):  # online PCA moves P every step; a large step must still leave orthonormal columns
+        w.grad = torch.randn(30, 50)
+        opt.step()
     P = opt.projection_matrix(w)
     torch.testing.assert_close(P.T @ P, torch.eye(7), atol=1e-5, rtol=0)
 
@@ -142,7 +145,8 @@ def test_quantized_projection_storage(projector, bits):
     P, Pq = full.projection_matrix(w_full), quant.projection_matrix(w_q)
     # Group-wise min/max quantization: each entry is within half a step of its group's range.
     step = (P.max() - P.min()) / (2**bits - 1)
-    assert (Pq - P).abs().max() <= step * (0.51 if projector != "online_pca" else 1.01)
+    # Online PCA quantizes twice (after the SVD, then after its first step), so allow two steps of error there.
+    assert (Pq - P).abs().max() <= step * (0.51 if projector != "online_pca" else 2.0)
     state = quant.state[w_q]
     assert "proj" not in state and state["proj_codes"].dtype == torch.uint8
     stored = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("proj"))

@@ -272,10 +272,10 @@ class ProjectedAdamW(Optimizer):
         meta = [[(k, tuple(state[k].shape), state[k].dtype) for k in sorted(keys)]]
         dist.broadcast_object_list(meta, src=src, group=group)
         device = state["exp_avg"].device
+        is_src = dist.get_rank() == src
         for key, shape, dtype in meta[0]:
-            if key not in state or state[key].shape != shape or state[key].dtype != dtype:
-                state[key] = torch.empty(shape, dtype=dtype, device=device)
-            tensor = state[key].to(device)
+            # Receivers fill a fresh tensor: the old one may still be referenced (the previous P, kept to compare).
+            tensor = state[key].to(device) if is_src else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(tensor, src=src, group=group)
             state[key] = tensor
         for key in [k for k in state if k.startswith("proj") and k not in {m[0] for m in meta[0]}]:

@@ -34,6 +34,14 @@ from lightning_lowrank.optim.quantize import dequantize, quantize
 MATRIX_KEYS = ("proj", "proj_codes", "proj_scale", "proj_zero")
 
 
+def retract(P: Tensor) -> Tensor:
+    """The nearest-in-spirit orthonormal basis of P's columns: QR with signs chosen so that Q stays close to P."""
+    Q, R = torch.linalg.qr(P.float())
+    signs = torch.sign(torch.diagonal(R))
+    signs[signs == 0] = 1
+    return (Q * signs).to(P.dtype)
+
+
 @dataclass
 class LayerContext:
     """What a projector may know about the layer it works on."""
@@ -142,7 +150,11 @@ class RandomProjector(Projector):
 class OnlinePCAProjector(Projector):
     """Online Subspace Descent: P starts from an SVD and then takes one SGD step per update on the online-PCA loss
     ||P P^T G_hat - G_hat||^2, so it follows the gradient's subspace without further SVDs. A scheduled refresh
-    re-initialises it by SVD. P is not re-orthonormalised between refreshes (as in the paper's code)."""
+    re-initialises it by SVD.
+
+    Unlike the paper's code, each step is followed by a QR retraction back to orthonormal columns: without it a
+    large ``pca_lr`` lets ||P|| grow until it overflows (the loss is quartic in P), and orthonormal columns keep
+    the update's scale and the moment rotation well defined."""
 
     name = "online_pca"
 
@@ -151,7 +163,7 @@ class OnlinePCAProjector(Projector):
 
     def after_update(self, param, grad, state, ctx):
         P = load_matrix(param, state, ctx)
-        P = P - ctx.group["pca_lr"] * online_pca_gradient(P, grad).to(P.dtype)
+        P = retract(P - ctx.group["pca_lr"] * online_pca_gradient(P, grad).to(P.dtype))
         store_matrix(state, P, ctx, stochastic=True)  # small steps would vanish under round-to-nearest
 
 
