@@ -121,6 +121,16 @@ def test_adaptive_schedule_resumes_mid_schedule_bit_for_bit(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_report_counts_the_bytes_quantization_saves():
+    strategy = LowRankStrategy(rank=4, projector="svd", projector_bits=4, proj_group_size=32, memory_report=False)
+    _, trainer = _fit(strategy, [], max_steps=2)
+    report = trainer.strategy.memory_report()
+    # P is 24 x 4 for both weights: fp32 would be 384 bytes; 4-bit codes 48 bytes + 3 groups x (scale, zero) fp32.
+    assert [layer.projector_bytes for layer in report.layers] == [48 + 24, 48 + 24]
+    assert [layer.projector for layer in report.layers] == ["svd/int4", "svd/int4"]
+    assert report.quantization_saving_bytes == 2 * (384 - 72)
+
+
 def test_needs_the_low_rank_strategy():
     with pytest.raises(ValueError, match="SubspaceRefresh needs a low-rank optimizer.*lowrank"):
         _fit("auto", [SubspaceRefresh(every=2)], max_steps=1)

@@ -69,6 +69,7 @@ class MemoryReport:
     shared_basis_bytes: int
     dense_adamw_state_bytes: int
     peak_allocated_bytes: int | None = None
+    quantization_saving_bytes: int = 0  # what quantized projection matrices would take more in the weight dtype
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -94,6 +95,7 @@ class MemoryReport:
             "dense_adamw_state_bytes": self.dense_adamw_state_bytes,
             "saving_bytes": self.saving_bytes,
             "saving_percent": self.saving_percent,
+            "quantization_saving_bytes": self.quantization_saving_bytes,
         }
         if self.peak_allocated_bytes is not None:
             metrics["peak_allocated_bytes"] = self.peak_allocated_bytes
@@ -116,7 +118,7 @@ def account_memory(
     refresh_stats = refresh_stats or {}
     params = list({id(p): p for p in params}.values())
     layers: list[LayerMemory] = []
-    dense_state = projected_state = projector = shared = adamw = 0
+    dense_state = projected_state = projector = shared = adamw = quant_saving = 0
     for opt in optimizers:
         projected_params = _projected(opt)
         for p, state in opt.state.items():
@@ -132,6 +134,8 @@ def account_memory(
                 rank = state["exp_avg"].shape[0 if p.shape[0] <= p.shape[1] else 1]
                 name = names.get(p, "?")
                 bits = group.get("projector_bits")
+                if "proj_codes" in state:
+                    quant_saving += min(p.shape) * rank * p.element_size() - own
                 stats = refresh_stats.get(name, {})
                 layers.append(
                     LayerMemory(
@@ -167,6 +171,7 @@ def account_memory(
         shared_basis_bytes=shared,
         dense_adamw_state_bytes=adamw,
         peak_allocated_bytes=peak,
+        quantization_saving_bytes=quant_saving,
     )
 
 

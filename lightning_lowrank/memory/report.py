@@ -83,6 +83,8 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
         ("Dense AdamW state", format_bytes(report.dense_adamw_state_bytes)),
         ("Saving vs AdamW", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
     ]
+    if report.quantization_saving_bytes:
+        rows.append(("  of which P quantization", format_bytes(report.quantization_saving_bytes)))
     if report.peak_allocated_bytes is not None:
         rows.append(("Peak CUDA allocated", format_bytes(report.peak_allocated_bytes)))
     for label, value in rows:
