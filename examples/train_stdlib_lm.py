@@ -29,7 +29,14 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--projector", choices=("svd", "dct"), default="dct", help="subspace projector (default: dct)")
+    parser.add_argument(
+        "--projector",
+        choices=("svd", "rsvd", "dct", "random", "online_pca"),
+        default="dct",
+        help="subspace projector (default: dct)",
+    )
+    parser.add_argument("--adaptive", action="store_true", help="Q-GaLore's lazy refresh: stable layers refresh less")
+    parser.add_argument("--moments", choices=("keep", "reset", "rotate"), default="keep", help="moments at a refresh")
     parser.add_argument("--rank", type=int, default=32, help="subspace rank per projected weight (default: 32)")
     parser.add_argument("--update-gap", type=int, default=50, help="steps between subspace refreshes (default: 50)")
     parser.add_argument("--scale", type=float, default=0.25, help="GaLore's alpha on the update (default: 0.25)")
@@ -69,12 +76,15 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
 
+    callbacks = []
     if args.dense:
         strategy = "auto"
         name = "dense"
     else:
-        strategy = lightning_lowrank.LowRankStrategy(
-            rank=args.rank, projector=args.projector, update_gap=args.update_gap, scale=args.scale
+        strategy = lightning_lowrank.LowRankStrategy(rank=args.rank, projector=args.projector, scale=args.scale)
+        # The callback owns the refresh schedule; its counts join the memory report.
+        callbacks.append(
+            lightning_lowrank.SubspaceRefresh(every=args.update_gap, adaptive=args.adaptive, moments=args.moments)
         )
         name = f"lowrank_{args.projector}_r{args.rank}"
 
@@ -90,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
         logger=CSVLogger(args.log_dir, name=name),
+        callbacks=callbacks,
         enable_checkpointing=False,
         log_every_n_steps=10,
     )
