@@ -6,7 +6,7 @@
 from lightning_lowrank.callbacks import SubspaceRefresh
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
-from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.optim import ProjectedAdamW, ProjectedOptimizer
 from lightning_lowrank.strategies import LowRankDDPStrategy, LowRankStrategy
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "LowRankStrategy",
     "MemoryReport",
     "ProjectedAdamW",
+    "ProjectedOptimizer",
     "SubspaceRefresh",
     "account_memory",
     "render_memory_report",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from lightning_lowrank.optim.projected_adamw import validate_options
+from lightning_lowrank.optim.projected import validate_options
 
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """What the strategy applies to every projected weight (see ``ProjectedAdamW`` for each option).
+    """What the strategy applies to every projected weight (see ``ProjectedOptimizer`` for each option).
 
     A weight whose smaller side is <= ``rank`` stays dense (with a warning at setup): projecting it saves nothing.
     """
@@ -27,6 +27,14 @@ class LowRankConfig:
     rsvd_niter: int = 2
     dct_scorer: str = "matmul"
     pca_lr: float = 0.1
+    projected_rule: str | None = None
+    residual: str = "none"
+    frugal_rule: str = "signsgd"
+    residual_lr_scale: float = 1.0
+    limiter_gamma: float = 1.01
+    apollo_scale_type: str = "channel"
+    state_bits: int | None = None
+    state_block_size: int = 256
     target_modules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 
@@ -40,7 +48,7 @@ class LowRankConfig:
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude) or ())
 
     def optimizer_options(self) -> dict:
-        """The keyword arguments for ``ProjectedAdamW``."""
+        """The keyword arguments for ``ProjectedOptimizer``."""
         options = asdict(self)
         del options["target_modules"], options["exclude"]
         return options

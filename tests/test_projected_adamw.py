@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 
-from lightning_lowrank.optim import ProjectedAdamW
-from lightning_lowrank.optim.functional import projected_adamw_step_
+from lightning_lowrank.optim import ProjectedAdamW, rules
+from lightning_lowrank.optim.projection import project, project_back
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
@@ -18,7 +18,7 @@ def _grads(shape, steps, seed=0):
 
 @pytest.mark.parametrize("shape", [(5, 7), (7, 5)])
 @pytest.mark.parametrize("basis", ["identity", "signed_permutation"])
-def test_functional_with_full_identity_like_basis_matches_torch_adamw(shape, basis):
+def test_rule_with_full_identity_like_basis_matches_torch_adamw(shape, basis):
     d = min(shape)
     if basis == "identity":
         P = torch.eye(d)
@@ -29,13 +29,14 @@ def test_functional_with_full_identity_like_basis_matches_torch_adamw(shape, bas
     ours = ref.detach().clone()
     opt = torch.optim.AdamW([ref], **HYPER)
     low_shape = (d, shape[1]) if shape[0] <= shape[1] else (shape[0], d)
-    m, v = torch.zeros(low_shape), torch.zeros(low_shape)
+    state = rules.init_state("adamw", low_shape, torch.float32, torch.device("cpu"))
+    group = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
     for t, G in enumerate(_grads(shape, 10), start=1):
         ref.grad = G.clone()
         opt.step()
-        projected_adamw_step_(
-            ours, G, P, m, v, t, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0
-        )
+        ours.mul_(1 - 1e-2 * 0.1)  # AdamW's decoupled decay
+        direction, step_size = rules.direction("adamw", project(G, P), state, t, group)
+        ours.add_(project_back(direction, P, ours.shape), alpha=-step_size)
     torch.testing.assert_close(ours, ref.detach(), atol=1e-6, rtol=0)
 
 
@@ -220,8 +221,9 @@ def test_bad_hyperparameters_raise_at_construction(kwargs, match):
 
 def test_from_optimizer_rejects_unsupported_classes_and_flags():
     p = torch.nn.Parameter(torch.randn(3, 3))
-    with pytest.raises(TypeError, match="torch.optim.AdamW, torch.optim.Adam.*SGD"):
-        ProjectedAdamW.from_optimizer(torch.optim.SGD([p], lr=0.1), {p}, rank=2)
+    supported = "torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adafactor"
+    with pytest.raises(TypeError, match=f"{supported}.*RMSprop.*fallback='dense'"):
+        ProjectedAdamW.from_optimizer(torch.optim.RMSprop([p], lr=0.1), {p}, rank=2)
     with pytest.raises(ValueError, match="amsgrad"):
         ProjectedAdamW.from_optimizer(torch.optim.AdamW([p], amsgrad=True), {p}, rank=2)
 

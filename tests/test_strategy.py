@@ -11,9 +11,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_lowrank  # noqa: F401  (registers the names)
-from lightning_lowrank import LowRankDDPStrategy, LowRankStrategy, ProjectedAdamW
+from lightning_lowrank import LowRankDDPStrategy, LowRankStrategy, ProjectedOptimizer
 from lightning_lowrank.memory import render_memory_report
-from tests.models import ManualNet, SGDNet, TinyNet
+from tests.models import ManualNet, RMSpropNet, TinyNet
 
 QUIET = dict(
     accelerator="cpu",
@@ -63,7 +63,7 @@ def test_registry_name_trains_unchanged_module_and_swaps_optimizer():
         warnings.filterwarnings("error", message=".*optimizer.step.*overridden.*")
         trainer.fit(model)
     opt = trainer.optimizers[0]
-    assert isinstance(opt, ProjectedAdamW)
+    assert isinstance(opt, ProjectedOptimizer)
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt
     projected = {name for name, p in model.named_parameters() if opt.is_projected(p)}
     assert projected == {"attn.weight", "mlp.weight"}  # not the head, the embedding, biases or norms
@@ -137,7 +137,7 @@ def test_manual_optimization():
     model = ManualNet()
     trainer = _trainer(LowRankStrategy(rank=4), max_epochs=2)
     trainer.fit(model)
-    assert isinstance(model.optimizers().optimizer, ProjectedAdamW)
+    assert isinstance(model.optimizers().optimizer, ProjectedOptimizer)
     assert trainer.optimizers[0].state[model.attn.weight]["step"].item() == 8
 
 
@@ -263,8 +263,15 @@ def test_unknown_pattern_raises_at_setup_naming_candidates():
 
 def test_unsupported_optimizer_names_the_supported_ones():
     trainer = _trainer("lowrank", max_steps=1)
-    with pytest.raises(TypeError, match="torch.optim.AdamW, torch.optim.Adam.*SGD"):
-        trainer.fit(SGDNet())
+    with pytest.raises(TypeError, match="torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD.*RMSprop"):
+        trainer.fit(RMSpropNet())
+
+
+def test_fallback_dense_keeps_an_unsupported_optimizer_with_a_warning():
+    trainer = _trainer(LowRankStrategy(rank=4, fallback="dense"), max_steps=2)
+    with pytest.warns(UserWarning, match="RMSprop cannot be projected"):
+        trainer.fit(RMSpropNet())
+    assert type(trainer.optimizers[0]) is torch.optim.RMSprop
 
 
 def test_sharded_and_multi_device_misuse_is_refused_at_trainer_construction():

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_lowrank.optim import ProjectedAdamW
-from lightning_lowrank.optim.projected_adamw import MOMENT_POLICIES
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.projected import MOMENT_POLICIES
 from lightning_lowrank.schedule import RefreshPolicy, RefreshSchedule
 from lightning_lowrank.selection import matches
 
@@ -64,15 +64,15 @@ class SubspaceRefresh(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(every=self.policy.every, adaptive=self.policy.adaptive)
 
-    def _optimizers(self, trainer: pl.Trainer) -> list[ProjectedAdamW]:
-        return [opt for opt in trainer.strategy.optimizers if isinstance(opt, ProjectedAdamW)]
+    def _optimizers(self, trainer: pl.Trainer) -> list[ProjectedOptimizer]:
+        return [opt for opt in trainer.strategy.optimizers if isinstance(opt, ProjectedOptimizer)]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = self._optimizers(trainer)
         if not optimizers:
             raise ValueError(
                 "SubspaceRefresh needs a low-rank optimizer: use strategy='lowrank' / 'lowrank_ddp' (or "
-                "LowRankStrategy(...)), or return a lightning_lowrank.ProjectedAdamW from configure_optimizers."
+                "LowRankStrategy(...)), or return a lightning_lowrank.ProjectedOptimizer from configure_optimizers."
             )
         names = getattr(trainer.strategy, "lowrank_layer_names", None)
         by_param = names() if callable(names) else {}

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim.projected_adamw import ProjectedAdamW
+from lightning_lowrank.optim.projected import ProjectedOptimizer
 
 PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
 # torch.optim.AdamW keeps exp_avg and exp_avg_sq shaped like the parameter, plus a float32 scalar step.
@@ -154,7 +154,7 @@ def account_memory(
                 )
             else:
                 dense_state += total
-        if isinstance(opt, ProjectedAdamW):
+        if isinstance(opt, ProjectedOptimizer):
             bases = sum(tensor_bytes(b) for b in opt.dct_bases().values())
             shared += bases
             projector += bases
@@ -180,6 +180,6 @@ def _opt_int(value: float | None) -> int | None:
 
 
 def _projected(opt: Optimizer) -> dict[Tensor, dict]:
-    if not isinstance(opt, ProjectedAdamW):
+    if not isinstance(opt, ProjectedOptimizer):
         return {}
     return {p: group for group in opt.param_groups for p, on in zip(group["params"], opt._mask(group)) if on}

@@ -1,6 +1,8 @@
 """Projected optimizers: plain torch, no Lightning."""
 
-from lightning_lowrank.optim.projected_adamw import SUPPORTED_OPTIMIZERS, ProjectedAdamW
+from lightning_lowrank.optim.projected import SUPPORTED_OPTIMIZERS, ProjectedAdamW, ProjectedOptimizer
 from lightning_lowrank.optim.projection import PROJECTORS
+from lightning_lowrank.optim.residuals import RESIDUALS
+from lightning_lowrank.optim.rules import RULES
 
-__all__ = ["PROJECTORS", "SUPPORTED_OPTIMIZERS", "ProjectedAdamW"]
+__all__ = ["PROJECTORS", "RESIDUALS", "RULES", "SUPPORTED_OPTIMIZERS", "ProjectedAdamW", "ProjectedOptimizer"]

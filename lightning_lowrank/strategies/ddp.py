@@ -12,7 +12,7 @@ import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy
 
-from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.strategies.mixin import LowRankMixin
 
 
@@ -25,7 +25,7 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
         super().setup_optimizers(trainer)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for opt in self.optimizers:
-                if isinstance(opt, ProjectedAdamW):
+                if isinstance(opt, ProjectedOptimizer):
                     opt.shard_refreshes()
 
     @classmethod

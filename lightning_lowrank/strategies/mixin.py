@@ -17,7 +17,8 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
-from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
+from lightning_lowrank.optim.projected import supported_names
 from lightning_lowrank.selection import select_lowrank_params
 
 
@@ -29,8 +30,13 @@ class LowRankMixin:
         projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca``.
         update_gap: optimizer steps between subspace refreshes (a ``SubspaceRefresh`` callback overrides it).
         scale: multiplies the projected-back update (GaLore's alpha).
-        moments, projector_bits, proj_group_size, seed, rsvd_oversample, rsvd_niter, dct_scorer, pca_lr:
-            as in ``ProjectedAdamW``.
+        moments, projector_bits, proj_group_size, seed, rsvd_oversample, rsvd_niter, dct_scorer, pca_lr,
+        residual, frugal_rule, residual_lr_scale, limiter_gamma, apollo_scale_type, state_bits, state_block_size:
+            as in ``ProjectedOptimizer``.
+        inner: ``"subset_norm"`` runs Subspace-Momentum with Subset-Norm steps on projected weights; None follows
+            the module's optimizer (AdamW/Adam -> Adam(W), SGD -> momentum SGD, Adafactor -> Adafactor).
+        fallback: for an optimizer class that cannot be projected, ``"error"`` (default) or ``"dense"`` (keep it
+            unchanged, with a warning).
         target_modules: module-name patterns to project (default: every ``nn.Linear`` but output heads).
         exclude: module-name patterns never to project.
         memory_report: print the rich memory report at the end of training (it is logged either way).
@@ -51,11 +57,23 @@ class LowRankMixin:
         rsvd_niter: int = 2,
         dct_scorer: str = "matmul",
         pca_lr: float = 0.1,
+        inner: str | None = None,
+        residual: str = "none",
+        frugal_rule: str = "signsgd",
+        residual_lr_scale: float = 1.0,
+        limiter_gamma: float = 1.01,
+        apollo_scale_type: str = "channel",
+        state_bits: int | None = None,
+        state_block_size: int = 256,
+        fallback: str = "error",
         target_modules: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         memory_report: bool = True,
         **kwargs: Any,
     ) -> None:
+        if fallback not in ("error", "dense"):
+            raise ValueError(f"fallback must be 'error' or 'dense', got {fallback!r}")
+        self.fallback = fallback
         self.lowrank_config = LowRankConfig(
             rank=rank,
             projector=projector,
@@ -69,6 +87,14 @@ class LowRankMixin:
             rsvd_niter=rsvd_niter,
             dct_scorer=dct_scorer,
             pca_lr=pca_lr,
+            projected_rule=inner,
+            residual=residual,
+            frugal_rule=frugal_rule,
+            residual_lr_scale=residual_lr_scale,
+            limiter_gamma=limiter_gamma,
+            apollo_scale_type=apollo_scale_type,
+            state_bits=state_bits,
+            state_block_size=state_block_size,
             target_modules=target_modules,
             exclude=exclude,
         )
@@ -83,10 +109,16 @@ class LowRankMixin:
         selected = _drop_full_rank(selected, cfg.rank)
         swapped = []
         for old in self.optimizers:
-            if isinstance(old, ProjectedAdamW):
+            if isinstance(old, ProjectedOptimizer):
+                new = old
+            elif type(old) not in SUPPORTED_OPTIMIZERS and self.fallback == "dense":
+                rank_zero_warn(
+                    f"{type(old).__name__} cannot be projected (supported: {supported_names()}); fallback='dense' "
+                    "keeps it unchanged, so its parameters hold full-size optimizer state."
+                )
                 new = old
             else:
-                new = ProjectedAdamW.from_optimizer(old, set(selected), **cfg.optimizer_options())
+                new = ProjectedOptimizer.from_optimizer(old, set(selected), **cfg.optimizer_options())
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)
         self._lowrank_names = selected

@@ -1,7 +1,9 @@
-"""``ProjectedAdamW``: AdamW whose 2-D weights keep their moments in a rank-r subspace.
+"""``ProjectedOptimizer``: an optimizer whose 2-D weights keep their state in a rank-r subspace.
 
-The class is a thin shell around ``functional.py`` and ``projectors.py``: it validates hyperparameters,
-creates state lazily, refreshes each layer's subspace when it is due, and calls the update functions.
+The class is a thin shell around ``rules.py`` (the inner update: Adam(W), momentum SGD, Adafactor,
+Subset-Norm), ``residuals.py`` (what happens outside the subspace) and ``projectors.py`` (how the subspace is
+chosen): it validates hyperparameters, creates state lazily, refreshes each layer's subspace when it is due,
+and applies the updates. ``ProjectedAdamW`` is the same class with the Adam(W) rule.
 
 Which parameters are projected is decided per parameter by the group key ``lowrank_mask`` (a list of
 bools parallel to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank`` is not
@@ -15,8 +17,10 @@ When a refresh is due: by default every ``update_gap`` steps of the layer's own 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -26,11 +30,27 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim.functional import adamw_step_, projected_adamw_step_
-from lightning_lowrank.optim.projection import PROJECTORS, dct_basis, effective_rank, is_left, subspace_similarity
+from lightning_lowrank.optim import rules
+from lightning_lowrank.optim.moments8bit import dequantize_moment, quantize_moment
+from lightning_lowrank.optim.projection import (
+    PROJECTORS,
+    dct_basis,
+    effective_rank,
+    is_left,
+    project,
+    project_back,
+    subspace_similarity,
+)
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
+from lightning_lowrank.optim.residuals import APOLLO_SCALE_TYPES, FRUGAL_RULES, RESIDUALS, residual_update
 
-SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
+# The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
+SUPPORTED_OPTIMIZERS: dict[type[Optimizer], tuple[str, bool | None]] = {
+    torch.optim.AdamW: ("adamw", True),
+    torch.optim.Adam: ("adamw", None),
+    torch.optim.SGD: ("sgd", False),
+    torch.optim.Adafactor: ("adafactor", True),
+}
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 DCT_SCORERS = ("matmul", "fft")
 
@@ -46,12 +66,22 @@ class RefreshInfo:
     computed_here: bool  # False when DDP sharding gave the work to another rank
 
 
-class ProjectedAdamW(Optimizer):
-    """AdamW with GaLore-style low-rank moments for selected 2-D weights.
+class ProjectedOptimizer(Optimizer):
+    """Low-rank optimizer state (GaLore and its successors) for selected 2-D weights; the rest is dense.
 
     Args:
         params: parameters or param-group dicts (groups may override every keyword below).
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        rule: the inner update, ``adamw`` (Adam with ``decoupled_weight_decay=False``), ``sgd`` (``momentum``,
+            ``dampening``, ``nesterov`` as torch.optim.SGD) or ``adafactor`` (``beta2_decay``, ``d``, ``eps`` as
+            torch.optim.Adafactor); it runs on the projected gradient of projected weights and on the full
+            gradient of the others.
+        projected_rule: a different rule for projected weights only: ``subset_norm`` (Subspace-Momentum with
+            Subset-Norm step sizes: momentum in the subspace, SGD on the complement, AdaGrad-Norm step per
+            channel). None: ``rule``.
+        residual: ``none``, ``frugal``, ``fira`` or ``apollo`` (see ``residuals.py``), with ``frugal_rule``,
+            ``residual_lr_scale``, ``limiter_gamma``, ``apollo_scale_type``.
+        state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block).
         rank: subspace rank r; ``None`` makes a group dense. Clamped per layer to min(m, n).
         projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca`` (see ``projectors.py``).
         update_gap: refresh every this many updates of a layer (unless a scheduler owns the schedule).
@@ -87,8 +117,36 @@ class ProjectedAdamW(Optimizer):
         rsvd_niter: int = 2,
         dct_scorer: str = "matmul",
         pca_lr: float = 0.1,
+        rule: str = "adamw",
+        projected_rule: str | None = None,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        beta2_decay: float = -0.8,
+        d: float = 1.0,
+        residual: str = "none",
+        frugal_rule: str = "signsgd",
+        residual_lr_scale: float = 1.0,
+        limiter_gamma: float = 1.01,
+        apollo_scale_type: str = "channel",
+        state_bits: int | None = None,
+        state_block_size: int = 256,
     ) -> None:
         defaults = dict(
+            rule=rule,
+            projected_rule=projected_rule,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            beta2_decay=beta2_decay,
+            d=d,
+            residual=residual,
+            frugal_rule=frugal_rule,
+            residual_lr_scale=residual_lr_scale,
+            limiter_gamma=limiter_gamma,
+            apollo_scale_type=apollo_scale_type,
+            state_bits=state_bits,
+            state_block_size=state_block_size,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -121,28 +179,32 @@ class ProjectedAdamW(Optimizer):
         optimizer: Optimizer,
         projected: set[Tensor] | Callable[[Tensor], bool],
         **options: Any,
-    ) -> ProjectedAdamW:
-        """Build on the *same* param-group dicts as a torch Adam/AdamW (keeps lr, betas, user keys).
+    ) -> ProjectedOptimizer:
+        """Build on the *same* param-group dicts as a torch AdamW, Adam, SGD or Adafactor, with its rule.
 
-        ``options`` are this class's keyword arguments (rank, projector, ...). Sharing the dicts keeps values that
-        LR schedulers and Lightning wrote into them (``initial_lr``).
+        ``options`` are this class's keyword arguments (rank, projector, residual, ...). Sharing the dicts keeps
+        the user's hyperparameters and what LR schedulers and Lightning wrote into them (``initial_lr``).
         """
         if type(optimizer) not in SUPPORTED_OPTIMIZERS:
-            names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
             raise TypeError(
-                f"lightning_lowrank can project {names}, but configure_optimizers returned "
-                f"{type(optimizer).__module__}.{type(optimizer).__name__}. Return one of the supported optimizers "
-                "or exclude this optimizer from the low-rank strategy."
+                f"lightning_lowrank can project {supported_names()}, but configure_optimizers returned "
+                f"{type(optimizer).__module__}.{type(optimizer).__name__}. Return one of the supported optimizers, "
+                "or pass fallback='dense' to the strategy to keep this optimizer as it is."
             )
+        rule, decoupled = SUPPORTED_OPTIMIZERS[type(optimizer)]
         is_selected = projected if callable(projected) else (lambda p: p in projected)
-        decoupled = isinstance(optimizer, torch.optim.AdamW)
         for group in optimizer.param_groups:
             for flag in ("amsgrad", "maximize"):
                 if group.get(flag):
-                    raise ValueError(f"ProjectedAdamW does not support {flag}=True; set {flag}=False in the optimizer.")
+                    raise ValueError(
+                        f"lightning_lowrank does not support {flag}=True; set {flag}=False in the optimizer."
+                    )
             for key, value in options.items():
                 group.setdefault(key, value)
-            group["decoupled_weight_decay"] = decoupled or bool(group.get("decoupled_weight_decay", False))
+            group["rule"] = rule
+            group["decoupled_weight_decay"] = (
+                bool(group.get("decoupled_weight_decay", False)) if decoupled is None else decoupled
+            )
             group["lowrank_mask"] = [bool(is_selected(p)) for p in group["params"]]
         return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], **options)
 
@@ -151,10 +213,10 @@ class ProjectedAdamW(Optimizer):
         _validate_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but integer projector state stays integer (torch casts every state tensor to the
-        param's dtype; bf16 would round DCT indices above 256)."""
+        """As torch's, but integer state (projector indices, seeds, 8-bit codes) stays integer: torch casts every
+        state tensor to the param's dtype, and bf16 would round DCT indices above 256."""
         ints = {
-            k: {n: t for n, t in v.items() if n.startswith("proj") and not t.is_floating_point()}
+            k: {n: t for n, t in v.items() if not t.is_floating_point() and n != "step"}
             for k, v in state_dict["state"].items()
         }
         state = {k: {n: t for n, t in v.items() if n not in ints[k]} for k, v in state_dict["state"].items()}
@@ -260,7 +322,9 @@ class ProjectedAdamW(Optimizer):
             similarity = leading = None
             if p in old:
                 similarity, leading = subspace_similarity(old[p], P_new)
-                _move_moments(state, old[p], P_new, group["moments"], is_left(p.shape))
+                rule = group["projected_rule"] or group["rule"]
+                with self._moments(p, rule, group) as moments:
+                    _move_moments(moments, rules.MOMENT_KEYS[rule], old[p], P_new, group["moments"], is_left(p.shape))
             self.last_refreshes[p] = RefreshInfo(ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds)
             if self._refresh_requests is not None:
                 self._refresh_requests.discard(p)
@@ -292,7 +356,7 @@ class ProjectedAdamW(Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("ProjectedAdamW does not support sparse gradients.")
+                    raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
                 if on:
                     if not self.state[p]:
                         self._init_projected_state(p, group)
@@ -301,38 +365,91 @@ class ProjectedAdamW(Optimizer):
                     self._dense_step(p, group)
         self._refresh([(p, g, ctx) for p, g, ctx in projected if self._is_due(p, self.state[p], g)])
         for p, group, ctx in projected:
-            state = self.state[p]
-            projector = self._projectors[group["projector"]]
-            state["step"] += 1
-            projected_adamw_step_(
-                p,
-                p.grad,
-                projector.matrix(p, state, ctx),
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                int(state["step"]),
-                scale=group["scale"],
-                **_hyper(group),
+            self._projected_step(p, group, ctx)
+            self._projectors[group["projector"]].after_update(p, p.grad, self.state[p], ctx)
+
+    def _projected_step(self, p: Tensor, group: dict[str, Any], ctx: LayerContext) -> None:
+        state = self.state[p]
+        rule = group["projected_rule"] or group["rule"]
+        lr, scale = float(group["lr"]), group["scale"]
+        param_rms = _rms(p) if rule == "adafactor" else 0.0
+        grad = rules.weight_decay_(p, p.grad, lr, group["weight_decay"], group["decoupled_weight_decay"])
+        P = self._projectors[group["projector"]].matrix(p, state, ctx)
+        low_rank = project(grad, P)
+        state["step"] += 1
+        with self._moments(p, rule, group) as moments:
+            direction, step_size = rules.direction(
+                rule, low_rank, moments, int(state["step"]), group, param_rms, full_grad=grad
             )
-            projector.after_update(p, p.grad, state, ctx)
+            if rule == "subset_norm":  # Subspace-Momentum: the complement takes an SGD step at the subset's rate
+                back = project_back(low_rank, P, p.shape)
+                complement = (grad - back) * rules.subset_norm_scale(moments, group["eps"])
+                p.add_(project_back(direction, P, p.shape) + complement, alpha=-step_size * scale)
+                return
+        kind = group["residual"]
+        back = project_back(low_rank, P, p.shape) if kind != "none" else None
+        extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group)
+        if kind == "apollo":
+            p.add_(extra, alpha=-step_size * math.sqrt(scale))
+            return
+        p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
+        if kind == "frugal":  # state-free: plain lr, no bias correction
+            p.add_(extra, alpha=-lr * factor)
+        elif kind == "fira":
+            p.add_(extra, alpha=-step_size * scale)
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any]) -> None:
         rank = effective_rank(param.shape, group["rank"])
         m, n = param.shape
         shape = (rank, n) if is_left(param.shape) else (m, rank)
+        self._init_rule_state(param, group["projected_rule"] or group["rule"], shape, group)
+
+    def _init_rule_state(self, param: Tensor, rule: str, shape: tuple[int, ...], group: dict[str, Any]) -> None:
         state = self.state[param]
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        buffers = rules.init_state(rule, shape, param.dtype, param.device)
+        if group["state_bits"] is None:
+            state.update(buffers)
+        else:
+            for key, tensor in buffers.items():
+                self._store_moment(state, key, tensor, rules.MOMENT_KEYS[rule][key], group)
 
     def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
+        state, rule = self.state[p], group["rule"]
         if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._init_rule_state(p, rule, tuple(p.shape), group)
+        lr = float(group["lr"])
+        param_rms = _rms(p) if rule == "adafactor" else 0.0
+        grad = rules.weight_decay_(p, p.grad, lr, group["weight_decay"], group["decoupled_weight_decay"])
         state["step"] += 1
-        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), **_hyper(group))
+        with self._moments(p, rule, group) as moments:
+            direction, step_size = rules.direction(rule, grad, moments, int(state["step"]), group, param_rms)
+        p.add_(direction, alpha=-step_size)
+
+    @contextmanager
+    def _moments(self, param: Tensor, rule: str, group: dict[str, Any]) -> Iterator[dict[str, Tensor]]:
+        """The rule's buffers to update in place: the state itself, or (8-bit) a dequantized copy that is
+        quantized back afterwards, one layer at a time so only one layer's full-precision moments exist at once."""
+        state = self.state[param]
+        if group["state_bits"] is None:
+            yield state
+            return
+        keys = [k for k in rules.MOMENT_KEYS[rule] if f"{k}_codes" in state]
+        moments = {
+            k: dequantize_moment(
+                _q(state, k), state[f"{k}_shape"].tolist(), param.dtype, block_size=group["state_block_size"]
+            )
+            for k in keys
+        }
+        yield moments
+        for key, tensor in moments.items():
+            self._store_moment(state, key, tensor, rules.MOMENT_KEYS[rule][key], group)
+
+    @staticmethod
+    def _store_moment(state: dict[str, Tensor], key: str, tensor: Tensor, signed: bool, group: dict[str, Any]) -> None:
+        q = quantize_moment(tensor, signed=signed, block_size=group["state_block_size"])
+        state[f"{key}_codes"], state[f"{key}_absmax"] = q["codes"], q["absmax"]
+        state[f"{key}_shape"] = torch.tensor(tuple(tensor.shape), dtype=torch.int64)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` first when given (Lightning runs forward/backward/clipping in it), then update.
@@ -354,52 +471,62 @@ class ProjectedAdamW(Optimizer):
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
 
-def _hyper(group: dict[str, Any]) -> dict[str, Any]:
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=float(group["lr"]),
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        decoupled=group["decoupled_weight_decay"],
-    )
+def _move_moments(
+    moments: dict[str, Tensor], signed: dict[str, bool], P_old: Tensor, P_new: Tensor, policy: str, left: bool
+) -> None:
+    """Carry the inner rule's buffers across a change of basis.
 
-
-def _move_moments(state: dict[str, Tensor], P_old: Tensor, P_new: Tensor, policy: str, left: bool) -> None:
-    """Carry Adam's moments across a change of basis.
-
-    ``rotate`` maps the first moment exactly into the new coordinates with R = P_old^T P_new (r x r). The second
-    moment is a per-coordinate variance, which no linear map carries exactly; it is mapped with R's elementwise
-    square (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps it non-negative and is exact for (signed) permutations.
+    ``rotate`` maps first moments exactly into the new coordinates with R = P_old^T P_new (r x r). Second moments
+    are per-coordinate variances, which no linear map carries exactly; they are mapped with R's elementwise square
+    (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps them non-negative and is exact for (signed) permutations.
+    Buffers with no extent along the rank axis (per-channel accumulators) are unaffected.
     """
     if policy == "keep":
         return
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    if policy == "reset":
-        m.zero_()
-        v.zero_()
-        return
-    R = (P_old.T.float() @ P_new.float()).to(m.dtype)
-    if left:  # moments are (r, n) in P's coordinates
-        m.copy_(R.T @ m)
-        v.copy_(R.T.pow(2) @ v)
-    else:  # moments are (m, r)
-        m.copy_(m @ R)
-        v.copy_(v @ R.pow(2))
+    R = None
+    for key, buffer in moments.items():
+        if key not in signed:
+            continue
+        if policy == "reset":
+            buffer.zero_()
+            continue
+        axis = 0 if left else buffer.dim() - 1  # the rank axis of the projected shape
+        if buffer.shape[axis] != P_new.shape[1]:
+            continue
+        if R is None:
+            R = P_old.T.float() @ P_new.float()
+        M = (R if signed[key] else R.pow(2)).to(buffer.dtype)
+        buffer.copy_(M.T @ buffer if left else buffer @ M)
 
 
 def validate_options(**options: Any) -> None:
-    """Check ProjectedAdamW keyword arguments without building an optimizer (raises ValueError)."""
-    ProjectedAdamW([torch.zeros(1, 1, requires_grad=True)], **options)
+    """Check ProjectedOptimizer keyword arguments without building an optimizer (raises ValueError)."""
+    ProjectedOptimizer([torch.zeros(1, 1, requires_grad=True)], **options)
+
+
+def supported_names() -> str:
+    return ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
+
+
+class ProjectedAdamW(ProjectedOptimizer):
+    """``ProjectedOptimizer`` with the Adam(W) rule: the foundation's optimizer, and the default."""
+
+
+def _rms(t: Tensor) -> float:
+    return t.norm(2).item() / math.sqrt(t.numel())
+
+
+def _q(state: dict[str, Tensor], key: str) -> dict[str, Tensor]:
+    return {"codes": state[f"{key}_codes"], "absmax": state[f"{key}_absmax"]}
 
 
 def _validate_group(group: dict[str, Any]) -> None:
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     if not 0.0 <= float(lr):
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    for value in eps if isinstance(eps, (tuple, list)) else (eps,):  # Adafactor's eps is a pair
+        if value is not None and not 0.0 <= value:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
     for i, beta in enumerate(group["betas"]):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
@@ -412,7 +539,26 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check_choice("moments", group["moments"], MOMENT_POLICIES)
     _check_choice("dct_scorer", group["dct_scorer"], DCT_SCORERS)
     _check_choice("projector_bits", group["projector_bits"], (None, 4, 8))
-    for key, low in (("update_gap", 1), ("proj_group_size", 1), ("rsvd_oversample", 0), ("rsvd_niter", 0)):
+    _check_choice("rule", group["rule"], rules.RULES[:3])
+    _check_choice("projected_rule", group["projected_rule"], (None, *rules.RULES))
+    _check_choice("residual", group["residual"], RESIDUALS)
+    _check_choice("frugal_rule", group["frugal_rule"], FRUGAL_RULES)
+    _check_choice("apollo_scale_type", group["apollo_scale_type"], APOLLO_SCALE_TYPES)
+    _check_choice("state_bits", group["state_bits"], (None, 8))
+    if group["projected_rule"] == "subset_norm" and group["residual"] != "none":
+        raise ValueError("projected_rule='subset_norm' updates the complement itself; use residual='none' with it")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"Invalid momentum: {group['momentum']!r} (must be in [0, 1))")
+    for key in ("residual_lr_scale", "limiter_gamma", "d"):
+        if not group[key] > 0:
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be > 0)")
+    for key, low in (
+        ("update_gap", 1),
+        ("proj_group_size", 1),
+        ("rsvd_oversample", 0),
+        ("rsvd_niter", 0),
+        ("state_block_size", 1),
+    ):
         value = group[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"Invalid {key}: {value!r} (must be an int >= {low})")

@@ -1,0 +1,138 @@
+"""Inner update rules: what runs on a gradient (full, or projected into the subspace).
+
+Each rule is two plain functions over tensors: ``init_state`` makes its buffers for a gradient shape, and
+``direction`` updates them in place and returns ``(direction, step_size)``; the caller applies
+``param -= step_size * direction`` (after mapping the direction back to the full shape when projected).
+With a full identity basis each rule reproduces its torch optimizer: ``adamw`` = torch.optim.AdamW/Adam,
+``sgd`` = torch.optim.SGD with momentum, ``adafactor`` = torch.optim.Adafactor (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+RULES = ("adamw", "sgd", "adafactor", "subset_norm")
+# Buffers that may be stored in 8 bits, with whether they are signed (first moments) or non-negative (variances).
+MOMENT_KEYS: dict[str, dict[str, bool]] = {
+    "adamw": {"exp_avg": True, "exp_avg_sq": False},
+    "sgd": {"momentum_buffer": True},
+    "adafactor": {"row_var": False, "col_var": False, "variance": False},
+    "subset_norm": {"exp_avg": True, "sum_sq": False},
+}
+
+
+def weight_decay_(param: Tensor, grad: Tensor, lr: float, weight_decay: float, decoupled: bool) -> Tensor:
+    """Decoupled decay (AdamW, Adafactor) shrinks the weight in place; L2 (Adam, SGD) adds to the gradient."""
+    if weight_decay == 0:
+        return grad
+    if decoupled:
+        param.mul_(1 - lr * weight_decay)
+        return grad
+    return grad.add(param, alpha=weight_decay)
+
+
+def subset_axis(shape: torch.Size | tuple[int, ...]) -> int | None:
+    """Subset-Norm's subsets: the slices along the smaller side, i.e. one accumulator per entry of the longer side
+    (columns of a wide matrix, rows of a tall one); a vector is one subset."""
+    if len(shape) < 2:
+        return None
+    return 0 if shape[0] <= shape[1] else 1
+
+
+def init_state(rule: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict:
+    def zeros(*s: int) -> Tensor:
+        return torch.zeros(s, dtype=dtype, device=device)
+
+    if rule == "adamw":
+        return {"exp_avg": zeros(*shape), "exp_avg_sq": zeros(*shape)}
+    if rule == "sgd":
+        return {"momentum_buffer": zeros(*shape)}
+    if rule == "adafactor":
+        if len(shape) >= 2:
+            return {"row_var": zeros(*shape[:-1], 1), "col_var": zeros(*shape[:-2], 1, shape[-1])}
+        return {"variance": zeros(*shape)}
+    if rule == "subset_norm":
+        axis = subset_axis(shape)
+        acc_shape = (1,) if axis is None else tuple(1 if i == axis else s for i, s in enumerate(shape))
+        return {"exp_avg": zeros(*shape), "sum_sq": zeros(*acc_shape)}
+    raise ValueError(f"Unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+def direction(
+    rule: str,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    step: int,
+    group: dict[str, Any],
+    param_rms: float = 0.0,
+    full_grad: Tensor | None = None,
+) -> tuple[Tensor, float]:
+    """Update ``state`` with ``grad`` (the step-th update, from 1) and return (direction, step size).
+
+    ``param_rms`` (RMS of the full weight before weight decay) is only used by Adafactor's relative step;
+    ``full_grad`` (the unprojected gradient) by Subset-Norm, whose step sizes follow the full gradient's norms.
+    """
+    lr = float(group["lr"])
+    if rule == "adamw":
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        return m / denom, lr / (1 - beta1**step)
+    if rule == "sgd":
+        buf, momentum = state["momentum_buffer"], group["momentum"]
+        if momentum == 0:
+            return grad, lr
+        if step == 1:
+            buf.copy_(grad)
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+        return (grad.add(buf, alpha=momentum) if group["nesterov"] else buf), lr
+    if rule == "adafactor":
+        return _adafactor(grad, state, step, group, lr, param_rms)
+    if rule == "subset_norm":
+        # Subspace-Momentum's momentum (the caller adds the complement as plain SGD) with Subset-Norm step sizes:
+        # AdaGrad-Norm over each subset, lr / sqrt(sum of the subset's squared gradient norms so far).
+        beta1 = group["betas"][0]
+        m, acc = state["exp_avg"], state["sum_sq"]
+        if step == 1:
+            m.copy_(grad)
+        else:
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        full = grad if full_grad is None else full_grad
+        axis = subset_axis(full.shape)
+        acc.add_(full.pow(2).sum() if axis is None else full.pow(2).sum(dim=axis, keepdim=True))
+        return m * subset_norm_scale(state, group["eps"]), lr
+    raise ValueError(f"Unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+def subset_norm_scale(state: dict[str, Tensor], eps: float) -> Tensor:
+    """1 / (sqrt(accumulator) + eps), broadcastable to the gradient: Subset-Norm's per-subset step size."""
+    return 1.0 / (state["sum_sq"].sqrt() + eps)
+
+
+def _adafactor(
+    grad: Tensor, state: dict[str, Tensor], step: int, group: dict[str, Any], lr: float, param_rms: float
+) -> tuple[Tensor, float]:
+    """torch.optim.Adafactor's rule: factored second moment (row and column means of G^2), relative step size."""
+    eps1, eps2 = group["eps"] if isinstance(group["eps"], (tuple, list)) else (None, 1e-3)
+    if eps1 is None:
+        eps1 = torch.finfo(grad.dtype).eps
+    one_minus_beta2 = step ** group["beta2_decay"]
+    alpha = max(eps2, param_rms) * min(lr, 1 / math.sqrt(step))
+    if grad.dim() > 1:
+        row_var, col_var = state["row_var"], state["col_var"]
+        row_var.lerp_(grad.norm(dim=-1, keepdim=True).square_().div_(grad.size(-1)), one_minus_beta2)
+        col_var.lerp_(grad.norm(dim=-2, keepdim=True).square_().div_(grad.size(-2)), one_minus_beta2)
+        var = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        state["variance"].lerp_(grad * grad, one_minus_beta2)
+        var = state["variance"].clone()
+    update = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+    denom = max(1.0, update.norm(2).item() / (math.sqrt(update.numel()) * group["d"]))
+    return update, alpha / denom
