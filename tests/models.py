@@ -83,3 +83,13 @@ class RMSpropNet(TinyNet):
 
     def configure_optimizers(self):
         return torch.optim.RMSprop(self.parameters(), lr=1e-3)
+
+
+class SGDNet(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+class AdafactorNet(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.Adafactor(self.parameters(), lr=0.05)

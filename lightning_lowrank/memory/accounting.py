@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim.projected import ProjectedOptimizer
+from lightning_lowrank.optim.projection import effective_rank
 
 PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
 # torch.optim.AdamW keeps exp_avg and exp_avg_sq shaped like the parameter, plus a float32 scalar step.
@@ -131,7 +132,7 @@ def account_memory(
                 projected_state += total - own
                 projector += own
                 group = projected_params[p]
-                rank = state["exp_avg"].shape[0 if p.shape[0] <= p.shape[1] else 1]
+                rank = effective_rank(p.shape, group["rank"])
                 name = names.get(p, "?")
                 bits = group.get("projector_bits")
                 if "proj_codes" in state:
