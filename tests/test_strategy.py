@@ -182,10 +182,8 @@ def test_memory_report_equals_tensor_bytes_and_is_logged():
     assert report.projected_state_bytes == projected_moments + projected_steps
     assert report.projector_bytes == indices + shared_basis
     assert report.dense_state_bytes == dense
-    assert report.dense_adamw_state_bytes == 2 * n_params * 4 + 4 * 9
-    assert report.saving_bytes == report.dense_adamw_state_bytes - (
-        dense + projected_moments + 8 + indices + shared_basis
-    )
+    assert report.baseline_state_bytes == 2 * n_params * 4 + 4 * 9
+    assert report.saving_bytes == report.baseline_state_bytes - (dense + projected_moments + 8 + indices + shared_basis)
     assert [layer.name for layer in report.layers] == ["attn", "mlp"]
     assert report.layers[0].state_bytes == 2 * 40 * 4 * 4 + 4 + 4 * 8
     assert report.peak_allocated_bytes is None  # CPU: no allocator peak

@@ -55,6 +55,20 @@ def test_residuals_inner_and_8bit_from_the_trainer(options):
     assert group["projected_rule"] == options.get("inner")
 
 
+@pytest.mark.parametrize("net,baseline", [(SGDNet, "SGD"), (AdafactorNet, "Adafactor")])
+def test_report_compares_with_the_modules_own_optimizer(net, baseline):
+    torch.manual_seed(0)
+    trainer, _ = _fit(LowRankStrategy(rank=4, memory_report=False), net(), max_steps=2)
+    report = trainer.strategy.memory_report()
+    assert report.baseline == baseline
+    sizes = [p.shape for p in trainer.lightning_module.parameters()]
+    if baseline == "SGD":  # torch.optim.SGD with momentum: one buffer per parameter
+        expected = sum(s.numel() * 4 for s in sizes)
+    else:  # torch.optim.Adafactor: row + column statistics for matrices, a variance for vectors, a step each
+        expected = sum(((s[0] + s[1]) if len(s) == 2 else s.numel()) * 4 + 4 for s in sizes)
+    assert report.baseline_state_bytes == expected
+
+
 def test_8bit_moments_show_in_the_report():
     reports = {}
     for bits in (None, 8):

@@ -17,17 +17,27 @@ from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.projection import effective_rank
 
 PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
-# torch.optim.AdamW keeps exp_avg and exp_avg_sq shaped like the parameter, plus a float32 scalar step.
-_ADAMW_STEP_BYTES = torch.tensor(0.0).element_size()
+_STEP_BYTES = torch.tensor(0.0).element_size()  # torch's optimizers keep ``step`` as a float32 scalar tensor
+RULE_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adafactor": "Adafactor"}
 
 
 def tensor_bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def dense_adamw_state_bytes(param: Tensor) -> int:
-    """Bytes ``torch.optim.AdamW`` (amsgrad off) holds for ``param`` once it has stepped."""
-    return 2 * tensor_bytes(param) + _ADAMW_STEP_BYTES
+def baseline_state_bytes(param: Tensor, group: dict) -> int:
+    """Bytes the module's own torch optimizer (the group's rule, dense) holds for ``param`` once it has stepped:
+    AdamW/Adam two moments and a step; SGD a momentum buffer (none without momentum); Adafactor a step and
+    row/column statistics (a full variance for vectors)."""
+    rule, es = group.get("rule", "adamw"), param.element_size()
+    if rule == "sgd":
+        return tensor_bytes(param) if group.get("momentum", 0) else 0
+    if rule == "adafactor":
+        if param.dim() < 2:
+            return tensor_bytes(param) + _STEP_BYTES
+        rows, cols = param.numel() // param.shape[-1], param.numel() // param.shape[-2]
+        return (rows + cols) * es + _STEP_BYTES
+    return 2 * tensor_bytes(param) + _STEP_BYTES
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class LayerMemory:
     projector: str
     state_bytes: int
     projector_bytes: int
-    dense_adamw_bytes: int
+    baseline_bytes: int
     refreshes: int | None = None  # with a SubspaceRefresh callback: refreshes done
     skipped: int | None = None  # refreshes the adaptive rule skipped against a fixed gap
     refresh_seconds: float | None = None
@@ -48,7 +58,7 @@ class LayerMemory:
 
     @property
     def saving_bytes(self) -> int:
-        return self.dense_adamw_bytes - self.state_bytes
+        return self.baseline_bytes - self.state_bytes
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,8 @@ class MemoryReport:
     ``grad_bytes`` is what the trainable parameters' ``.grad`` buffers take during a step (Lightning may
     already have freed them when the report is made at the end of training).
 
-    ``dense_adamw_state_bytes`` is what torch.optim.AdamW would hold for the same stepped parameters.
+    ``baseline_state_bytes`` is what the module's own optimizer (dense AdamW, SGD or Adafactor) would hold for the
+    same stepped parameters; ``baseline`` names it.
     """
 
     layers: tuple[LayerMemory, ...]
@@ -68,9 +79,10 @@ class MemoryReport:
     projected_state_bytes: int
     projector_bytes: int
     shared_basis_bytes: int
-    dense_adamw_state_bytes: int
+    baseline_state_bytes: int
     peak_allocated_bytes: int | None = None
-    quantization_saving_bytes: int = 0  # what quantized projection matrices would take more in the weight dtype
+    quantization_saving_bytes: int = 0
+    baseline: str = "AdamW"  # what quantized projection matrices would take more in the weight dtype
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -78,11 +90,11 @@ class MemoryReport:
 
     @property
     def saving_bytes(self) -> int:
-        return self.dense_adamw_state_bytes - self.optimizer_state_bytes
+        return self.baseline_state_bytes - self.optimizer_state_bytes
 
     @property
     def saving_percent(self) -> float:
-        return 100.0 * self.saving_bytes / self.dense_adamw_state_bytes if self.dense_adamw_state_bytes else 0.0
+        return 100.0 * self.saving_bytes / self.baseline_state_bytes if self.baseline_state_bytes else 0.0
 
     def as_metrics(self, prefix: str = "lowrank/") -> dict[str, float]:
         """Flat scalar figures for a Lightning logger."""
@@ -93,7 +105,7 @@ class MemoryReport:
             "dense_state_bytes": self.dense_state_bytes,
             "projected_state_bytes": self.projected_state_bytes,
             "projector_bytes": self.projector_bytes,
-            "dense_adamw_state_bytes": self.dense_adamw_state_bytes,
+            "baseline_state_bytes": self.baseline_state_bytes,
             "saving_bytes": self.saving_bytes,
             "saving_percent": self.saving_percent,
             "quantization_saving_bytes": self.quantization_saving_bytes,
@@ -120,12 +132,15 @@ def account_memory(
     params = list({id(p): p for p in params}.values())
     layers: list[LayerMemory] = []
     dense_state = projected_state = projector = shared = adamw = quant_saving = 0
+    baseline = "AdamW"
     for opt in optimizers:
         projected_params = _projected(opt)
+        group_of = {p: g for g in opt.param_groups for p in g["params"]}
+        baseline = RULE_NAMES.get(opt.param_groups[0].get("rule", "adamw"), type(opt).__name__)
         for p, state in opt.state.items():
             if not state:
                 continue
-            adamw += dense_adamw_state_bytes(p)
+            adamw += baseline_state_bytes(p, group_of[p])
             total = sum(tensor_bytes(v) for v in state.values() if isinstance(v, Tensor))
             if p in projected_params:
                 own = sum(tensor_bytes(v) for k, v in state.items() if k.startswith(PROJECTOR_PREFIX))
@@ -146,7 +161,7 @@ def account_memory(
                         group["projector"] + (f"/int{bits}" if bits else ""),
                         total,
                         own,
-                        dense_adamw_state_bytes(p),
+                        baseline_state_bytes(p, group_of[p]),
                         _opt_int(stats.get("refreshes")),
                         _opt_int(stats.get("skipped")),
                         stats.get("seconds"),
@@ -170,9 +185,10 @@ def account_memory(
         projected_state_bytes=projected_state,
         projector_bytes=projector,
         shared_basis_bytes=shared,
-        dense_adamw_state_bytes=adamw,
+        baseline_state_bytes=adamw,
         peak_allocated_bytes=peak,
         quantization_saving_bytes=quant_saving,
+        baseline=baseline,
     )
 
 

@@ -43,7 +43,7 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
     table.add_column("Rank", justify="right")
     table.add_column("Projector")
     table.add_column("State", justify="right")
-    table.add_column("AdamW state", justify="right")
+    table.add_column(f"{report.baseline} state", justify="right")
     table.add_column("Saving", justify="right")
     with_refresh = any(layer.refreshes is not None for layer in report.layers)
     if with_refresh:
@@ -65,7 +65,7 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
             str(layer.rank),
             layer.projector,
             format_bytes(layer.state_bytes),
-            format_bytes(layer.dense_adamw_bytes),
+            format_bytes(layer.baseline_bytes),
             format_bytes(layer.saving_bytes),
             *refresh_cells,
         )
@@ -80,8 +80,8 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
         ("  dense part", format_bytes(report.dense_state_bytes)),
         ("  projected part", format_bytes(report.projected_state_bytes)),
         ("  projectors", format_bytes(report.projector_bytes)),
-        ("Dense AdamW state", format_bytes(report.dense_adamw_state_bytes)),
-        ("Saving vs AdamW", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
+        (f"Dense {report.baseline} state", format_bytes(report.baseline_state_bytes)),
+        (f"Saving vs {report.baseline}", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
     ]
     if report.quantization_saving_bytes:
         rows.append(("  of which P quantization", format_bytes(report.quantization_saving_bytes)))
