@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from lightning_lowrank.optim.projected import validate_options
 
@@ -27,7 +27,7 @@ class LowRankConfig:
     rsvd_niter: int = 2
     dct_scorer: str = "matmul"
     pca_lr: float = 0.1
-    projected_rule: str | None = None
+    inner: str | None = None  # ProjectedOptimizer's projected_rule
     residual: str = "none"
     frugal_rule: str = "signsgd"
     residual_lr_scale: float = 1.0
@@ -47,10 +47,15 @@ class LowRankConfig:
         object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude) or ())
 
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
     def optimizer_options(self) -> dict:
         """The keyword arguments for ``ProjectedOptimizer``."""
         options = asdict(self)
         del options["target_modules"], options["exclude"]
+        options["projected_rule"] = options.pop("inner")
         return options
 
 

@@ -253,6 +253,14 @@ def test_bad_options_raise_at_construction(kwargs, match):
         LowRankStrategy(**kwargs)
 
 
+def test_misspelt_options_fail_at_construction():
+    with pytest.raises(TypeError, match="rnak"):
+        LowRankStrategy(rnak=4)
+    with pytest.raises(ValueError, match="Unknown option.*rnak.*Low-rank options: .*rank"):
+        LowRankDDPStrategy(rnak=4)
+    LowRankDDPStrategy(rank=4, find_unused_parameters=True)  # a real DDP keyword still passes through
+
+
 def test_unknown_pattern_raises_at_setup_naming_candidates():
     trainer = _trainer(LowRankStrategy(rank=4, target_modules=["attention"]), max_steps=1)
     with pytest.raises(ValueError, match="'attention' matches no module.*attn"):

@@ -7,11 +7,16 @@ bit for bit even where a decomposition is not bitwise reproducible, and the refr
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
+from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.strategies.mixin import LowRankMixin
 
@@ -20,6 +25,17 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
     """``DDPStrategy`` with projected optimizer state: ``Trainer(strategy="lowrank_ddp", devices=N)``."""
 
     strategy_name = "lowrank_ddp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # DDPStrategy hands unknown keywords to torch's DDP at setup; catch a misspelt option now instead.
+        allowed = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+        unknown = sorted(set(self._ddp_kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for LowRankDDPStrategy. Low-rank options: "
+                f"{', '.join(sorted(LowRankConfig.field_names()))}; other keywords go to DistributedDataParallel."
+            )
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)

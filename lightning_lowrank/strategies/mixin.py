@@ -25,6 +25,8 @@ from lightning_lowrank.selection import select_lowrank_params
 class LowRankMixin:
     """Adds low-rank optimizer state and a memory report to a Lightning strategy.
 
+    Keyword arguments (see ``LowRankConfig`` for their defaults; any other keyword goes to the Lightning base):
+
     Args:
         rank: subspace rank per projected weight; weights whose smaller side is <= rank stay dense.
         projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca``.
@@ -45,59 +47,16 @@ class LowRankMixin:
     def __init__(
         self,
         *args: Any,
-        rank: int = 128,
-        projector: str = "svd",
-        update_gap: int = 200,
-        scale: float = 1.0,
-        moments: str = "keep",
-        projector_bits: int | None = None,
-        proj_group_size: int = 256,
-        seed: int = 0,
-        rsvd_oversample: int = 8,
-        rsvd_niter: int = 2,
-        dct_scorer: str = "matmul",
-        pca_lr: float = 0.1,
-        inner: str | None = None,
-        residual: str = "none",
-        frugal_rule: str = "signsgd",
-        residual_lr_scale: float = 1.0,
-        limiter_gamma: float = 1.01,
-        apollo_scale_type: str = "channel",
-        state_bits: int | None = None,
-        state_block_size: int = 256,
         fallback: str = "error",
-        target_modules: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
         memory_report: bool = True,
         **kwargs: Any,
     ) -> None:
+        # Low-rank options are LowRankConfig's fields; everything else belongs to the Lightning base strategy.
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in LowRankConfig.field_names()}
+        self.lowrank_config = LowRankConfig(**options)
         if fallback not in ("error", "dense"):
             raise ValueError(f"fallback must be 'error' or 'dense', got {fallback!r}")
         self.fallback = fallback
-        self.lowrank_config = LowRankConfig(
-            rank=rank,
-            projector=projector,
-            update_gap=update_gap,
-            scale=scale,
-            moments=moments,
-            projector_bits=projector_bits,
-            proj_group_size=proj_group_size,
-            seed=seed,
-            rsvd_oversample=rsvd_oversample,
-            rsvd_niter=rsvd_niter,
-            dct_scorer=dct_scorer,
-            pca_lr=pca_lr,
-            projected_rule=inner,
-            residual=residual,
-            frugal_rule=frugal_rule,
-            residual_lr_scale=residual_lr_scale,
-            limiter_gamma=limiter_gamma,
-            apollo_scale_type=apollo_scale_type,
-            state_bits=state_bits,
-            state_block_size=state_block_size,
-            target_modules=target_modules,
-            exclude=exclude,
-        )
         self.print_memory_report = memory_report
         self._lowrank_names: dict[Tensor, str] = {}
         super().__init__(*args, **kwargs)
