@@ -1,12 +1,11 @@
 """ProjectedAdamW against torch.optim.AdamW and hand-worked updates."""
 
-import io
-
 import pytest
 import torch
 
 from lightning_lowrank.optim import ProjectedAdamW, rules
 from lightning_lowrank.optim.projection import project, project_back
+from tests.roundtrip import assert_resumes_bit_for_bit
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
@@ -171,32 +170,7 @@ def test_state_dict_round_trip_with_weights_only_resumes_bit_for_bit(projector):
         return ws, ProjectedAdamW(ws, rank=3, projector=projector, update_gap=2)
 
     grads = [[torch.randn(6, 9), torch.randn(9)] for _ in range(6)]
-    ws_a, opt_a = make()
-    for gs in grads:
-        for w, g in zip(ws_a, gs):
-            w.grad = g.clone()
-        opt_a.step()
-
-    ws_b, opt_b = make()
-    for gs in grads[:3]:
-        for w, g in zip(ws_b, gs):
-            w.grad = g.clone()
-        opt_b.step()
-    buf = io.BytesIO()
-    torch.save({"opt": opt_b.state_dict(), "w": [w.detach() for w in ws_b]}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    ws_c, opt_c = make()
-    with torch.no_grad():
-        for w, s in zip(ws_c, saved["w"]):
-            w.copy_(s)
-    opt_c.load_state_dict(saved["opt"])
-    for gs in grads[3:]:
-        for w, g in zip(ws_c, gs):
-            w.grad = g.clone()
-        opt_c.step()
-    for a, c in zip(ws_a, ws_c):
-        assert torch.equal(a.detach(), c.detach())
+    assert_resumes_bit_for_bit(make, grads)
 
 
 @pytest.mark.parametrize(
