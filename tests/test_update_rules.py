@@ -97,7 +97,7 @@ def test_residual_none_frugal_fira_apollo_first_steps_by_hand(shape):
     expected = W0 - lr * scale * ref["inside"] - 0.5 * lr * (G - ref["back"])
     torch.testing.assert_close(W1, expected, atol=1e-9, rtol=0)
     W0, G, W1, ref, _, _ = _first_step("fira", shape)
-    expected = W0 - lr * scale * (ref["inside"] + (G - ref["back"]) * ref["phi"])
+    expected = W0 - lr * scale * ref["inside"] - lr * (G - ref["back"]) * ref["phi"]  # scale: projected part only
     torch.testing.assert_close(W1, expected, atol=1e-9, rtol=0)
     W0, G, W1, ref, _, _ = _first_step("apollo", shape, scale=4.0)
     torch.testing.assert_close(W1, W0 - lr * math.sqrt(4.0) * G * ref["phi"], atol=1e-9, rtol=0)

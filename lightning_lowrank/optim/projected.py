@@ -395,8 +395,8 @@ class ProjectedOptimizer(Optimizer):
         p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
         if kind == "frugal":  # state-free: plain lr, no bias correction
             p.add_(extra, alpha=-lr * factor)
-        elif kind == "fira":
-            p.add_(extra, alpha=-step_size * scale)
+        elif kind == "fira":  # as in Fira's code, scale multiplies only the projected part
+            p.add_(extra, alpha=-step_size)
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any]) -> None:
         rank = effective_rank(param.shape, group["rank"])

@@ -9,7 +9,8 @@ projection keeps; norms over the rank axis give one factor per channel.
   at ``lr * residual_lr_scale``.
 * ``fira`` (Fira, Chen et al.): the residual times phi = ||D||_channel / ||R||_channel (how much the inner rule
   rescaled that channel), with the norm-growth limiter: if ||S_t|| > gamma ||S_{t-1}||, S_t is scaled down to
-  gamma ||S_{t-1}|| (gamma = ``limiter_gamma``, 1.01).
+  gamma ||S_{t-1}|| (gamma = ``limiter_gamma``, 1.01). As in Fira's code, ``scale`` multiplies only the projected
+  part; the residual here is the true complement G - P P^T G (Fira's code subtracts alpha P P^T G).
 * ``apollo`` (APOLLO, Zhu et al. 2025): the subspace only estimates scales; the update is the raw full gradient
   times phi per channel (``apollo_scale_type="channel"``) or one factor ||D||_F / ||R||_F (``"tensor"``,
   APOLLO-Mini, meant for rank 1), with the same limiter, and multiplied by sqrt(scale) (APOLLO's convention;
