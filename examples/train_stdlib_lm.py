@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     val_loss = trainer.callback_metrics["val_loss"].item()
 
     print(f"\n{name}: {trainer.global_step} steps in {elapsed:.0f}s, lr={lr:g}")
-    print(f"initial loss (uniform over 256 bytes) = {math.log(256):.3f}")
+    print(f"a uniform guess over 256 bytes scores ln 256 = {math.log(256):.3f}")
     print(f"final train_loss = {train_loss:.3f}")
     print(f"final val_loss   = {val_loss:.3f}")
     print(f"logs: {trainer.logger.log_dir}")
