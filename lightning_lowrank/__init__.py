@@ -3,7 +3,7 @@
 ``import lightning_lowrank`` registers the strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...).
 """
 
-from lightning_lowrank.callbacks import SubspaceRefresh
+from lightning_lowrank.callbacks import CurvatureProbe, SubspaceRefresh
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
 from lightning_lowrank.optim import ProjectedAdamW, ProjectedOptimizer
@@ -12,6 +12,7 @@ from lightning_lowrank.strategies import LowRankDDPStrategy, LowRankStrategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurvatureProbe",
     "LowRankConfig",
     "LowRankDDPStrategy",
     "LowRankStrategy",

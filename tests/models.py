@@ -93,3 +93,39 @@ class SGDNet(TinyNet):
 class AdafactorNet(TinyNet):
     def configure_optimizers(self):
         return torch.optim.Adafactor(self.parameters(), lr=0.05)
+
+
+class NoisyNet(TinyNet):
+    """Dropout (uses the global RNG) and BatchNorm (updates buffers in train mode): what a probe must not disturb."""
+
+    def __init__(self):
+        super().__init__(scheduler=None)
+        self.drop = nn.Dropout(0.2)
+        self.bn = nn.BatchNorm1d(40)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.mlp(self.drop(torch.relu(self.bn(self.attn(h)))))
+        return self.lm_head(self.norm(h))
+
+
+class SmallMLP(L.LightningModule):
+    """Few enough parameters (51) for the test to form the exact Hessian."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)

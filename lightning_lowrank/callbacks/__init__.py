@@ -1,5 +1,6 @@
 """Lightning callbacks: they decide *when*; the strategy and optimizer decide *how*."""
 
+from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
 from lightning_lowrank.callbacks.subspace_refresh import SubspaceRefresh
 
-__all__ = ["SubspaceRefresh"]
+__all__ = ["CurvatureProbe", "SubspaceRefresh"]
