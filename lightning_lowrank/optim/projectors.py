@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_lowrank.optim.dct_fft import dct_scores_fft
 from lightning_lowrank.optim.projection import (
     dct_columns,
-    dct_scores,
+    dct_select,
     derive_seed,
     is_left,
     online_pca_gradient,
@@ -122,10 +122,9 @@ class DCTProjector(Projector):
     def refresh(self, param, grad, state, ctx):
         d = min(param.shape)
         if ctx.group["dct_scorer"] == "fft":
-            scores = dct_scores_fft(grad, is_left(param.shape))
+            state["proj_idx"] = top_indices(dct_scores_fft(grad, is_left(param.shape)), ctx.rank)
         else:
-            scores = dct_scores(grad.to(param.dtype), ctx.basis(d, param.dtype, param.device))
-        state["proj_idx"] = top_indices(scores, ctx.rank)
+            state["proj_idx"] = dct_select(grad, ctx.rank, ctx.basis(d, param.dtype, param.device))
 
     def matrix(self, param, state, ctx):
         d, idx = min(param.shape), state["proj_idx"]
