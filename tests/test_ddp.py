@@ -14,6 +14,12 @@ from tests.models import TinyNet
 HANG = timedelta(seconds=120)  # a collective that one rank never joins fails the test instead of hanging CI
 
 
+def _two_processes(strategy, **kwargs) -> L.Trainer:
+    """A quiet 2-process CPU Trainer."""
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    return L.Trainer(strategy=strategy, accelerator="cpu", devices=2, **quiet, **kwargs)
+
+
 class SaveRankState(Callback):
     """Each worker writes its parameters and projection state; the test compares them in the main process."""
 
@@ -40,17 +46,8 @@ def test_two_process_ddp_ends_with_identical_parameters(tmp_path, how):
     else:  # the registered name with its defaults (rank 128, so wider layers)
         model = TinyNet(scheduler="step", n=128, width=160, hidden=192)
         strategy = "lowrank_ddp_spawn"
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=2,
-        max_epochs=2,
-        accumulate_grad_batches=2,
-        callbacks=[SaveRankState(str(tmp_path))],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = _two_processes(
+        strategy, max_epochs=2, accumulate_grad_batches=2, callbacks=[SaveRankState(str(tmp_path))]
     )
     trainer.fit(model)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -91,16 +88,10 @@ class CountRefreshes(Callback):
 @pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
 def test_refreshes_are_sharded_across_ranks_and_broadcast(tmp_path):
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        strategy=LowRankDDPStrategy(rank=4, projector="rsvd", start_method="fork", timeout=HANG),
-        accelerator="cpu",
-        devices=2,
+    trainer = _two_processes(
+        LowRankDDPStrategy(rank=4, projector="rsvd", start_method="fork", timeout=HANG),
         max_steps=6,
         callbacks=[SubspaceRefresh(every=2, adaptive=True, queue_size=1), CountRefreshes(str(tmp_path))],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     trainer.fit(TinyNet(scheduler=None, n=128))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -123,16 +114,10 @@ class SaveProbeHistory(Callback):
 def test_curvature_probe_figures_agree_across_ranks(tmp_path):
     torch.manual_seed(0)
     probe = CurvatureProbe(every=2, samples=2, top_k=1, max_iter=5)
-    trainer = L.Trainer(
-        strategy=LowRankDDPStrategy(rank=4, start_method="fork", timeout=HANG, memory_report=False),
-        accelerator="cpu",
-        devices=2,
+    trainer = _two_processes(
+        LowRankDDPStrategy(rank=4, start_method="fork", timeout=HANG, memory_report=False),
         max_steps=4,
         callbacks=[probe, SaveProbeHistory(str(tmp_path), probe)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     trainer.fit(TinyNet(scheduler=None, n=128))
     h0, h1 = (torch.load(tmp_path / f"probe{r}.pt", weights_only=True) for r in (0, 1))
