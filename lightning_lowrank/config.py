@@ -35,6 +35,9 @@ class LowRankConfig:
     apollo_scale_type: str = "channel"
     state_bits: int | None = None
     state_block_size: int = 256
+    preconditioner: str | None = None
+    rho: float = 0.04
+    hessian_beta: float = 0.99
     target_modules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 

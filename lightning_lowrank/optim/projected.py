@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -81,6 +81,10 @@ class ProjectedOptimizer(Optimizer):
             channel). None: ``rule``.
         residual: ``none``, ``frugal``, ``fira`` or ``apollo`` (see ``residuals.py``), with ``frugal_rule``,
             ``residual_lr_scale``, ``limiter_gamma``, ``apollo_scale_type``.
+        preconditioner: ``"lazy_hessian"`` replaces the projected rule by Sophia's clipped Newton step in the subspace,
+            clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe folds in
+            through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected) and that
+            is reused between probes; ``betas[0]`` is m's factor. Dense parameters keep ``rule``.
         state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block).
         rank: subspace rank r; ``None`` makes a group dense. Clamped per layer to min(m, n).
         projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca`` (see ``projectors.py``).
@@ -131,10 +135,16 @@ class ProjectedOptimizer(Optimizer):
         apollo_scale_type: str = "channel",
         state_bits: int | None = None,
         state_block_size: int = 256,
+        preconditioner: str | None = None,
+        rho: float = 0.04,
+        hessian_beta: float = 0.99,
     ) -> None:
         defaults = dict(
             rule=rule,
             projected_rule=projected_rule,
+            preconditioner=preconditioner,
+            rho=rho,
+            hessian_beta=hessian_beta,
             momentum=momentum,
             dampening=dampening,
             nesterov=nesterov,
@@ -243,6 +253,47 @@ class ProjectedOptimizer(Optimizer):
         """Under torch.distributed: compute each due refresh on one rank (layer i on rank i % world), broadcast it."""
         self._shard = (dist.get_rank(group), dist.get_world_size(group), group)
 
+    def wants_curvature(self) -> bool:
+        """Whether some group uses ``preconditioner="lazy_hessian"`` and so waits for ``update_curvature``."""
+        return any(g["preconditioner"] == "lazy_hessian" and any(self._mask(g)) for g in self.param_groups)
+
+    def curvature_params(self) -> list[Tensor]:
+        """The projected weights whose lazy Hessian ``update_curvature`` refreshes (those that have stepped)."""
+        return [
+            p
+            for g in self.param_groups
+            if g["preconditioner"] == "lazy_hessian"
+            for p, on in zip(g["params"], self._mask(g))
+            if on and "hessian_updates" in self.state[p]
+        ]
+
+    @torch.no_grad()
+    def update_curvature(self, diagonals: Mapping[Tensor, Tensor]) -> None:
+        """Fold fresh curvature diagonals into the lazy Hessians, reused until the next call.
+
+        Each diagonal is in the layer's current subspace coordinates, shaped like its projected gradient: what
+        ``lightning_lowrank.curvature.subspace_diagonal`` returns for ``projection_matrix(param)``.
+        """
+        for p, estimate in diagonals.items():
+            index, group = self._locate(p)
+            state = self.state[p]
+            if "hessian_updates" not in state:
+                raise ValueError(
+                    "update_curvature got a parameter without a lazy Hessian: it must be projected, in a group "
+                    "with preconditioner='lazy_hessian', and have taken a step (see curvature_params())"
+                )
+            expected = self._projected_shape(p, group)
+            if tuple(estimate.shape) != expected:
+                raise ValueError(
+                    f"curvature diagonal for {tuple(p.shape)} must have shape {expected} (P's coordinates), "
+                    f"got {tuple(estimate.shape)}"
+                )
+            state["hessian_updates"] += 1
+            with self._moments(p, "sophia", group) as moments:
+                rules.fold_curvature_(
+                    moments["hessian"], estimate, int(state["hessian_updates"]), group["hessian_beta"]
+                )
+
     def projected_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p, on in zip(g["params"], self._mask(g)) if on]
 
@@ -322,9 +373,11 @@ class ProjectedOptimizer(Optimizer):
             similarity = leading = None
             if p in old:
                 similarity, leading = subspace_similarity(old[p], P_new)
-                rule = group["projected_rule"] or group["rule"]
+                rule = _projected_rule(group)
                 with self._moments(p, rule, group) as moments:
                     _move_moments(moments, rules.MOMENT_KEYS[rule], old[p], P_new, group["moments"], is_left(p.shape))
+                if group["moments"] == "reset" and "hessian_updates" in state:
+                    state["hessian_updates"].zero_()  # the next probe's diagonal is taken whole
             self.last_refreshes[p] = RefreshInfo(ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds)
             if self._refresh_requests is not None:
                 self._refresh_requests.discard(p)
@@ -370,7 +423,7 @@ class ProjectedOptimizer(Optimizer):
 
     def _projected_step(self, p: Tensor, group: dict[str, Any], ctx: LayerContext) -> None:
         state = self.state[p]
-        rule = group["projected_rule"] or group["rule"]
+        rule = _projected_rule(group)
         lr, scale = float(group["lr"]), group["scale"]
         param_rms = _rms(p) if rule == "adafactor" else 0.0
         grad = rules.weight_decay_(p, p.grad, lr, group["weight_decay"], group["decoupled_weight_decay"])
@@ -399,14 +452,19 @@ class ProjectedOptimizer(Optimizer):
             p.add_(extra, alpha=-step_size)
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any]) -> None:
+        self._init_rule_state(param, _projected_rule(group), self._projected_shape(param, group), group)
+
+    def _projected_shape(self, param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
+        """Shape of the projected gradient: (r, n) when P acts on the left, (m, r) on the right."""
         rank = effective_rank(param.shape, group["rank"])
         m, n = param.shape
-        shape = (rank, n) if is_left(param.shape) else (m, rank)
-        self._init_rule_state(param, group["projected_rule"] or group["rule"], shape, group)
+        return (rank, n) if is_left(param.shape) else (m, rank)
 
     def _init_rule_state(self, param: Tensor, rule: str, shape: tuple[int, ...], group: dict[str, Any]) -> None:
         state = self.state[param]
         state["step"] = torch.tensor(0.0)
+        if rule == "sophia":
+            state["hessian_updates"] = torch.tensor(0.0)  # probes folded into the curvature diagonal so far
         buffers = rules.init_state(rule, shape, param.dtype, param.device)
         if group["state_bits"] is None:
             state.update(buffers)
@@ -472,21 +530,21 @@ class ProjectedOptimizer(Optimizer):
 
 
 def _move_moments(
-    moments: dict[str, Tensor], signed: dict[str, bool], P_old: Tensor, P_new: Tensor, policy: str, left: bool
+    moments: dict[str, Tensor], keys: Iterable[str], P_old: Tensor, P_new: Tensor, policy: str, left: bool
 ) -> None:
     """Carry the inner rule's buffers across a change of basis.
 
     ``rotate`` maps first moments exactly into the new coordinates with R = P_old^T P_new (r x r). Second moments
-    are per-coordinate variances, which no linear map carries exactly; they are mapped with R's elementwise square
-    (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps them non-negative and is exact for (signed) permutations.
+    (and curvature diagonals) are per-coordinate, which no linear map carries exactly; they are mapped with R's
+    elementwise square (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps variances non-negative and is exact for
+    (signed) permutations.
     Buffers with no extent along the rank axis (per-channel accumulators) are unaffected.
     """
     if policy == "keep":
         return
     R = None
-    for key, buffer in moments.items():
-        if key not in signed:
-            continue
+    for key in (k for k in keys if k in moments):
+        buffer = moments[key]
         if policy == "reset":
             buffer.zero_()
             continue
@@ -495,8 +553,15 @@ def _move_moments(
             continue
         if R is None:
             R = P_old.T.float() @ P_new.float()
-        M = (R if signed[key] else R.pow(2)).to(buffer.dtype)
+        M = (R if key in rules.FIRST_MOMENTS else R.pow(2)).to(buffer.dtype)
         buffer.copy_(M.T @ buffer if left else buffer @ M)
+
+
+def _projected_rule(group: dict[str, Any]) -> str:
+    """The inner rule of a group's projected weights."""
+    if group["preconditioner"] == "lazy_hessian":
+        return "sophia"
+    return group["projected_rule"] or group["rule"]
 
 
 def validate_options(**options: Any) -> None:
@@ -540,7 +605,17 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check_choice("dct_scorer", group["dct_scorer"], DCT_SCORERS)
     _check_choice("projector_bits", group["projector_bits"], (None, 4, 8))
     _check_choice("rule", group["rule"], rules.RULES[:3])
-    _check_choice("projected_rule", group["projected_rule"], (None, *rules.RULES))
+    _check_choice("projected_rule", group["projected_rule"], (None, "subset_norm"))
+    _check_choice("preconditioner", group["preconditioner"], (None, "lazy_hessian"))
+    if group["preconditioner"] and group["projected_rule"]:
+        raise ValueError(
+            f"preconditioner={group['preconditioner']!r} is itself the projected rule; drop "
+            f"projected_rule={group['projected_rule']!r} (the strategy's `inner`) or the preconditioner"
+        )
+    if not group["rho"] > 0:
+        raise ValueError(f"Invalid rho: {group['rho']!r} (must be > 0)")
+    if not 0.0 <= group["hessian_beta"] < 1.0:
+        raise ValueError(f"Invalid hessian_beta: {group['hessian_beta']!r} (must be in [0, 1))")
     _check_choice("residual", group["residual"], RESIDUALS)
     _check_choice("frugal_rule", group["frugal_rule"], FRUGAL_RULES)
     _check_choice("apollo_scale_type", group["apollo_scale_type"], APOLLO_SCALE_TYPES)

@@ -4,7 +4,9 @@ Each rule is two plain functions over tensors: ``init_state`` makes its buffers 
 ``direction`` updates them in place and returns ``(direction, step_size)``; the caller applies
 ``param -= step_size * direction`` (after mapping the direction back to the full shape when projected).
 With a full identity basis each rule reproduces its torch optimizer: ``adamw`` = torch.optim.AdamW/Adam,
-``sgd`` = torch.optim.SGD with momentum, ``adafactor`` = torch.optim.Adafactor (tested).
+``sgd`` = torch.optim.SGD with momentum, ``adafactor`` = torch.optim.Adafactor (tested). ``sophia`` is the
+lazy-Hessian rule: its curvature diagonal is not built from gradients here but folded in by ``fold_curvature_``
+whenever a probe measures it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-RULES = ("adamw", "sgd", "adafactor", "subset_norm")
+RULES = ("adamw", "sgd", "adafactor", "subset_norm", "sophia")
 # Buffers that may be stored in 8 bits, with whether they are signed (first moments) or non-negative (variances).
 MOMENT_KEYS: dict[str, dict[str, bool]] = {
     "adamw": {"exp_avg": True, "exp_avg_sq": False},
     "sgd": {"momentum_buffer": True},
     "adafactor": {"row_var": False, "col_var": False, "variance": False},
     "subset_norm": {"exp_avg": True, "sum_sq": False},
+    "sophia": {"exp_avg": True, "hessian": True},  # a Hutchinson diagonal can be negative
 }
+# Buffers that are linear in the gradient: a change of basis maps them with R, the others (variances, curvature
+# diagonals) with R's elementwise square.
+FIRST_MOMENTS = frozenset({"exp_avg", "momentum_buffer"})
 
 
 def weight_decay_(param: Tensor, grad: Tensor, lr: float, weight_decay: float, decoupled: bool) -> Tensor:
@@ -59,6 +65,8 @@ def init_state(rule: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtyp
         axis = subset_axis(shape)
         acc_shape = (1,) if axis is None else tuple(1 if i == axis else s for i, s in enumerate(shape))
         return {"exp_avg": zeros(*shape), "sum_sq": zeros(*acc_shape)}
+    if rule == "sophia":
+        return {"exp_avg": zeros(*shape), "hessian": zeros(*shape)}
     raise ValueError(f"Unknown rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
@@ -108,7 +116,23 @@ def direction(
         axis = subset_axis(full.shape)
         acc.add_(full.pow(2).sum() if axis is None else full.pow(2).sum(dim=axis, keepdim=True))
         return m * subset_norm_scale(state, group["eps"]), lr
+    if rule == "sophia":
+        # Sophia: clip(m / max(rho * h, eps), 1) elementwise, h the lazily refreshed curvature diagonal. Where h is
+        # zero (no probe yet) or negative (non-convex direction) the step is a clipped sign step of size lr.
+        m = state["exp_avg"]
+        m.mul_(group["betas"][0]).add_(grad, alpha=1 - group["betas"][0])
+        denom = (state["hessian"] * group["rho"]).clamp_(min=group["eps"])
+        return (m / denom).clamp_(-1.0, 1.0), lr
     raise ValueError(f"Unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+def fold_curvature_(hessian: Tensor, estimate: Tensor, updates: int, beta: float) -> None:
+    """Fold the ``updates``-th curvature estimate into ``hessian``: an EMA with Adam's bias correction built in.
+
+    The stored value is the bias-corrected average itself (the first estimate is taken whole), so it can be used
+    as it is between probes and rotated like any other diagonal at a refresh.
+    """
+    hessian.lerp_(estimate.to(hessian.dtype), (1 - beta) / (1 - beta**updates))
 
 
 def subset_norm_scale(state: dict[str, Tensor], eps: float) -> Tensor:
