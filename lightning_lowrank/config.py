@@ -38,6 +38,8 @@ class LowRankConfig:
     preconditioner: str | None = None
     rho: float = 0.04
     hessian_beta: float = 0.99
+    memory_budget: int | None = None
+    rank_by: str = "curvature"
     target_modules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 

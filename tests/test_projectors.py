@@ -194,7 +194,7 @@ def test_moment_policies_at_a_refresh(left):
         state["exp_avg"].copy_(torch.arange(1.0, 31.0).reshape(state["exp_avg"].shape))
         state["exp_avg_sq"].copy_(state["exp_avg"] ** 2)
         m, v = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
-        _move_moments(state, rules.MOMENT_KEYS["adamw"], P_old, P_new, policy, left)
+        _move_moments(state, rules.MOMENT_KEYS["adamw"], {"exp_avg", "exp_avg_sq"}, P_old, P_new, policy, left)
         results[policy] = (m, v, state["exp_avg"], state["exp_avg_sq"])
     m, v, m_keep, v_keep = results["keep"]
     assert torch.equal(m_keep, m) and torch.equal(v_keep, v)

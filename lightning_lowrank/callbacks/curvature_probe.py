@@ -5,23 +5,36 @@ differentiates that loss twice (``torch.autograd.grad`` with ``create_graph=True
 over asking the strategy for a ``create_graph`` backward on probe steps because it leaves the real training step
 untouched: the probe never writes ``.grad``, restores the global RNG state (dropout draws) and the module's buffers
 (BatchNorm statistics), and silences ``self.log`` while it runs, so training is bit-identical with or without it.
-The cost is one extra forward plus the Hessian-vector products, paid only every ``every`` steps.
+The cost is one extra forward plus the Hessian-vector products, paid only every ``every`` steps; the callback measures
+it (``probe_stats``: seconds and extra memory per call, against the mean time of one training batch) and the memory
+report shows it.
+
+With ``"top_eigenvalues"`` it also checks every optimizer param group against the edge of stability of plain gradient
+descent (lr * top eigenvalue of the group's Hessian block > 2) and warns once per group when it is crossed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
-from lightning_lowrank.curvature import hutchinson, top_eigenvalues
+from lightning_lowrank.curvature import hutchinson, subspace_diagonal, top_eigenvalues
+from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.projection import derive_seed
 
-ESTIMATORS = ("trace", "top_eigenvalues")
+ESTIMATORS = ("trace", "top_eigenvalues", "diagonal")
+EDGE_OF_STABILITY = 2.0  # gradient descent on a quadratic diverges along directions with lr * eigenvalue > 2
 
 
 class CurvatureProbe(Callback):
@@ -29,21 +42,53 @@ class CurvatureProbe(Callback):
 
     Args:
         every: probe after every this many optimizer steps.
-        estimators: any of ``"trace"`` (with per-layer traces) and ``"top_eigenvalues"``.
+        estimators: any of ``"trace"`` (with per-layer traces), ``"top_eigenvalues"`` and ``"diagonal"``. The
+            diagonal is kept in ``self.diagonal`` (param name -> tensor, averaged over DDP ranks, a running average
+            with ``diagonal_beta``); projected optimizers with ``preconditioner="lazy_hessian"`` also get it in each
+            layer's subspace (``samples`` more HVPs in P's coordinates), which they reuse until the next probe. With
+            ``"trace"``, optimizers with a ``memory_budget`` get the per-layer traces that steer their ranks.
         samples: Hutchinson probe vectors per probe.
         top_k: eigenvalues by power iteration with deflation; ``max_iter`` and ``tol`` bound it.
         seed: probe vectors come from a generator seeded by (seed, step): the same on every DDP rank and on resume.
+        diagonal_beta: keep an exponential average of the diagonal over probes (None: the latest probe's).
+
+    Cost (``probe_stats``; per call logged as ``curvature/probe_seconds`` and ``curvature/probe_extra_bytes``):
+
+    - seconds: wall time of one probe.
+    - extra bytes, CUDA: the allocator's peak during the probe minus what was allocated just before it. That needs a
+      reset of the allocator's peak counter, after which ``torch.cuda.max_memory_allocated`` covers only the time
+      since the last probe; ``run_peak_allocated_bytes`` keeps the peak read before each reset, and the strategy's
+      memory report takes the larger of the two: the peak of the whole run. (Other code reading the allocator's peak
+      mid-run sees the reset too.)
+    - extra bytes, CPU and other devices (no allocator statistics): a count, not a measurement. The total size of
+      the unique storages of (a) the tensors autograd saves for backward during the probe's forward and its
+      ``create_graph`` backward, (b) the first-order gradients, (c) the results it keeps: the Hutchinson diagonal
+      and the eigenvectors (per param group too), (d) its snapshot of the module's buffers. Storages of the
+      parameters, buffers and batch are left out: training holds them anyway. Temporaries autograd does not save
+      (probe vectors, Hessian-vector products) are not counted, so the probe's true peak can be higher.
+    - step seconds: the wall time between probes (validation excluded) over the training batches run in it, so
+      loading, logging and callbacks are in it as a user sees them (a micro-batch under gradient accumulation): the
+      probe re-runs one batch, so probe seconds / step seconds is its price in training batches. On CUDA the device
+      is synchronised only around probes, so timing costs training nothing.
+
+    Edge of stability (with ``"top_eigenvalues"``): a param group's top Hessian eigenvalue is the top one found
+    globally when the group holds every probed param, else that of the group's own Hessian block (one more
+    power iteration per group). ``lr * eigenvalue`` is logged as ``curvature/lr_x_eigenvalue/group{i}``; above 2 it
+    warns once per group (remembered in the checkpoint). That is plain gradient descent's criterion; for Adam-like
+    optimizers the relevant threshold is on the preconditioned Hessian, so there the warning is a hint. Power
+    iteration finds the largest-magnitude eigenvalue: when that one is negative, a positive one past 2 / lr is missed.
     """
 
     def __init__(
         self,
         every: int = 500,
-        estimators: tuple[str, ...] = ESTIMATORS,
+        estimators: tuple[str, ...] = ("trace", "top_eigenvalues"),
         samples: int = 8,
         top_k: int = 1,
         max_iter: int = 50,
         tol: float = 1e-3,
         seed: int = 0,
+        diagonal_beta: float | None = None,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1 (optimizer steps), got {every!r}")
@@ -54,9 +99,19 @@ class CurvatureProbe(Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.every, self.estimators, self.samples, self.top_k = every, tuple(estimators), samples, top_k
-        self.max_iter, self.tol, self.seed = max_iter, tol, seed
+        if diagonal_beta is not None and not 0.0 <= diagonal_beta < 1.0:
+            raise ValueError(f"diagonal_beta must be in [0, 1) or None, got {diagonal_beta!r}")
+        self.max_iter, self.tol, self.seed, self.diagonal_beta = max_iter, tol, seed, diagonal_beta
+        self.diagonal: dict[str, Tensor] = {}  # "diagonal": the Hutchinson diagonal per param name
         self.history: list[dict[str, Any]] = []
         self._last_step = -1
+        self._calls, self._probe_seconds, self._max_extra_bytes = 0, 0.0, 0.0
+        self._steps, self._step_seconds = 0, 0.0
+        self._mark: float | None = None  # when the current stretch of training batches began
+        self._batches = 0  # training batches since then
+        self._paused: float | None = None
+        self._run_peak: int | None = None  # CUDA: highest allocator peak read before a reset
+        self._warned: set[str] = set()  # param groups already warned about the edge of stability
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not pl_module.automatic_optimization:
@@ -66,54 +121,285 @@ class CurvatureProbe(Callback):
                 "lightning_lowrank.curvature."
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _synchronize(pl_module.device)
+        self._mark, self._batches = time.perf_counter(), 0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._mark is not None:
+            self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._mark is not None and self._paused is not None:
+            self._mark += time.perf_counter() - self._paused  # validation is not training time
+            self._paused = None
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._batches += 1
         step = trainer.global_step
         if step == self._last_step or step % self.every != 0:
             return  # not an optimizer-step boundary of ours (or an accumulation micro-batch)
         self._last_step = step
+        _synchronize(pl_module.device)  # the batches' kernels are done: neither they nor the probe gets the other's
         start = time.perf_counter()
-        figures = self._probe(trainer, pl_module, batch, batch_idx, step)
+        if self._mark is not None:
+            self._steps += self._batches
+            self._step_seconds += start - self._mark
+        figures, blocks = self._probe(trainer, pl_module, batch, batch_idx, step)
         figures["probe_seconds"] = time.perf_counter() - start
         figures = {k: _mean_over_ranks(v, pl_module.device) for k, v in figures.items()}
+        self._calls += 1
+        self._probe_seconds += figures["probe_seconds"]
+        self._max_extra_bytes = max(self._max_extra_bytes, figures["probe_extra_bytes"])
         self.history.append({"step": step, **figures})
         for logger in trainer.loggers:
             logger.log_metrics({f"curvature/{k}": v for k, v in figures.items()}, step=step)
+        self._warn_edge_of_stability(blocks, figures)
+        if "trace" in self.estimators:
+            self._feed_layer_traces(trainer, pl_module, figures)
+        self._mark, self._batches = time.perf_counter(), 0
 
     def _probe(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, step: int
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], list[ParamBlock]]:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         names, params = [n for n, _ in named], [p for _, p in named]
-        buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
+        held = [*pl_module.parameters(), *pl_module.buffers(), *_tensors_in(batch)]
         devices = [params[0].device] if params and params[0].is_cuda else []
         figures: dict[str, float] = {}
-        with torch.random.fork_rng(devices=devices), _silenced_logging(pl_module), torch.enable_grad():
-            with trainer.precision_plugin.forward_context():
-                out = pl_module.training_step(batch, batch_idx)
-            loss = out["loss"] if isinstance(out, dict) else out
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, step))
-            if "trace" in self.estimators:
-                result = hutchinson(grads, params, self.samples, generator)
-                figures["trace"] = result.trace
-                figures.update({f"trace/{n}": t for n, t in zip(names, result.layer_traces)})
-            if "top_eigenvalues" in self.estimators:
-                eig = top_eigenvalues(grads, params, self.top_k, generator, self.max_iter, self.tol)
-                figures.update({f"eigenvalue_{i}": v for i, v in enumerate(eig.eigenvalues)})
+        blocks: list[ParamBlock] = []
+        with _ExtraMemory(pl_module.device, held) as cost:
+            buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
+            cost.keep(buffers.values())
+            with torch.random.fork_rng(devices=devices), _silenced_logging(pl_module), torch.enable_grad():
+                with trainer.precision_plugin.forward_context():
+                    out = pl_module.training_step(batch, batch_idx)
+                loss = out["loss"] if isinstance(out, dict) else out
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                cost.keep(grads)
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, step))
+                if "trace" in self.estimators or "diagonal" in self.estimators:
+                    result = hutchinson(grads, params, self.samples, generator)
+                    cost.keep(result.diagonal)
+                    if "trace" in self.estimators:
+                        figures["trace"] = result.trace
+                        figures.update({f"trace/{n}": t for n, t in zip(names, result.layer_traces)})
+                    if "diagonal" in self.estimators:
+                        self._fold_diagonal(trainer, names, result.diagonal)
+                        self._feed_subspace_diagonals(trainer, grads, params, generator)
+                if "top_eigenvalues" in self.estimators:
+                    eig = top_eigenvalues(grads, params, self.top_k, generator, self.max_iter, self.tol)
+                    cost.keep(t for v in eig.eigenvectors for t in v)
+                    figures.update({f"eigenvalue_{i}": v for i, v in enumerate(eig.eigenvalues)})
+                    blocks = param_blocks(trainer.strategy.optimizers, params)
+                    for block in blocks:
+                        if len(block.indices) == len(params):  # the group is the whole probed model
+                            top = max(eig.eigenvalues)
+                        else:  # H restricted to the group: differentiate its gradients w.r.t. its params only
+                            sub = [grads[i] for i in block.indices], [params[i] for i in block.indices]
+                            block_eig = top_eigenvalues(*sub, 1, generator, self.max_iter, self.tol)
+                            cost.keep(block_eig.eigenvectors[0])
+                            top = block_eig.eigenvalues[0]
+                        figures[f"lr_x_eigenvalue/{block.label}"] = block.lr * top
         with torch.no_grad():
             for n, b in pl_module.named_buffers():
                 b.copy_(buffers[n])
-        return figures
+        figures["probe_extra_bytes"] = float(cost.bytes)
+        if cost.run_peak is not None:
+            self._run_peak = max(self._run_peak or 0, cost.run_peak)
+        return figures, blocks
+
+    def _fold_diagonal(self, trainer: pl.Trainer, names: Sequence[str], diagonal: Sequence[Tensor]) -> None:
+        for name, d in zip(names, diagonal):
+            d = trainer.strategy.reduce(d.detach(), reduce_op="mean")
+            if self.diagonal_beta is None or name not in self.diagonal:
+                self.diagonal[name] = d
+            else:  # (a diagonal restored from a checkpoint is on the CPU)
+                self.diagonal[name] = self.diagonal[name].to(d.device).lerp_(d, 1 - self.diagonal_beta)
+
+    def _feed_subspace_diagonals(
+        self, trainer: pl.Trainer, grads: Sequence[Tensor], params: Sequence[Tensor], generator: torch.Generator
+    ) -> None:
+        """Hand each lazy-Hessian optimizer the curvature diagonal in its layers' current subspaces."""
+        for opt in trainer.strategy.optimizers:
+            if not (isinstance(opt, ProjectedOptimizer) and opt.wants_curvature()):
+                continue
+            wanted = set(opt.curvature_params())
+            bases = [opt.projection_matrix(p) if p in wanted else None for p in params]
+            estimates = subspace_diagonal(grads, params, bases, self.samples, generator)
+            opt.update_curvature(
+                {p: trainer.strategy.reduce(h, reduce_op="mean") for p, h in zip(params, estimates) if h is not None}
+            )
+
+    def _feed_layer_traces(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: dict[str, float]) -> None:
+        """Per-layer traces (averaged over ranks) steer the ranks of optimizers with a memory budget."""
+        names = {p: n for n, p in pl_module.named_parameters()}
+        for opt in trainer.strategy.optimizers:
+            if isinstance(opt, ProjectedOptimizer) and opt.memory_budget is not None:
+                opt.set_layer_curvature({p: figures[f"trace/{names[p]}"] for p in opt.projected_params()})
+
+    def _warn_edge_of_stability(self, blocks: Sequence[ParamBlock], figures: dict[str, float]) -> None:
+        """Warn once per group, from the figures averaged over ranks (so every rank records the same groups)."""
+        for block in blocks:
+            product = figures[f"lr_x_eigenvalue/{block.label}"]
+            if product <= EDGE_OF_STABILITY or block.label in self._warned:
+                continue
+            self._warned.add(block.label)
+            rank_zero_warn(edge_of_stability_message(block, product))
+
+    def probe_stats(self, trainer: pl.Trainer) -> dict[str, float]:
+        """For the memory report: ``calls``; with a call, ``seconds`` (mean per call) and ``extra_bytes`` (max over
+        calls); with a timed batch, ``step_seconds`` (mean training batch); with both, ``ratio`` (seconds per call /
+        step seconds)."""
+        stats = {"calls": float(self._calls)}
+        if self._calls:
+            stats["seconds"] = self._probe_seconds / self._calls
+            stats["extra_bytes"] = self._max_extra_bytes
+        if self._steps:
+            stats["step_seconds"] = self._step_seconds / self._steps
+            if self._calls and stats["step_seconds"] > 0:
+                stats["ratio"] = stats["seconds"] / stats["step_seconds"]
+        return stats
+
+    def run_peak_allocated_bytes(self) -> int | None:
+        """CUDA: the highest ``max_memory_allocated`` read just before this callback reset it (None if it never
+        did). The run's peak is the larger of this and the allocator's peak now."""
+        return self._run_peak
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last_step": self._last_step}
+        return {
+            "history": self.history,
+            "last_step": self._last_step,
+            "probe_calls": self._calls,
+            "probe_total_seconds": self._probe_seconds,
+            "probe_max_extra_bytes": self._max_extra_bytes,
+            "train_steps": self._steps,
+            "train_total_seconds": self._step_seconds,
+            "eos_warned": sorted(self._warned),
+            "diagonal": {n: d.cpu() for n, d in self.diagonal.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
         self._last_step = state_dict["last_step"]
+        # Checkpoints from before the cost figures: count what the history holds.
+        self._calls = state_dict.get("probe_calls", len(self.history))
+        logged = sum(h.get("probe_seconds", 0.0) for h in self.history)
+        self._probe_seconds = state_dict.get("probe_total_seconds", logged)
+        largest = max((h.get("probe_extra_bytes", 0.0) for h in self.history), default=0.0)
+        self._max_extra_bytes = state_dict.get("probe_max_extra_bytes", largest)
+        self._steps = state_dict.get("train_steps", 0)
+        self._step_seconds = state_dict.get("train_total_seconds", 0.0)
+        self._warned = set(state_dict.get("eos_warned", ()))
+        self.diagonal = dict(state_dict.get("diagonal", {}))  # moved to the params' device at the next fold
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """Param group ``group`` of optimizer ``optimizer``, restricted to the probed params (``indices`` into them)."""
+
+    optimizer: int
+    group: int
+    lr: float
+    indices: tuple[int, ...]
+    numel: int
+    several_optimizers: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"optimizer{self.optimizer}/group{self.group}" if self.several_optimizers else f"group{self.group}"
+
+
+def param_blocks(optimizers: Sequence[Optimizer], params: Sequence[Tensor]) -> list[ParamBlock]:
+    """Each param group that holds probed params; its Hessian block is the curvature its own learning rate meets."""
+    position = {id(p): i for i, p in enumerate(params)}
+    blocks = []
+    for j, opt in enumerate(optimizers):
+        for i, group in enumerate(opt.param_groups):
+            indices = tuple(position[id(p)] for p in group["params"] if id(p) in position)
+            if indices:
+                numel = sum(params[k].numel() for k in indices)
+                blocks.append(ParamBlock(j, i, float(group["lr"]), indices, numel, len(optimizers) > 1))
+    return blocks
+
+
+def edge_of_stability_message(block: ParamBlock, product: float) -> str:
+    """The warning text: the figures first, then what they mean."""
+    eigenvalue = product / block.lr
+    where = f"param group {block.group}" + (f" of optimizer {block.optimizer}" if block.several_optimizers else "")
+    return (
+        f"lr * top eigenvalue = {product:.4g} > {EDGE_OF_STABILITY:g} for {where} (lr={block.lr:.4g}, top Hessian "
+        f"eigenvalue={eigenvalue:.4g}, {len(block.indices)} param tensors, {block.numel} elements): plain gradient "
+        "descent at this lr is past the edge of stability; expect the loss to oscillate or spike unless the "
+        f"curvature comes down, or keep lr below 2 / eigenvalue = {EDGE_OF_STABILITY / eigenvalue:.4g}. For "
+        "Adam-like optimizers the threshold is on the preconditioned Hessian, so there this is only a hint."
+    )
+
+
+class _ExtraMemory:
+    """What a probe holds beyond training: the allocator's peak rise on CUDA, a byte count elsewhere.
+
+    See ``CurvatureProbe``'s docstring for what the count covers. Counted storages are held until the probe ends so
+    that a freed storage's address cannot be reused by another and be taken for the same one.
+    """
+
+    def __init__(self, device: torch.device, already_held: Iterable[Tensor]) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+        self.bytes = 0
+        self.run_peak: int | None = None
+        self._excluded = {t.untyped_storage().data_ptr() for t in already_held}
+        self._held: dict[int, torch.UntypedStorage] = {}
+
+    def __enter__(self) -> _ExtraMemory:
+        if self.cuda:
+            # Resetting the peak loses the run's peak so far: keep it (see CurvatureProbe.run_peak_allocated_bytes).
+            self.run_peak = torch.cuda.max_memory_allocated(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+            self._hooks.__enter__()
+        return self
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.keep((t,))
+        return t
+
+    def keep(self, tensors: Iterable[Tensor]) -> None:
+        """Count these tensors' storages (no-op on CUDA, where the allocator measures)."""
+        if self.cuda:
+            return
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self._excluded:
+                self._held[storage.data_ptr()] = storage
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+        else:
+            self._hooks.__exit__(*exc)
+            self.bytes = sum(s.nbytes() for s in self._held.values())
+            self._held.clear()
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def _tensors_in(batch: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    apply_to_collection(batch, Tensor, found.append)
+    return found
+
+
+def _synchronize(device: torch.device) -> None:
+    """CUDA runs asynchronously: without this, wall time would measure kernel launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _silenced_logging:

@@ -7,14 +7,13 @@ it holds on CPU as on GPU. The peak allocated figure is the allocator's own and 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim.projected import ProjectedOptimizer
-from lightning_lowrank.optim.projection import effective_rank
 
 PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
 _STEP_BYTES = torch.tensor(0.0).element_size()  # torch's optimizers keep ``step`` as a float32 scalar tensor
@@ -70,6 +69,9 @@ class MemoryReport:
 
     ``baseline_state_bytes`` is what the module's own optimizer (dense AdamW, SGD or Adafactor) would hold for the
     same stepped parameters; ``baseline`` names it.
+
+    ``probe`` is a ``CurvatureProbe``'s cost (its ``probe_stats``: calls, seconds, extra_bytes, step_seconds, ratio)
+    when one runs: the curvature figures are not free, and this is where their price is shown next to the savings.
     """
 
     layers: tuple[LayerMemory, ...]
@@ -81,8 +83,10 @@ class MemoryReport:
     shared_basis_bytes: int
     baseline_state_bytes: int
     peak_allocated_bytes: int | None = None
-    quantization_saving_bytes: int = 0
-    baseline: str = "AdamW"  # what quantized projection matrices would take more in the weight dtype
+    quantization_saving_bytes: int = 0  # what quantized projection matrices would take more in the weight dtype
+    baseline: str = "AdamW"
+    memory_budget: int | None = None  # the optimizers' memory_budget, when ranks are allocated under one
+    probe: Mapping[str, float] | None = field(default=None, hash=False)  # a dict: kept out of the hash
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -91,6 +95,11 @@ class MemoryReport:
     @property
     def saving_bytes(self) -> int:
         return self.baseline_state_bytes - self.optimizer_state_bytes
+
+    @property
+    def budget_used_percent(self) -> float | None:
+        """Optimizer state as a share of ``memory_budget`` (None without a budget)."""
+        return None if not self.memory_budget else 100.0 * self.optimizer_state_bytes / self.memory_budget
 
     @property
     def saving_percent(self) -> float:
@@ -112,6 +121,13 @@ class MemoryReport:
         }
         if self.peak_allocated_bytes is not None:
             metrics["peak_allocated_bytes"] = self.peak_allocated_bytes
+        if self.memory_budget is not None:
+            metrics["memory_budget"] = self.memory_budget
+            metrics["budget_used_percent"] = self.budget_used_percent
+            for layer in self.layers:
+                metrics[f"rank/{layer.name}"] = layer.rank
+        for key, value in (self.probe or {}).items():
+            metrics[f"probe_{key}"] = value
         for layer in self.layers:
             for key in ("refreshes", "skipped", "refresh_seconds", "gap"):
                 if getattr(layer, key) is not None:
@@ -125,15 +141,20 @@ def account_memory(
     names: Mapping[Tensor, str],
     device: torch.device | None = None,
     refresh_stats: Mapping[str, Mapping[str, float]] | None = None,
+    probe: Mapping[str, float] | None = None,
 ) -> MemoryReport:
-    """Account ``params`` (the model's) and the state of ``optimizers``; ``names`` labels projected layers and
-    ``refresh_stats`` (by name: refreshes, skipped, seconds, gap) adds refresh counters to them."""
+    """Account ``params`` (the model's) and the state of ``optimizers``; ``names`` labels projected layers,
+    ``refresh_stats`` (by name: refreshes, skipped, seconds, gap) adds refresh counters to them and ``probe`` (a
+    ``CurvatureProbe``'s ``probe_stats``) is passed through to the report."""
     refresh_stats = refresh_stats or {}
     params = list({id(p): p for p in params}.values())
     layers: list[LayerMemory] = []
     dense_state = projected_state = projector = shared = adamw = quant_saving = 0
     baseline = "AdamW"
+    budget = None
     for opt in optimizers:
+        if getattr(opt, "memory_budget", None) is not None:
+            budget = (budget or 0) + opt.memory_budget
         projected_params = _projected(opt)
         group_of = {p: g for g in opt.param_groups for p in g["params"]}
         baseline = RULE_NAMES.get(opt.param_groups[0].get("rule", "adamw"), type(opt).__name__)
@@ -147,7 +168,7 @@ def account_memory(
                 projected_state += total - own
                 projector += own
                 group = projected_params[p]
-                rank = effective_rank(p.shape, group["rank"])
+                rank = opt.layer_rank(p)
                 name = names.get(p, "?")
                 bits = group.get("projector_bits")
                 if "proj_codes" in state:
@@ -189,6 +210,8 @@ def account_memory(
         peak_allocated_bytes=peak,
         quantization_saving_bytes=quant_saving,
         baseline=baseline,
+        probe=None if probe is None else dict(probe),
+        memory_budget=budget,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rich import get_console
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +26,23 @@ def format_bytes(n: float) -> str:
 
 def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+def probe_summary(probe: Mapping[str, float], cuda: bool) -> str:
+    """One line such as ``12 calls, 0.210 s each (3.1x a training step), +1.20 MiB extra (peak)``.
+
+    A figure is left out until it has been measured. On CUDA the extra memory is the allocator's peak rise during a
+    probe; elsewhere it is a count of what the probe holds (see ``CurvatureProbe``)."""
+    calls = int(probe.get("calls", 0))
+    text = f"{calls} call{'' if calls == 1 else 's'}"
+    if "seconds" in probe:
+        text += f", {probe['seconds']:.3f} s each"
+        if "ratio" in probe:
+            text += f" ({probe['ratio']:.1f}x a training step)"
+    if "extra_bytes" in probe:
+        kind = "peak" if cuda else "saved for backward + kept results"
+        text += f", +{format_bytes(probe['extra_bytes'])} extra ({kind})"
+    return text
 
 
 def render_memory_report(report: MemoryReport, console: Console | None = None) -> None:
@@ -85,8 +104,18 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
     ]
     if report.quantization_saving_bytes:
         rows.append(("  of which P quantization", format_bytes(report.quantization_saving_bytes)))
+    if report.memory_budget is not None:
+        rows.append(
+            (
+                "Memory budget",
+                f"{format_bytes(report.optimizer_state_bytes)} of {format_bytes(report.memory_budget)} "
+                f"({report.budget_used_percent:.1f}%); ranks chosen per layer by the budget",
+            )
+        )
     if report.peak_allocated_bytes is not None:
         rows.append(("Peak CUDA allocated", format_bytes(report.peak_allocated_bytes)))
+    if report.probe is not None:
+        rows.append(("Curvature probe", probe_summary(report.probe, cuda=report.peak_allocated_bytes is not None)))
     for label, value in rows:
         grid.add_row(f"[bold]{label}[/]: {value}")
     console.print(grid)

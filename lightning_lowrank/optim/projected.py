@@ -42,6 +42,7 @@ from lightning_lowrank.optim.projection import (
     subspace_similarity,
 )
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
+from lightning_lowrank.optim.ranks import LayerCost, allocate_ranks, min_budget
 from lightning_lowrank.optim.residuals import APOLLO_SCALE_TYPES, FRUGAL_RULES, RESIDUALS, residual_update
 
 # The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
@@ -52,6 +53,9 @@ SUPPORTED_OPTIMIZERS: dict[type[Optimizer], tuple[str, bool | None]] = {
     torch.optim.Adafactor: ("adafactor", True),
 }
 MOMENT_POLICIES = ("keep", "reset", "rotate")
+RANK_BY = ("curvature", "residual")
+OPTIMIZER_LEVEL = ("memory_budget", "rank_by")  # options of the whole optimizer, not of a param group
+SCALAR_BYTES = 64  # bound on a projected layer's scalar state (step, rank, counters, weights) for the budget
 DCT_SCORERS = ("matmul", "fft")
 
 
@@ -98,6 +102,12 @@ class ProjectedOptimizer(Optimizer):
         rsvd_oversample, rsvd_niter: randomized SVD's extra sketch columns and power iterations.
         dct_scorer: ``matmul`` (shared d x d basis) or ``fft`` (Makhoul's FFT, no basis kept).
         pca_lr: online PCA's step size on P.
+        memory_budget: bytes for this optimizer's whole state (dense part, projected moments, projectors). Each
+            projected layer then gets its own rank, at most ``rank``, chosen at its refreshes (see ``ranks.py``):
+            proportional to its curvature trace (``rank_by="curvature"``, fed by ``set_layer_curvature``; until the
+            first one arrives, as for ``"residual"``) or to its gradient energy outside the current subspace
+            (``rank_by="residual"``, measured at each refresh). A layer grows only into bytes that are free at
+            that moment, so the state never exceeds the budget. Needs full-precision state and P.
     """
 
     def __init__(
@@ -138,6 +148,8 @@ class ProjectedOptimizer(Optimizer):
         preconditioner: str | None = None,
         rho: float = 0.04,
         hessian_beta: float = 0.99,
+        memory_budget: int | None = None,
+        rank_by: str = "curvature",
     ) -> None:
         defaults = dict(
             rule=rule,
@@ -181,7 +193,11 @@ class ProjectedOptimizer(Optimizer):
         self._refresh_requests: set[Tensor] | None = None  # None: fixed update_gap
         self._shard: tuple[int, int, Any] | None = None  # (rank, world_size, process group)
         self.last_refreshes: dict[Tensor, RefreshInfo] = {}
+        _check_budget_options(memory_budget, rank_by)
+        self.memory_budget, self.rank_by = memory_budget, rank_by
         super().__init__(params, defaults)
+        if memory_budget is not None:
+            self._check_budget_fits()
 
     @classmethod
     def from_optimizer(
@@ -203,13 +219,14 @@ class ProjectedOptimizer(Optimizer):
             )
         rule, decoupled = SUPPORTED_OPTIMIZERS[type(optimizer)]
         is_selected = projected if callable(projected) else (lambda p: p in projected)
+        per_group = {k: v for k, v in options.items() if k not in OPTIMIZER_LEVEL}
         for group in optimizer.param_groups:
             for flag in ("amsgrad", "maximize"):
                 if group.get(flag):
                     raise ValueError(
                         f"lightning_lowrank does not support {flag}=True; set {flag}=False in the optimizer."
                     )
-            for key, value in options.items():
+            for key, value in per_group.items():
                 group.setdefault(key, value)
             group["rule"] = rule
             group["decoupled_weight_decay"] = (
@@ -294,6 +311,40 @@ class ProjectedOptimizer(Optimizer):
                     moments["hessian"], estimate, int(state["hessian_updates"]), group["hessian_beta"]
                 )
 
+    def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
+        """Record each projected layer's Hessian trace; with ``memory_budget`` and ``rank_by="curvature"`` the next
+        refreshes give rank in proportion to it. Layers that have not stepped yet are skipped."""
+        for p, trace in traces.items():
+            if not self.is_projected(p):
+                raise ValueError(f"set_layer_curvature got a parameter of shape {tuple(p.shape)} that is not projected")
+            if self.state[p]:
+                self.state[p]["curvature_trace"] = torch.tensor(float(trace))
+
+    def layer_rank(self, param: Tensor) -> int:
+        """The rank ``param`` is updated in now (its own under ``memory_budget``, else the group's, clamped)."""
+        state = self.state[param]
+        if "rank" in state:
+            return int(state["rank"])
+        return effective_rank(param.shape, self._locate(param)[1]["rank"])
+
+    def budget_bytes(self) -> tuple[int, dict[Tensor, LayerCost]]:
+        """What the budget must hold besides the projected layers, and each projected layer's cost model."""
+        costs = {p: _layer_cost(p, g) for g in self.param_groups for p, on in zip(g["params"], self._mask(g)) if on}
+        other = 0
+        for group in self.param_groups:
+            for p, on in zip(group["params"], self._mask(group)):
+                if not on and p.requires_grad:
+                    other += _meta_bytes(rules.init_state(group["rule"], tuple(p.shape), p.dtype, _META)) + 4
+        dct = {
+            (min(p.shape), p.dtype)
+            for g in self.param_groups
+            if g["projector"] == "dct" and g["dct_scorer"] == "matmul"
+            for p, on in zip(g["params"], self._mask(g))
+            if on
+        }
+        other += sum(d * d * dtype.itemsize for d, dtype in dct)  # the shared DCT bases
+        return other, costs
+
     def projected_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p, on in zip(g["params"], self._mask(g)) if on]
 
@@ -339,7 +390,8 @@ class ProjectedOptimizer(Optimizer):
     def _context(self, index: int, param: Tensor, group: dict[str, Any]) -> LayerContext:
         state = self.state[param]
         step = int(state["step"]) if "step" in state else 0
-        return LayerContext(index, step, effective_rank(param.shape, group["rank"]), group, self._basis)
+        rank = int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
+        return LayerContext(index, step, rank, group, self._basis)
 
     def _is_due(self, param: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
         if not any(k.startswith("proj") for k in state):
@@ -351,13 +403,17 @@ class ProjectedOptimizer(Optimizer):
     def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]]) -> None:
         """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments."""
         rank, world = (self._shard[0], self._shard[1]) if self._shard else (0, 1)
-        old = {}
+        old = {
+            p: self._projectors[group["projector"]].matrix(p, self.state[p], ctx)
+            for p, group, ctx in due
+            if any(k.startswith("proj") for k in self.state[p])
+        }
+        if self.memory_budget is not None:
+            self._reallocate(due, old)
         seconds = {}
         for i, (p, group, ctx) in enumerate(due):
             state = self.state[p]
             projector = self._projectors[group["projector"]]
-            if any(k.startswith("proj") for k in state):
-                old[p] = projector.matrix(p, state, ctx)
             if i % world == rank:
                 start = time.perf_counter()
                 projector.refresh(p, p.grad, state, ctx)
@@ -366,7 +422,7 @@ class ProjectedOptimizer(Optimizer):
                 seconds[p] = time.perf_counter() - start
         if self._shard:
             for i, (p, _, _) in enumerate(due):
-                self._broadcast_projector_state(self.state[p], src_index=i % world)
+                self._broadcast_projector_state(p, src_index=i % world)
         for p, group, ctx in due:
             state = self.state[p]
             P_new = self._projectors[group["projector"]].matrix(p, state, ctx)
@@ -375,20 +431,74 @@ class ProjectedOptimizer(Optimizer):
                 similarity, leading = subspace_similarity(old[p], P_new)
                 rule = _projected_rule(group)
                 with self._moments(p, rule, group) as moments:
-                    _move_moments(moments, rules.MOMENT_KEYS[rule], old[p], P_new, group["moments"], is_left(p.shape))
+                    keys, rank_keys = rules.MOMENT_KEYS[rule], _rank_axis_keys(rule)
+                    _move_moments(moments, keys, rank_keys, old[p], P_new, group["moments"], is_left(p.shape))
                 if group["moments"] == "reset" and "hessian_updates" in state:
                     state["hessian_updates"].zero_()  # the next probe's diagonal is taken whole
             self.last_refreshes[p] = RefreshInfo(ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds)
             if self._refresh_requests is not None:
                 self._refresh_requests.discard(p)
 
-    def _broadcast_projector_state(self, state: dict[str, Tensor], src_index: int) -> None:
+    def _reallocate(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]], old: dict[Tensor, Tensor]) -> None:
+        """Give the due layers their ranks under the budget (layers first seen get their state here).
+
+        Weights: curvature traces when every stepped layer has one (``rank_by="curvature"``), else the gradient energy
+        outside the current subspace, measured now for due layers (all of it for a layer without a subspace yet).
+        Layers shrink before others grow, and a layer grows only into bytes free at that moment: the layers that are
+        not due keep their rank, and layers not seen yet keep rank 1 reserved.
+        """
+        for p, _, _ in due:
+            grad = p.grad.float()
+            energy = grad.square().sum()
+            if p in old:
+                energy = energy - project(grad, old[p].float()).square().sum()
+            self.state[p]["residual_energy"] = energy.clamp(min=0).cpu()
+        other, costs = self.budget_bytes()
+        layers = list(costs)
+        stepped = [p for p in layers if "rank" in self.state[p]]
+        key = "residual_energy"
+        if self.rank_by == "curvature" and stepped and all("curvature_trace" in self.state[p] for p in stepped):
+            key = "curvature_trace"
+        weights = [float(self.state[p].get(key, 0.0)) for p in layers]
+        targets = dict(zip(layers, allocate_ranks(weights, list(costs.values()), self.memory_budget - other)))
+        current = {p: int(self.state[p]["rank"]) if "rank" in self.state[p] else 1 for p in layers}
+        free = self.memory_budget - other - sum(costs[p].bytes(current[p]) for p in layers)
+        for p, group, ctx in sorted(due, key=lambda item: targets[item[0]] - current[item[0]]):
+            cost = costs[p]
+            affordable = current[p] + free // cost.per_rank if cost.per_rank else cost.max_rank
+            new = max(1, min(targets[p], affordable))
+            free -= cost.per_rank * (new - current[p])
+            current[p] = new
+            if "rank" not in self.state[p]:
+                self._init_projected_state(p, group, new)
+            self.state[p]["rank"] = torch.tensor(new, dtype=torch.int64)
+            ctx.rank = new
+
+    def _check_budget_fits(self) -> None:
+        for group in self.param_groups:
+            for key in ("state_bits", "projector_bits"):
+                if group[key] is not None and any(self._mask(group)):
+                    raise ValueError(
+                        f"memory_budget allocates ranks for full-precision state; it does not support {key}="
+                        f"{group[key]!r} yet. Use one or the other."
+                    )
+        other, costs = self.budget_bytes()
+        needed = min_budget(list(costs.values()), other)
+        if needed > self.memory_budget:
+            raise ValueError(
+                f"memory_budget={self.memory_budget} bytes cannot hold this optimizer's state: the dense part and "
+                f"shared bases take {other} bytes and {len(costs)} projected layers at rank 1 take "
+                f"{needed - other} more, so it needs at least {needed} bytes. Raise the budget or project fewer layers."
+            )
+
+    def _broadcast_projector_state(self, param: Tensor, src_index: int) -> None:
+        state = self.state[param]
         group = self._shard[2]
         src = dist.get_global_rank(group, src_index) if group is not None else src_index
         keys = [k for k in state if k.startswith("proj")]
         meta = [[(k, tuple(state[k].shape), state[k].dtype) for k in sorted(keys)]]
         dist.broadcast_object_list(meta, src=src, group=group)
-        device = state["exp_avg"].device
+        device = param.device
         is_src = dist.get_rank() == src
         for key, shape, dtype in meta[0]:
             # Receivers fill a fresh tensor: the old one may still be referenced (the previous P, kept to compare).
@@ -411,7 +521,7 @@ class ProjectedOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
                 if on:
-                    if not self.state[p]:
+                    if not self.state[p] and self.memory_budget is None:
                         self._init_projected_state(p, group)
                     projected.append((p, group, self._context(index, p, group)))
                 else:
@@ -451,14 +561,14 @@ class ProjectedOptimizer(Optimizer):
         elif kind == "fira":  # as in Fira's code, scale multiplies only the projected part
             p.add_(extra, alpha=-step_size)
 
-    def _init_projected_state(self, param: Tensor, group: dict[str, Any]) -> None:
-        self._init_rule_state(param, _projected_rule(group), self._projected_shape(param, group), group)
+    def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
+        """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one)."""
+        self._init_rule_state(param, _projected_rule(group), _projected_shape(param, rank or group["rank"]), group)
+        if rank is not None:
+            self.state[param]["rank"] = torch.tensor(rank, dtype=torch.int64)
 
     def _projected_shape(self, param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
-        """Shape of the projected gradient: (r, n) when P acts on the left, (m, r) on the right."""
-        rank = effective_rank(param.shape, group["rank"])
-        m, n = param.shape
-        return (rank, n) if is_left(param.shape) else (m, rank)
+        return _projected_shape(param, self.layer_rank(param) if self.state[param] else group["rank"])
 
     def _init_rule_state(self, param: Tensor, rule: str, shape: tuple[int, ...], group: dict[str, Any]) -> None:
         state = self.state[param]
@@ -530,31 +640,114 @@ class ProjectedOptimizer(Optimizer):
 
 
 def _move_moments(
-    moments: dict[str, Tensor], keys: Iterable[str], P_old: Tensor, P_new: Tensor, policy: str, left: bool
+    moments: dict[str, Tensor],
+    keys: Iterable[str],
+    rank_keys: Iterable[str],
+    P_old: Tensor,
+    P_new: Tensor,
+    policy: str,
+    left: bool,
 ) -> None:
-    """Carry the inner rule's buffers across a change of basis.
+    """Carry the rule's buffers ``keys`` across a change of basis (``rank_keys``: those with a rank axis).
 
-    ``rotate`` maps first moments exactly into the new coordinates with R = P_old^T P_new (r x r). Second moments
-    (and curvature diagonals) are per-coordinate, which no linear map carries exactly; they are mapped with R's
-    elementwise square (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps variances non-negative and is exact for
-    (signed) permutations.
-    Buffers with no extent along the rank axis (per-channel accumulators) are unaffected.
+    ``rotate`` maps first moments exactly into the new coordinates with R = P_old^T P_new (r_old x r_new). Second
+    moments (and curvature diagonals) are per-coordinate, which no linear map carries exactly; they are mapped with
+    R's elementwise square (v_new[j] = sum_i R_ij^2 v_old[i]), which keeps variances non-negative and is exact for
+    (signed) permutations. ``keep`` leaves the coordinates alone (truncated, or padded with zeros, when the rank
+    changed); ``reset`` zeroes every buffer. Per-channel buffers have no rank axis and are otherwise unaffected.
     """
-    if policy == "keep":
+    keys = [k for k in keys if k in moments]
+    if policy == "reset":
+        for key in keys:
+            buffer = moments[key]
+            if key in rank_keys:
+                axis = 0 if left else buffer.dim() - 1
+                moments[key] = buffer.new_zeros(_with_size(buffer.shape, axis, P_new.shape[1]))
+            else:
+                buffer.zero_()
         return
     R = None
-    for key in (k for k in keys if k in moments):
+    for key in [k for k in keys if k in rank_keys]:
         buffer = moments[key]
-        if policy == "reset":
-            buffer.zero_()
-            continue
-        axis = 0 if left else buffer.dim() - 1  # the rank axis of the projected shape
-        if buffer.shape[axis] != P_new.shape[1]:
+        axis = 0 if left else buffer.dim() - 1
+        if policy == "keep":
+            moments[key] = _resized(buffer, axis, P_new.shape[1])
             continue
         if R is None:
             R = P_old.T.float() @ P_new.float()
         M = (R if key in rules.FIRST_MOMENTS else R.pow(2)).to(buffer.dtype)
-        buffer.copy_(M.T @ buffer if left else buffer @ M)
+        moments[key] = M.T @ buffer if left else buffer @ M
+
+
+def _with_size(shape: torch.Size, axis: int, size: int) -> tuple[int, ...]:
+    return tuple(size if i == axis else s for i, s in enumerate(shape))
+
+
+def _resized(buffer: Tensor, axis: int, size: int) -> Tensor:
+    """The first ``size`` entries along ``axis``, zero-padded when growing; the buffer itself if unchanged."""
+    if buffer.shape[axis] == size:
+        return buffer
+    if buffer.shape[axis] > size:
+        return buffer.narrow(axis, 0, size).clone()
+    out = buffer.new_zeros(_with_size(buffer.shape, axis, size))
+    out.narrow(axis, 0, buffer.shape[axis]).copy_(buffer)
+    return out
+
+
+_META = torch.device("meta")
+
+
+def _meta_bytes(buffers: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in buffers.values())
+
+
+def _projected_shape(param: Tensor, rank: int) -> tuple[int, int]:
+    """Shape of the projected gradient: (r, n) when P acts on the left, (m, r) on the right."""
+    rank = effective_rank(param.shape, rank)
+    m, n = param.shape
+    return (rank, n) if is_left(param.shape) else (m, rank)
+
+
+def _rank_axis_keys(rule: str) -> frozenset[str]:
+    """The rule's buffers that have an extent along the rank axis (the others are per channel)."""
+    a = rules.init_state(rule, (2, 7), torch.float32, _META)
+    b = rules.init_state(rule, (3, 7), torch.float32, _META)
+    return frozenset(k for k in a if a[k].shape != b[k].shape)
+
+
+# Bytes per unit of rank of each projector's storage, for a weight of smaller side d and element size es.
+_PROJECTOR_BYTES_PER_RANK = {
+    "svd": lambda d, es: d * es,
+    "rsvd": lambda d, es: d * es,
+    "online_pca": lambda d, es: d * es,
+    "dct": lambda d, es: 8,  # int64 indices
+    "random": lambda d, es: 0,  # a seed
+}
+
+
+def _layer_cost(param: Tensor, group: dict[str, Any]) -> LayerCost:
+    """A projected layer's state bytes as a function of its rank (moments, P or its indices, scalars)."""
+    rule = _projected_rule(group)
+
+    def moments(rank: int) -> int:
+        m, n = param.shape
+        shape = (rank, n) if is_left(param.shape) else (m, rank)
+        return _meta_bytes(rules.init_state(rule, shape, param.dtype, _META))
+
+    d, es = min(param.shape), param.element_size()
+    fixed = moments(0) + SCALAR_BYTES
+    per_rank = moments(1) - moments(0) + _PROJECTOR_BYTES_PER_RANK[group["projector"]](d, es)
+    dense = _meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, _META))
+    worth = (dense - fixed) // per_rank if per_rank else d  # above this the layer would hold more than dense state
+    return LayerCost(fixed, per_rank, max(1, min(group["rank"], d, worth)))
+
+
+def _check_budget_options(memory_budget: Any, rank_by: Any) -> None:
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
+    ):
+        raise ValueError(f"Invalid memory_budget: {memory_budget!r} (must be a positive int of bytes, or None)")
+    _check_choice("rank_by", rank_by, RANK_BY)
 
 
 def _projected_rule(group: dict[str, Any]) -> str:
@@ -566,7 +759,8 @@ def _projected_rule(group: dict[str, Any]) -> str:
 
 def validate_options(**options: Any) -> None:
     """Check ProjectedOptimizer keyword arguments without building an optimizer (raises ValueError)."""
-    ProjectedOptimizer([torch.zeros(1, 1, requires_grad=True)], **options)
+    ProjectedOptimizer([torch.zeros(1, 1, requires_grad=True)], **{**options, "memory_budget": None})
+    _check_budget_options(options.get("memory_budget"), options.get("rank_by", "curvature"))
 
 
 def supported_names() -> str:

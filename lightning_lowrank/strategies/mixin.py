@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
@@ -35,6 +36,12 @@ class LowRankMixin:
         moments, projector_bits, proj_group_size, seed, rsvd_oversample, rsvd_niter, dct_scorer, pca_lr,
         residual, frugal_rule, residual_lr_scale, limiter_gamma, apollo_scale_type, state_bits, state_block_size:
             as in ``ProjectedOptimizer``.
+        preconditioner, rho, hessian_beta: ``preconditioner="lazy_hessian"`` runs Sophia's clipped step in each
+            subspace with the curvature diagonal a ``CurvatureProbe(estimators=(..., "diagonal"))`` measures
+            every ``every`` steps and the optimizer reuses in between (see ``ProjectedOptimizer``).
+        memory_budget, rank_by: bytes for the optimizer state; each projected layer then gets its own rank (at most
+            ``rank``), chosen at its refreshes from its curvature trace (a ``CurvatureProbe`` with ``"trace"``
+            feeds it) or its gradient energy outside the subspace (``rank_by="residual"``).
         inner: ``"subset_norm"`` runs Subspace-Momentum with Subset-Norm steps on projected weights; None follows
             the module's optimizer (AdamW/Adam -> Adam(W), SGD -> momentum SGD, Adafactor -> Adafactor).
         fallback: for an optimizer class that cannot be projected, ``"error"`` (default) or ``"dense"`` (keep it
@@ -82,6 +89,7 @@ class LowRankMixin:
             swapped.append(new)
         self._lowrank_names = selected
         self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
+        _check_curvature_sources(cfg, swapped, trainer.callbacks)
 
     def lowrank_layer_names(self) -> dict[Tensor, str]:
         """Each projected weight's module name."""
@@ -89,15 +97,28 @@ class LowRankMixin:
 
     def memory_report(self) -> MemoryReport:
         """Exact bytes of parameters, gradients and optimizer state right now, with refresh counts when a
-        ``SubspaceRefresh`` callback schedules them."""
+        ``SubspaceRefresh`` callback schedules them and the probe's cost when a ``CurvatureProbe`` runs."""
+        from dataclasses import replace  # local: this method is the only user
+
         trainer = self.lightning_module.trainer
         stats: dict[str, dict[str, float]] = {}
+        probe: dict[str, float] | None = None
+        peaks: list[int] = []
         for callback in trainer.callbacks if trainer is not None else ():
             if hasattr(callback, "layer_stats"):
                 stats.update(callback.layer_stats(trainer))
-        return account_memory(
-            self.optimizers, self.lightning_module.parameters(), self._lowrank_names, self.root_device, stats
-        )
+            if hasattr(callback, "probe_stats"):
+                probe = callback.probe_stats(trainer)
+            if hasattr(callback, "run_peak_allocated_bytes") and callback.run_peak_allocated_bytes() is not None:
+                peaks.append(callback.run_peak_allocated_bytes())
+        params = self.lightning_module.parameters()
+        report = account_memory(self.optimizers, params, self._lowrank_names, self.root_device, stats, probe=probe)
+        # A CurvatureProbe resets the CUDA allocator's peak counter around each probe to measure the probe alone,
+        # and keeps the peak it read before each reset; the allocator's peak now covers the time since the last
+        # reset. The run's peak is the larger of the two.
+        if report.peak_allocated_bytes is not None and peaks:
+            report = replace(report, peak_allocated_bytes=max(report.peak_allocated_bytes, *peaks))
+        return report
 
     def on_train_end(self) -> None:
         super().on_train_end()  # type: ignore[misc]
@@ -124,6 +145,30 @@ def _rebind(scheduler: Any, old: Optimizer, new: Optimizer) -> None:
         scheduler.optimizer = new
     for child in getattr(scheduler, "_schedulers", ()):
         _rebind(child, old, new)
+
+
+def _check_curvature_sources(cfg: LowRankConfig, optimizers: Sequence[Optimizer], callbacks: Sequence[Any]) -> None:
+    """Options that consume curvature need a ``CurvatureProbe`` that measures it: say so before the first step."""
+    measured = {e for c in callbacks if isinstance(c, CurvatureProbe) for e in c.estimators}
+    projected = [opt for opt in optimizers if isinstance(opt, ProjectedOptimizer)]
+    if cfg.preconditioner == "lazy_hessian" and "diagonal" not in measured:
+        raise ValueError(
+            "preconditioner='lazy_hessian' reuses a curvature diagonal that a CurvatureProbe measures: add "
+            "CurvatureProbe(every=10, estimators=('diagonal',)) (Sophia refreshes it every 10 steps) to the "
+            "Trainer's callbacks, or drop the preconditioner."
+        )
+    if cfg.memory_budget is not None:
+        if len(projected) > 1:
+            raise ValueError(
+                f"memory_budget is one budget for one optimizer, but configure_optimizers returned {len(projected)} "
+                "that are projected; return one optimizer (with several param groups if needed)."
+            )
+        if cfg.rank_by == "curvature" and "trace" not in measured:
+            rank_zero_warn(
+                "memory_budget with rank_by='curvature' takes each layer's Hessian trace from a CurvatureProbe with "
+                "'trace' in its estimators, and there is none: ranks follow the gradient energy outside each "
+                "subspace (rank_by='residual') instead."
+            )
 
 
 def _drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]:
