@@ -8,6 +8,7 @@ update rule and its paper's lr / scale differ, so the table shows what each rule
     python examples/compare_update_rules.py --quick           # 60 steps each: a smoke run
     python examples/compare_update_rules.py --methods dense galore fira
     python examples/compare_update_rules.py --methods dense-lr1e-2   # opt-in control: dense AdamW at lr 1e-2
+    python examples/compare_update_rules.py --methods galore lazy-hessian   # Sophia's step in the subspace
 
 Per-method lr / scale are the papers' recipes (see METHODS) and are not retuned here: a recipe that diverges at
 this scale is reported as diverged. The train-loss curves are written as a PNG (needs matplotlib).
@@ -48,6 +49,7 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)  # extra LowRankStrategy keywords
     rank: int | None = None  # overrides --rank (APOLLO-Mini is rank 1 by design)
     recipe: str = ""
+    probe: dict[str, Any] | None = None  # CurvatureProbe keywords, for rules that consume curvature
 
 
 # lr / scale follow each paper's LLaMA-60M recipe (GaLore, FRUGAL, Fira and APOLLO repos' 60M scripts); warmup,
@@ -75,6 +77,15 @@ METHODS: dict[str, Method] = {
         rank=1,
         recipe="APOLLO-Mini: lr 0.01, scale 128, tensor, rank 1",
     ),
+    # Opt-in: GaLore's lr/alpha with Sophia's clipped step in the subspace; Sophia's rho, its hessian EMA 0.99 and its
+    # refresh of h every 10 steps (here one Hutchinson sample in each layer's subspace, fed by the probe).
+    "lazy-hessian": Method(
+        1e-2,
+        0.25,
+        {"preconditioner": "lazy_hessian", "rho": 0.04, "hessian_beta": 0.99},
+        recipe="Sophia-H in the subspace: lr 0.01, alpha 0.25, rho 0.04, h every 10 steps",
+        probe={"every": 10, "estimators": ("diagonal",), "samples": 1},
+    ),
     # Opt-in control, not run by default: dense AdamW at the low-rank runs' lr, to see how much of a gap to
     # "dense" is the 10x larger lr that the low-rank recipes give every parameter (embeddings, norms, head too).
     "dense-lr1e-2": Method(1e-2, None, recipe="control: torch AdamW at the low-rank lr (not a paper recipe)"),
@@ -100,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(METHODS),
         default=DEFAULT_METHODS,
         metavar="METHOD",
-        help=f"subset to run, in this order (default: {' '.join(DEFAULT_METHODS)}; also: dense-lr1e-2)",
+        help=f"subset to run, in this order (default: {' '.join(DEFAULT_METHODS)}; also: lazy-hessian, dense-lr1e-2)",
     )
     parser.add_argument("--out", default="compare_update_rules.png", help="train-loss plot (PNG)")
     parser.add_argument("--log-y", action="store_true", help="log-scale loss axis in the plot")
@@ -182,6 +193,8 @@ def train(name: str, method: Method, data: StdlibDataModule, args: argparse.Name
             **method.options,
         )
         callbacks.append(lightning_lowrank.SubspaceRefresh(every=args.refresh_every))
+        if method.probe is not None:
+            callbacks.append(lightning_lowrank.CurvatureProbe(**method.probe))
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",

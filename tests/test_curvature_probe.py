@@ -193,3 +193,23 @@ def test_manual_optimization_is_refused_at_setup():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         CurvatureProbe(**kwargs)
+
+
+class AttentionNet(SmallMLP):
+    """scaled_dot_product_attention picks a fused kernel, and fused kernels have no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        q, k, v = self.qkv(x.view(2, 2, 4, 4)).chunk(3, dim=-1)  # (batch, heads, seq, dim): fused on CPU too
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).reshape(16, 4)
+        return torch.nn.functional.cross_entropy(self.net(h), y)
+
+
+def test_a_module_with_fused_attention_can_be_probed():
+    probe = CurvatureProbe(every=1, estimators=("trace", "top_eigenvalues", "diagonal"), samples=2, max_iter=5)
+    _fit(AttentionNet(), [probe], max_steps=2)
+    assert len(probe.history) == 2 and probe.history[-1]["trace/qkv.weight"] != 0

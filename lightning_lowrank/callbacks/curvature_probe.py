@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
@@ -174,7 +175,9 @@ class CurvatureProbe(Callback):
             buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
             cost.keep(buffers.values())
             with torch.random.fork_rng(devices=devices), _silenced_logging(pl_module), torch.enable_grad():
-                with trainer.precision_plugin.forward_context():
+                # Fused attention kernels (flash, memory-efficient) have no double backward: attention in the
+                # probe's forward runs on the math kernel, which is the same function, twice differentiable.
+                with trainer.precision_plugin.forward_context(), sdpa_kernel([SDPBackend.MATH]):
                     out = pl_module.training_step(batch, batch_idx)
                 loss = out["loss"] if isinstance(out, dict) else out
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
