@@ -5,7 +5,7 @@ steps from the same seed, with one ``CurvatureProbe`` every ``--every`` steps, a
 (``probe_stats``): seconds per call, the mean training step between probes, their ratio, and the extra memory of a
 call (on CUDA the allocator's peak rise; on CPU a count of what the probe holds, see ``CurvatureProbe``).
 
-    python examples/bench_probe_cost.py                 # 4 configurations x 60 steps (~2 min on 2 CPU cores)
+    python examples/bench_probe_cost.py                 # 5 configurations x 60 steps
     python examples/bench_probe_cost.py --max-steps 20  # a smoke run
 """
 
@@ -32,12 +32,13 @@ warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "trace (8 samples)": ({"estimators": ("trace",), "samples": 8}, {}),
     "top eigenvalue (<= 20 iterations)": ({"estimators": ("top_eigenvalues",), "top_k": 1, "max_iter": 20}, {}),
-    "diagonal for lazy_hessian (1 sample)": (
-        {"estimators": ("diagonal",), "samples": 1},
+    "diagonal (8 samples)": ({"estimators": ("diagonal",), "samples": 8}, {}),
+    "subspace diagonal for lazy_hessian (1 sample)": (
+        {"estimators": ("subspace_diagonal",), "samples": 1},
         {"preconditioner": "lazy_hessian"},
     ),
-    "trace + top eigenvalue + diagonal": (
-        {"estimators": ("trace", "top_eigenvalues", "diagonal"), "samples": 8, "max_iter": 20},
+    "all four (8 samples, <= 20 iterations)": (
+        {"estimators": ("trace", "top_eigenvalues", "diagonal", "subspace_diagonal"), "samples": 8, "max_iter": 20},
         {"preconditioner": "lazy_hessian"},
     ),
 }

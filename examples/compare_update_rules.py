@@ -84,7 +84,7 @@ METHODS: dict[str, Method] = {
         0.25,
         {"preconditioner": "lazy_hessian", "rho": 0.04, "hessian_beta": 0.99},
         recipe="Sophia-H in the subspace: lr 0.01, alpha 0.25, rho 0.04, h every 10 steps",
-        probe={"every": 10, "estimators": ("diagonal",), "samples": 1},
+        probe={"every": 10, "estimators": ("subspace_diagonal",), "samples": 1},
     ),
     # Opt-in control, not run by default: dense AdamW at the low-rank runs' lr, to see how much of a gap to
     # "dense" is the 10x larger lr that the low-rank recipes give every parameter (embeddings, norms, head too).

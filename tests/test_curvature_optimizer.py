@@ -20,7 +20,7 @@ def test_the_probe_feeds_the_exact_subspace_diagonal_to_a_lazy_hessian_optimizer
         rank=4, preconditioner="lazy_hessian", hessian_beta=0.0, target_modules=("attn",), memory_report=False
     )
     samples = 3000
-    probe = CurvatureProbe(every=1, estimators=("diagonal",), samples=samples)
+    probe = CurvatureProbe(every=1, estimators=("diagonal", "subspace_diagonal"), samples=samples)
     L.Trainer(strategy=strategy, max_steps=1, callbacks=[probe], **QUIET).fit(model)
     opt = strategy.optimizers[0]
     W = model.attn.weight  # 40 x 24: P acts on the right, W = Z P^T with Z (40 x 4)
@@ -45,7 +45,7 @@ def test_the_probe_feeds_the_exact_subspace_diagonal_to_a_lazy_hessian_optimizer
 def test_lazy_hessian_without_a_diagonal_probe_is_refused_before_the_first_step():
     strategy = LowRankStrategy(rank=4, preconditioner="lazy_hessian")
     trainer = L.Trainer(strategy=strategy, max_steps=1, callbacks=[CurvatureProbe(every=1)], **QUIET)
-    with pytest.raises(ValueError, match=r"estimators=\('diagonal',\)"):
+    with pytest.raises(ValueError, match=r"estimators=\('subspace_diagonal',\)"):
         trainer.fit(TinyNet())
 
 
@@ -108,7 +108,9 @@ def test_curvature_driven_training_resumes_bit_for_bit(tmp_path):
         strategy = LowRankStrategy(
             rank=15, update_gap=3, memory_budget=4200, preconditioner="lazy_hessian", memory_report=False,
         )  # fmt: skip
-        callbacks = [CurvatureProbe(every=2, estimators=("trace", "diagonal"), samples=2, diagonal_beta=0.9)]
+        callbacks = [
+            CurvatureProbe(every=2, estimators=("trace", "diagonal", "subspace_diagonal"), samples=2, diagonal_beta=0.9)
+        ]
         trainer = L.Trainer(
             strategy=strategy,
             max_steps=max_steps,

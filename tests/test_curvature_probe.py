@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 
 from lightning_lowrank import CurvatureProbe, LowRankStrategy
+from lightning_lowrank.callbacks.curvature_probe import ESTIMATORS
 from tests.models import ManualNet, NoisyNet, SmallMLP
 from tests.test_strategy import QUIET, RecordingLogger
 
@@ -210,6 +211,6 @@ class AttentionNet(SmallMLP):
 
 
 def test_a_module_with_fused_attention_can_be_probed():
-    probe = CurvatureProbe(every=1, estimators=("trace", "top_eigenvalues", "diagonal"), samples=2, max_iter=5)
+    probe = CurvatureProbe(every=1, estimators=ESTIMATORS, samples=2, max_iter=5)
     _fit(AttentionNet(), [probe], max_steps=2)
     assert len(probe.history) == 2 and probe.history[-1]["trace/qkv.weight"] != 0

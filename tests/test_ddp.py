@@ -148,7 +148,7 @@ def test_lazy_hessian_and_budgeted_ranks_agree_across_ranks(tmp_path):
         rank=8, update_gap=2, preconditioner="lazy_hessian", memory_budget=20_000, start_method="fork",
         timeout=HANG, memory_report=False,
     )  # fmt: skip
-    probe = CurvatureProbe(every=2, estimators=("trace", "diagonal"), samples=2)
+    probe = CurvatureProbe(every=2, estimators=("trace", "subspace_diagonal"), samples=2)
     trainer = _two_processes(strategy, max_steps=6, callbacks=[probe, SaveCurvatureState(str(tmp_path))])
     trainer.fit(TinyNet(scheduler=None, n=128))
     r0, r1 = (torch.load(tmp_path / f"curv{r}.pt", weights_only=True) for r in (0, 1))

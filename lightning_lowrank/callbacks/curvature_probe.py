@@ -34,7 +34,7 @@ from lightning_lowrank.curvature import hutchinson, subspace_diagonal, top_eigen
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.projection import derive_seed
 
-ESTIMATORS = ("trace", "top_eigenvalues", "diagonal")
+ESTIMATORS = ("trace", "top_eigenvalues", "diagonal", "subspace_diagonal")
 EDGE_OF_STABILITY = 2.0  # gradient descent on a quadratic diverges along directions with lr * eigenvalue > 2
 
 
@@ -43,11 +43,12 @@ class CurvatureProbe(Callback):
 
     Args:
         every: probe after every this many optimizer steps.
-        estimators: any of ``"trace"`` (with per-layer traces), ``"top_eigenvalues"`` and ``"diagonal"``. The
-            diagonal is kept in ``self.diagonal`` (param name -> tensor, averaged over DDP ranks, a running average
-            with ``diagonal_beta``); projected optimizers with ``preconditioner="lazy_hessian"`` also get it in each
-            layer's subspace (``samples`` more HVPs in P's coordinates), which they reuse until the next probe. With
-            ``"trace"``, optimizers with a ``memory_budget`` get the per-layer traces that steer their ranks.
+        estimators: any of ``"trace"`` (with per-layer traces), ``"top_eigenvalues"``, ``"diagonal"`` and
+            ``"subspace_diagonal"``. The diagonal is kept in ``self.diagonal`` (param name -> tensor, averaged over
+            DDP ranks, a running average with ``diagonal_beta``; it shares its ``samples`` HVPs with the trace). The
+            subspace diagonal is the curvature in each projected layer's P coordinates (``samples`` HVPs with
+            vectors P z), handed to optimizers with ``preconditioner="lazy_hessian"``, which reuse it until the next
+            probe. With ``"trace"``, optimizers with a ``memory_budget`` get the per-layer traces that steer ranks.
         samples: Hutchinson probe vectors per probe.
         top_k: eigenvalues by power iteration with deflation; ``max_iter`` and ``tol`` bound it.
         seed: probe vectors come from a generator seeded by (seed, step): the same on every DDP rank and on resume.
@@ -192,7 +193,8 @@ class CurvatureProbe(Callback):
                         figures.update({f"trace/{n}": t for n, t in zip(names, result.layer_traces)})
                     if "diagonal" in self.estimators:
                         self._fold_diagonal(trainer, names, result.diagonal)
-                        self._feed_subspace_diagonals(trainer, grads, params, generator)
+                if "subspace_diagonal" in self.estimators:
+                    self._feed_subspace_diagonals(trainer, grads, params, generator)
                 if "top_eigenvalues" in self.estimators:
                     eig = top_eigenvalues(grads, params, self.top_k, generator, self.max_iter, self.tol)
                     cost.keep(t for v in eig.eigenvectors for t in v)

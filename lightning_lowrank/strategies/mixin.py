@@ -37,7 +37,7 @@ class LowRankMixin:
         residual, frugal_rule, residual_lr_scale, limiter_gamma, apollo_scale_type, state_bits, state_block_size:
             as in ``ProjectedOptimizer``.
         preconditioner, rho, hessian_beta: ``preconditioner="lazy_hessian"`` runs Sophia's clipped step in each
-            subspace with the curvature diagonal a ``CurvatureProbe(estimators=(..., "diagonal"))`` measures
+            subspace with the curvature diagonal a ``CurvatureProbe(estimators=(..., "subspace_diagonal"))`` measures
             every ``every`` steps and the optimizer reuses in between (see ``ProjectedOptimizer``).
         memory_budget, rank_by: bytes for the optimizer state; each projected layer then gets its own rank (at most
             ``rank``), chosen at its refreshes from its curvature trace (a ``CurvatureProbe`` with ``"trace"``
@@ -151,11 +151,11 @@ def _check_curvature_sources(cfg: LowRankConfig, optimizers: Sequence[Optimizer]
     """Options that consume curvature need a ``CurvatureProbe`` that measures it: say so before the first step."""
     measured = {e for c in callbacks if isinstance(c, CurvatureProbe) for e in c.estimators}
     projected = [opt for opt in optimizers if isinstance(opt, ProjectedOptimizer)]
-    if cfg.preconditioner == "lazy_hessian" and "diagonal" not in measured:
+    if cfg.preconditioner == "lazy_hessian" and "subspace_diagonal" not in measured:
         raise ValueError(
             "preconditioner='lazy_hessian' reuses a curvature diagonal that a CurvatureProbe measures: add "
-            "CurvatureProbe(every=10, estimators=('diagonal',)) (Sophia refreshes it every 10 steps) to the "
-            "Trainer's callbacks, or drop the preconditioner."
+            "CurvatureProbe(every=10, estimators=('subspace_diagonal',), samples=1) (Sophia refreshes it every 10 "
+            "steps) to the Trainer's callbacks, or drop the preconditioner."
         )
     if cfg.memory_budget is not None:
         if len(projected) > 1:
