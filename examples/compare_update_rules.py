@@ -86,6 +86,15 @@ METHODS: dict[str, Method] = {
         recipe="Sophia-H in the subspace: lr 0.01, alpha 0.25, rho 0.04, h every 10 steps",
         probe={"every": 10, "estimators": ("subspace_diagonal",), "samples": 1},
     ),
+    # Opt-in control for the row above: the same rule with no probe ever run, so h stays 0 and every step is the
+    # clipped sign of the momentum. What lazy-hessian gains over this is what the curvature buys.
+    "clipped-sign": Method(
+        1e-2,
+        0.25,
+        {"preconditioner": "lazy_hessian", "rho": 0.04, "hessian_beta": 0.99},
+        recipe="control: lazy-hessian's rule with h never measured (sign of momentum)",
+        probe={"every": 10**9, "estimators": ("subspace_diagonal",), "samples": 1},
+    ),
     # Opt-in control, not run by default: dense AdamW at the low-rank runs' lr, to see how much of a gap to
     # "dense" is the 10x larger lr that the low-rank recipes give every parameter (embeddings, norms, head too).
     "dense-lr1e-2": Method(1e-2, None, recipe="control: torch AdamW at the low-rank lr (not a paper recipe)"),
@@ -111,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(METHODS),
         default=DEFAULT_METHODS,
         metavar="METHOD",
-        help=f"subset to run, in this order (default: {' '.join(DEFAULT_METHODS)}; also: lazy-hessian, dense-lr1e-2)",
+        help=f"subset to run, in this order (default: {' '.join(DEFAULT_METHODS)}; also: "
+        + ", ".join(m for m in METHODS if m not in DEFAULT_METHODS)
+        + ")",
     )
     parser.add_argument("--out", default="compare_update_rules.png", help="train-loss plot (PNG)")
     parser.add_argument("--log-y", action="store_true", help="log-scale loss axis in the plot")
@@ -218,7 +229,24 @@ def train(name: str, method: Method, data: StdlibDataModule, args: argparse.Name
     else:
         measured = trainer.strategy.memory_report().optimizer_state_bytes
     val_loss = evaluate(model, data.val_dataloader())
+    if method.options.get("preconditioner") == "lazy_hessian":
+        print(
+            f"  {name}: {100 * clipped_fraction(trainer.optimizers[0]):.1f}% of subspace coordinates clipped at the end"
+        )
     return Result(name, method, rank, curve.losses, val_loss, measured, adamw_bytes(model), seconds)
+
+
+def clipped_fraction(optimizer: Any) -> float:
+    """Share of projected coordinates where Sophia's ratio |m| / max(rho * h, eps) is clipped at 1 (sign steps)."""
+    clipped = total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "hessian" in state:
+                denom = (group["rho"] * state["hessian"]).clamp(min=group["eps"])
+                clipped += int((state["exp_avg"].abs() >= denom).sum())
+                total += state["hessian"].numel()
+    return clipped / max(total, 1)
 
 
 def format_table(results: list[Result], dense_bytes: int) -> str:

@@ -6,6 +6,7 @@ The LightningModule (``byte_lm.py``) returns a plain ``torch.optim.AdamW``; ``Lo
     python examples/train_stdlib_lm.py                     # DCT projector, rank 32
     python examples/train_stdlib_lm.py --projector svd     # GaLore's SVD projector
     python examples/train_stdlib_lm.py --dense             # plain AdamW, default strategy, for comparison
+    python examples/train_stdlib_lm.py --memory-budget 1.5 # ranks per layer by curvature, state within 1.5 MiB
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-every", type=int, default=100, help="validate every this many steps (default: 100)")
     parser.add_argument("--val-batches", type=int, default=4, help="batches per validation (default: 4)")
     parser.add_argument("--max-bytes", type=int, default=None, help="use only this prefix of the corpus")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        help="optimizer-state budget in MiB: per-layer ranks (at most --rank) follow each layer's Hessian trace, "
+        "measured by a CurvatureProbe every --update-gap steps",
+    )
+    parser.add_argument(
+        "--rank-by",
+        choices=("curvature", "residual"),
+        default="curvature",
+        help="with --memory-budget: ranks by Hessian trace or by gradient energy outside the subspace",
+    )
     parser.add_argument("--dense", action="store_true", help="plain AdamW with the default strategy (no low-rank)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--log-dir", default="lightning_logs", help="CSVLogger directory (default: ./lightning_logs)")
@@ -81,12 +95,19 @@ def main(argv: list[str] | None = None) -> None:
         strategy = "auto"
         name = "dense"
     else:
-        strategy = lightning_lowrank.LowRankStrategy(rank=args.rank, projector=args.projector, scale=args.scale)
+        budget = None if args.memory_budget is None else int(args.memory_budget * 2**20)
+        strategy = lightning_lowrank.LowRankStrategy(
+            rank=args.rank, projector=args.projector, scale=args.scale, memory_budget=budget, rank_by=args.rank_by
+        )
         # The callback owns the refresh schedule; its counts join the memory report.
         callbacks.append(
             lightning_lowrank.SubspaceRefresh(every=args.update_gap, adaptive=args.adaptive, moments=args.moments)
         )
         name = f"lowrank_{args.projector}_r{args.rank}"
+        if budget is not None and args.rank_by == "curvature":  # the traces that steer the ranks
+            callbacks.append(lightning_lowrank.CurvatureProbe(every=args.update_gap, estimators=("trace",), samples=4))
+        if budget is not None:
+            name += f"_budget{args.memory_budget:g}MiB_{args.rank_by}"
 
     val_every = min(args.val_every, args.max_steps)
     trainer = L.Trainer(

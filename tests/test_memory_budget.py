@@ -34,6 +34,17 @@ def test_ranks_are_proportional_to_the_weights_within_the_budget():
     assert allocate_ranks([-5.0, 1.0], costs[:2], budget=20 + 1000)[0] == 1
 
 
+def test_minimum_ranks_are_kept_and_the_rest_follows_the_weights():
+    costs = [LayerCost(fixed=10, per_rank=100, max_rank=50)] * 3
+    assert allocate_ranks([10.0, 1.0, 0.0], costs, budget=30 + 3000, min_ranks=[5, 5, 5]) == [
+        20,
+        5,
+        5,
+    ]  # 10 lam + 5 + 5 = 30
+    with pytest.raises(ValueError, match="minimum ranks"):
+        allocate_ranks([1.0, 1.0, 1.0], costs, budget=30 + 3000, min_ranks=[11, 10, 10])
+
+
 def test_a_budget_below_rank_one_everywhere_is_refused():
     costs = [LayerCost(10, 100, 50)] * 2
     assert min_budget(costs, other_bytes=5) == 5 + 2 * 110
@@ -83,6 +94,7 @@ def test_measured_state_never_exceeds_the_budget_and_ranks_follow_curvature(proj
     # the refresh after step 6 (update 7) moves rank to the high-curvature layer, the one after step 12 moves it back
     ra, rb = ranks[8]
     assert ra > 2 * rb and ra + rb == total_rank
+    assert rb >= int(0.5 * (total_rank // 2))  # the floor: half of what an even split gives
     ra, rb = ranks[14]
     assert rb > 2 * ra and ra + rb == total_rank
     # ranks change only at refreshes (updates 1, 4, 7, ...)

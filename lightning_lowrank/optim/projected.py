@@ -55,6 +55,7 @@ SUPPORTED_OPTIMIZERS: dict[type[Optimizer], tuple[str, bool | None]] = {
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 RANK_BY = ("curvature", "residual")
 OPTIMIZER_LEVEL = ("memory_budget", "rank_by")  # options of the whole optimizer, not of a param group
+RANK_FLOOR = 0.5  # under memory_budget, the share of an even split's rank that every layer keeps
 SCALAR_BYTES = 64  # bound on a projected layer's scalar state (step, rank, counters, weights) for the budget
 DCT_SCORERS = ("matmul", "fft")
 
@@ -460,7 +461,13 @@ class ProjectedOptimizer(Optimizer):
         if self.rank_by == "curvature" and stepped and all("curvature_trace" in self.state[p] for p in stepped):
             key = "curvature_trace"
         weights = [float(self.state[p].get(key, 0.0)) for p in layers]
-        targets = dict(zip(layers, allocate_ranks(weights, list(costs.values()), self.memory_budget - other)))
+        room, cost_list = self.memory_budget - other, list(costs.values())
+        # Each layer keeps at least RANK_FLOOR of the rank an even split of the budget gives it: curvature and
+        # gradient energy move the rest. Without a floor, layers with a small trace (attention queries and keys)
+        # fall to rank 1 and training suffers (examples/README.md, budget table).
+        even = allocate_ranks([1.0] * len(layers), cost_list, room)
+        floors = [max(1, int(RANK_FLOOR * r)) for r in even]
+        targets = dict(zip(layers, allocate_ranks(weights, cost_list, room, floors)))
         current = {p: int(self.state[p]["rank"]) if "rank" in self.state[p] else 1 for p in layers}
         free = self.memory_budget - other - sum(costs[p].bytes(current[p]) for p in layers)
         for p, group, ctx in sorted(due, key=lambda item: targets[item[0]] - current[item[0]]):

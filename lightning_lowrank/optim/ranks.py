@@ -3,7 +3,7 @@
 A projected layer's optimizer state is affine in its rank r: ``fixed + per_rank * r`` bytes (the moments of the
 projected gradient have r rows or columns, P has r columns, a DCT projector r indices). Given one weight per layer
 (its curvature trace, or its gradient energy outside the current subspace), ``allocate_ranks`` makes ranks
-proportional to the weights, clamped to [1, max_rank], with the total within the budget.
+proportional to the weights, clamped to [min_rank, max_rank], with the total within the budget.
 """
 
 from __future__ import annotations
@@ -29,23 +29,32 @@ def min_budget(costs: Sequence[LayerCost], other_bytes: int = 0) -> int:
     return other_bytes + sum(c.bytes(1) for c in costs)
 
 
-def allocate_ranks(weights: Sequence[float], costs: Sequence[LayerCost], budget: int) -> list[int]:
+def allocate_ranks(
+    weights: Sequence[float],
+    costs: Sequence[LayerCost],
+    budget: int,
+    min_ranks: Sequence[int] | None = None,
+) -> list[int]:
     """Ranks proportional to ``weights`` (negative weights count as 0) with ``sum(cost.bytes(rank)) <= budget``.
 
-    Water-filling: r_l = clamp(lam * w_l, 1, max_rank_l) with the largest lam that fits, rounded down; the bytes
-    rounding frees go, one rank at a time, to the layer furthest below its share (largest w_l / (r_l + 1)).
+    Water-filling: r_l = clamp(lam * w_l, min_rank_l, max_rank_l) with the largest lam that fits, rounded down; the
+    bytes rounding frees go, one rank at a time, to the layer furthest below its share (largest w_l / (r_l + 1)).
+    ``min_ranks`` (default 1 each) must fit the budget themselves.
     """
     if len(weights) != len(costs):
         raise ValueError("one weight per layer cost")
     if budget < min_budget(costs):
         raise ValueError(f"a budget of {budget} bytes cannot hold every layer at rank 1 ({min_budget(costs)} bytes)")
+    lows = [1] * len(costs) if min_ranks is None else [max(1, min(r, c.max_rank)) for r, c in zip(min_ranks, costs)]
+    if sum(c.bytes(r) for c, r in zip(costs, lows)) > budget:
+        raise ValueError(f"the minimum ranks {lows} do not fit a budget of {budget} bytes")
     w = [max(float(x), 0.0) for x in weights]
     if not any(w):
         w = [1.0] * len(w)
     free = budget - sum(c.fixed for c in costs)
 
     def ranks_at(lam: float) -> list[float]:
-        return [min(max(lam * wl, 1.0), c.max_rank) for wl, c in zip(w, costs)]
+        return [min(max(lam * wl, lo), c.max_rank) for wl, lo, c in zip(w, lows, costs)]
 
     def used(ranks: Sequence[float]) -> float:
         return sum(c.per_rank * r for c, r in zip(costs, ranks))
@@ -54,7 +63,7 @@ def allocate_ranks(weights: Sequence[float], costs: Sequence[LayerCost], budget:
     for _ in range(100):  # bisection on lam: used() is non-decreasing in it
         mid = (low + high) / 2
         low, high = (mid, high) if used(ranks_at(mid)) <= free else (low, mid)
-    ranks = [max(1, int(r)) for r in ranks_at(low)]
+    ranks = [max(lo, int(r)) for lo, r in zip(lows, ranks_at(low))]
     left = free - used(ranks)
     while True:
         candidates = [i for i, c in enumerate(costs) if ranks[i] < c.max_rank and c.per_rank <= left]
