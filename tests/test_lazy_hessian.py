@@ -136,3 +136,16 @@ def test_update_curvature_rejects_what_it_cannot_use():
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProjectedOptimizer([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+
+
+def test_with_8bit_state_the_curvature_is_stored_in_8_bits_and_read_back():
+    torch.manual_seed(0)
+    W = torch.randn(5, 8, requires_grad=True)
+    opt = ProjectedOptimizer([W], lr=0.01, rank=2, preconditioner="lazy_hessian", state_bits=8)
+    W.grad = torch.randn(5, 8)
+    opt.step()
+    h = torch.rand(2, 8) - 0.2  # a Hutchinson diagonal may be negative
+    opt.update_curvature({W: h})
+    assert "hessian" not in opt.state[W] and opt.state[W]["hessian_codes"].dtype in (torch.int8, torch.uint8)
+    with opt._moments(W, "sophia", opt.param_groups[0]) as moments:
+        torch.testing.assert_close(moments["hessian"], h, atol=0.02, rtol=0.05)
