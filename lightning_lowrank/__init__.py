@@ -3,9 +3,9 @@
 ``import lightning_lowrank`` registers the strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...).
 """
 
-from lightning_lowrank.callbacks import CurvatureProbe, SubspaceRefresh
+from lightning_lowrank.callbacks import CurvatureProbe, MemoryPhases, SubspaceRefresh
 from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
+from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
 from lightning_lowrank.optim import ProjectedAdamW, ProjectedOptimizer
 from lightning_lowrank.strategies import LowRankDDPStrategy, LowRankStrategy
 
@@ -16,10 +16,13 @@ __all__ = [
     "LowRankConfig",
     "LowRankDDPStrategy",
     "LowRankStrategy",
+    "MemoryPhases",
     "MemoryReport",
+    "Plan",
     "ProjectedAdamW",
     "ProjectedOptimizer",
     "SubspaceRefresh",
     "account_memory",
+    "plan",
     "render_memory_report",
 ]

@@ -95,6 +95,8 @@ def test_conv_weights_cannot_be_targets():
         (1536, "1.50 KiB"),
         (5 * 2**20, "5.00 MiB"),
         (-2048, "-2.00 KiB"),
+        (1000 * 2**20, "1000 MiB"),  # not "1e+03 MiB"
+        (123.4 * 2**30, "123 GiB"),
     ],
 )
 def test_format_bytes(n, text):

@@ -51,6 +51,9 @@ def test_projected_sgd_with_full_basis_matches_torch_sgd(shape, kwargs):
     assert ours.param_groups[0]["rule"] == "sgd" and ours.is_projected(w)
     torch.testing.assert_close(w.detach(), w_ref.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(b.detach(), b_ref.detach(), atol=1e-6, rtol=0)
+    # as torch: a momentum buffer only with momentum
+    has_buffer = kwargs.get("momentum", 0) != 0
+    assert ("momentum_buffer" in ours.state[w]) == ("momentum_buffer" in ours.state[b]) == has_buffer
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (6, 4)])

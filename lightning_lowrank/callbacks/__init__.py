@@ -1,6 +1,7 @@
 """Lightning callbacks: they decide *when*; the strategy and optimizer decide *how*."""
 
 from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
+from lightning_lowrank.callbacks.memory_phases import MemoryPhases
 from lightning_lowrank.callbacks.subspace_refresh import SubspaceRefresh
 
-__all__ = ["CurvatureProbe", "SubspaceRefresh"]
+__all__ = ["CurvatureProbe", "MemoryPhases", "SubspaceRefresh"]

@@ -1,6 +1,17 @@
-"""Memory accounting (computes) and the rich report (draws)."""
+"""Memory accounting (computes), the rich report (draws) and the planner (the report before training)."""
 
 from lightning_lowrank.memory.accounting import LayerMemory, MemoryReport, account_memory
+from lightning_lowrank.memory.plan import PRESETS, Plan, llama_preset, plan
 from lightning_lowrank.memory.report import format_bytes, render_memory_report
 
-__all__ = ["LayerMemory", "MemoryReport", "account_memory", "format_bytes", "render_memory_report"]
+__all__ = [
+    "PRESETS",
+    "LayerMemory",
+    "MemoryReport",
+    "Plan",
+    "account_memory",
+    "format_bytes",
+    "llama_preset",
+    "plan",
+    "render_memory_report",
+]

@@ -1,18 +1,28 @@
-"""Draws a ``MemoryReport`` with rich, in the look of Lightning's ``RichModelSummary``."""
+"""Draws a ``MemoryReport`` with rich, in the look of Lightning's ``RichModelSummary``, within 80 columns."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from rich import get_console
+from rich import box, get_console
 from rich.console import Console
 from rich.table import Table
 
-from lightning_lowrank.memory.accounting import MemoryReport
+from lightning_lowrank.memory.accounting import GROUP_LABELS, KIND_LABELS, MemoryReport
+
+MAX_LAYER_ROWS = 40  # more layers than this: the per-layer table is collapsed to module groups
+BAR_WIDTH = 10
+PHASE_LABELS = {
+    "forward": "forward",
+    "backward": "backward",
+    "optimizer_step": "optimizer step + refresh",
+    "batch_end": "batch end (probe, callbacks)",
+}
 
 
 def format_bytes(n: float) -> str:
-    """Binary units, three significant digits: 0 B, 812 B, 1.50 KiB, 23.4 MiB."""
+    """Binary units, two decimals below 100 and none above: 0 B, 812 B, 1.50 KiB, 23.45 MiB, 1000 MiB."""
     sign = "-" if n < 0 else ""
     n = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -21,7 +31,7 @@ def format_bytes(n: float) -> str:
         n /= 1024
     if unit == "B":
         return f"{sign}{int(n)} B"
-    return f"{sign}{n:.3g} {unit}" if n >= 100 else f"{sign}{n:.2f} {unit}"
+    return f"{sign}{n:.0f} {unit}" if n >= 100 else f"{sign}{n:.2f} {unit}"
 
 
 def _or_dash(value: int | None) -> str:
@@ -45,53 +55,103 @@ def probe_summary(probe: Mapping[str, float], cuda: bool) -> str:
     return text
 
 
-def render_memory_report(report: MemoryReport, console: Console | None = None) -> None:
-    """Print through rich's global console, like Lightning's own rich callbacks.
+def render_memory_report(
+    report: MemoryReport,
+    console: Console | None = None,
+    *,
+    collapse: bool | None = None,
+    max_layers: int = MAX_LAYER_ROWS,
+) -> None:
+    """Print through rich's global console (or ``console``), like Lightning's own rich callbacks.
 
-    Output that is not a terminal (a log file, CI) gets at least 160 columns instead of rich's 80, so
-    layer names and sizes do not wrap.
+    Everything fits the console's width down to 80 columns: long layer names keep their tail (``…layers.3.q_proj``).
+    With more than ``max_layers`` layers, or ``collapse=True``, the per-layer table is left out and the module
+    groups (attention, MLP, embeddings, other) stand for it; the groups, the split of the optimizer state by kind,
+    the per-phase CUDA peaks (with a ``MemoryPhases`` callback) and the totals are always shown. Bars compare a
+    row's optimizer state with what the module's own dense optimizer would hold (full bar: as much as it).
     """
-    if console is None:
-        console = get_console()
-        if not console.is_terminal and console.width < 160:
-            console = Console(file=console.file, width=160)
-    table = Table(header_style="bold magenta", title="Low-rank optimizer memory")
-    table.add_column(" ", style="dim")
-    table.add_column("Name", justify="left", no_wrap=True)
-    table.add_column("Shape")
-    table.add_column("Rank", justify="right")
-    table.add_column("Projector")
-    table.add_column("State", justify="right")
-    table.add_column(f"{report.baseline} state", justify="right")
-    table.add_column("Saving", justify="right")
-    with_refresh = any(layer.refreshes is not None for layer in report.layers)
-    if with_refresh:
-        for title in ("Refreshes", "Skipped", "Refresh time", "Gap"):
-            table.add_column(title, justify="right")
-    for i, layer in enumerate(report.layers):
-        refresh_cells = []
-        if with_refresh:
-            refresh_cells = [
+    console = console or get_console()
+    width = console.width
+    ascii_only = not console.encoding.lower().startswith("utf")
+    rows = _layer_rows(report)
+    if collapse is None:
+        collapse = len(rows) > max_layers
+    base = _short_baseline(report.baseline)
+    if rows and not collapse:
+        cells = [
+            [r.name, r.shape, r.rank, r.projector, format_bytes(r.state), format_bytes(r.baseline), r.bar, r.saving]
+            for r in (row.with_bar(ascii_only) for row in rows)
+        ]
+        headers = ["Layer", "Shape", "Rank", "Proj.", "State", base, f"vs {base}", "Saving"]
+        _print_table(console, f"Low-rank optimizer memory: {len(rows)} layers", headers, cells, width)
+    elif rows:
+        console.print(
+            f"[bold]Low-rank optimizer memory[/]: {len(rows)} layers, shown by module group "
+            f"({'asked for' if len(rows) <= max_layers else f'more than {max_layers}'}; every layer is in the JSON "
+            "file and the logged metrics)",
+            width=width,
+        )
+    else:
+        console.print("[bold]Low-rank optimizer memory[/]: no layer holds optimizer state yet", width=width)
+
+    groups = report.groups
+    if groups:
+        cells = [
+            [
+                GROUP_LABELS.get(g.name, g.name),
+                str(g.modules),
+                str(g.projected),
+                format_bytes(g.param_bytes),
+                format_bytes(g.state_bytes),
+                format_bytes(g.baseline_bytes),
+                bar(g.state_bytes, g.baseline_bytes, ascii_only=ascii_only),
+                _percent(g.saving_bytes, g.baseline_bytes),
+            ]
+            for g in groups
+        ]
+        headers = ["Group", "Layers", "Projected", "Params", "State", base, f"vs {base}", "Saving"]
+        _print_table(console, "By module group", headers, cells, width)
+
+    kinds = {k: n for k, n in report.state_by_kind.items() if n}
+    total = report.optimizer_state_bytes
+    if kinds:
+        cells = [
+            [KIND_LABELS.get(k, k), format_bytes(n), bar(n, total, ascii_only=ascii_only), _percent(n, total, 1)]
+            for k, n in kinds.items()
+        ]
+        _print_table(console, "Optimizer state by kind", ["Kind", "Bytes", "Share", "%"], cells, width)
+
+    phases = {k: v for k, v in (report.phases or {}).items() if k in PHASE_LABELS}
+    if phases:
+        top = max(phases.values())
+        cells = [[PHASE_LABELS[k], format_bytes(v), bar(v, top, ascii_only=ascii_only)] for k, v in phases.items()]
+        samples = int((report.phases or {}).get("samples", 0))
+        title = f"Peak CUDA allocated per phase ({samples} sampled step{'' if samples == 1 else 's'})"
+        _print_table(console, title, ["Phase", "Peak", "vs largest"], cells, width)
+
+    refresh_rows = [layer for layer in report.layers if layer.refreshes is not None]
+    if refresh_rows and not collapse:
+        cells = [
+            [
+                layer.name,
                 _or_dash(layer.refreshes),
                 _or_dash(layer.skipped),
                 "-" if layer.refresh_seconds is None else f"{layer.refresh_seconds:.3f} s",
                 _or_dash(layer.gap),
             ]
-        table.add_row(
-            str(i),
-            layer.name,
-            "x".join(map(str, layer.shape)),
-            str(layer.rank),
-            layer.projector,
-            format_bytes(layer.state_bytes),
-            format_bytes(layer.baseline_bytes),
-            format_bytes(layer.saving_bytes),
-            *refresh_cells,
-        )
-    console.print(table)
+            for layer in refresh_rows
+        ]
+        _print_table(console, "Subspace refreshes", ["Layer", "Refreshes", "Skipped", "Time", "Gap"], cells, width)
 
-    grid = Table.grid(expand=True)
+    grid = Table.grid()
     grid.add_column()
+    for label, value in summary_rows(report):
+        grid.add_row(f"[bold]{label}[/]: {value}")
+    console.print(grid, width=width)
+
+
+def summary_rows(report: MemoryReport) -> list[tuple[str, str]]:
+    """The totals below the tables, as (label, value)."""
     rows = [
         ("Parameters", format_bytes(report.param_bytes)),
         ("Gradients", format_bytes(report.grad_bytes)),
@@ -99,6 +159,10 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
         ("  dense part", format_bytes(report.dense_state_bytes)),
         ("  projected part", format_bytes(report.projected_state_bytes)),
         ("  projectors", format_bytes(report.projector_bytes)),
+    ]
+    if report.shared_basis_bytes:
+        rows.append(("  of which shared bases", format_bytes(report.shared_basis_bytes)))
+    rows += [
         (f"Dense {report.baseline} state", format_bytes(report.baseline_state_bytes)),
         (f"Saving vs {report.baseline}", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
     ]
@@ -112,10 +176,133 @@ def render_memory_report(report: MemoryReport, console: Console | None = None) -
                 f"({report.budget_used_percent:.1f}%); ranks chosen per layer by the budget",
             )
         )
+    refreshed = [layer for layer in report.layers if layer.refreshes is not None]
+    if refreshed:
+        seconds = sum(layer.refresh_seconds or 0.0 for layer in refreshed)
+        rows.append(
+            (
+                "Subspace refreshes",
+                f"{sum(layer.refreshes or 0 for layer in refreshed)} in {len(refreshed)} layers, "
+                f"{sum(layer.skipped or 0 for layer in refreshed)} skipped, {seconds:.3f} s",
+            )
+        )
     if report.peak_allocated_bytes is not None:
         rows.append(("Peak CUDA allocated", format_bytes(report.peak_allocated_bytes)))
+    if report.cpu_max_rss_bytes is not None:
+        rows.append(("Process max RSS", format_bytes(report.cpu_max_rss_bytes)))
     if report.probe is not None:
         rows.append(("Curvature probe", probe_summary(report.probe, cuda=report.peak_allocated_bytes is not None)))
-    for label, value in rows:
-        grid.add_row(f"[bold]{label}[/]: {value}")
-    console.print(grid)
+    return rows
+
+
+def bar(value: float, whole: float, width: int = BAR_WIDTH, ascii_only: bool = False) -> str:
+    """``value / whole`` as a bar of ``width`` cells (capped at full; one cell shows for any nonzero value)."""
+    full, empty = ("#", ".") if ascii_only else ("█", "░")
+    if whole <= 0:
+        return empty * width if value <= 0 else full * width
+    filled = min(width, round(width * value / whole))
+    if value > 0 and filled == 0:
+        filled = 1
+    return full * filled + empty * (width - filled)
+
+
+@dataclass(frozen=True)
+class _Row:
+    name: str
+    shape: str
+    rank: str
+    projector: str
+    state: int
+    baseline: int
+    bar: str = ""
+
+    @property
+    def saving(self) -> str:
+        return _percent(self.baseline - self.state, self.baseline)
+
+    def with_bar(self, ascii_only: bool) -> _Row:
+        from dataclasses import replace
+
+        return replace(self, bar=bar(self.state, self.baseline, ascii_only=ascii_only))
+
+
+def _layer_rows(report: MemoryReport) -> list[_Row]:
+    """One row per module that holds optimizer state (or per projected weight when the report has no modules)."""
+    projected = {layer.name: layer for layer in report.layers}
+    if not report.modules:
+        return [
+            _Row(
+                layer.name,
+                _shape(layer.shape),
+                str(layer.rank),
+                _short_projector(layer.projector),
+                layer.state_bytes,
+                layer.baseline_bytes,
+            )
+            for layer in report.layers
+        ]
+    rows = []
+    for m in report.modules:
+        if not m.state_bytes and not m.projected:
+            continue
+        layer = projected.get(m.name)
+        rows.append(
+            _Row(
+                m.name,
+                _shape(layer.shape) if layer else "",
+                str(layer.rank if layer else m.rank or "") if m.projected else "",
+                _short_projector(layer.projector) if layer else ("dense" if not m.projected else "?"),
+                m.state_bytes,
+                m.baseline_bytes,
+            )
+        )
+    return rows
+
+
+def _print_table(console: Console, title: str, headers: Sequence[str], cells: list[list[str]], width: int) -> None:
+    """A compact table within ``width`` columns: every column as wide as its widest cell, but the first one, which
+    takes the rest and loses the head of too-long names (their tail says which layer it is)."""
+    n = len(headers)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    room = width - sum(widths[1:]) - 2 * (n - 1)
+    first = max(min(widths[0], room), 8)
+    table = Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        header_style="bold magenta",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+    )
+    for i, h in enumerate(headers):
+        if i == 0:
+            table.add_column(h, no_wrap=True, width=first, overflow="ellipsis")
+        else:
+            table.add_column(h, no_wrap=True, justify="left" if h in ("Shape", "Proj.", "Kind", "Phase") else "right")
+    for row in cells:
+        table.add_row(_tail(row[0], first), *row[1:])
+    console.print(table, width=width)
+    console.print()
+
+
+def _tail(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _short_projector(name: str) -> str:
+    return name.replace("online_pca", "pca").replace("/int", "/i")
+
+
+def _short_baseline(name: str) -> str:
+    return name if len(name) <= 9 else name[:8] + "…"
+
+
+def _percent(part: float, whole: float, digits: int = 0) -> str:
+    return "-" if not whole else f"{100.0 * part / whole:.{digits}f}%"

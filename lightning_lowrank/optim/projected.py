@@ -583,6 +583,8 @@ class ProjectedOptimizer(Optimizer):
         if rule == "sophia":
             state["hessian_updates"] = torch.tensor(0.0)  # probes folded into the curvature diagonal so far
         buffers = rules.init_state(rule, shape, param.dtype, param.device)
+        if rule == "sgd" and group["momentum"] == 0:
+            buffers = {}  # as torch.optim.SGD: without momentum there is nothing to keep
         if group["state_bits"] is None:
             state.update(buffers)
         else:

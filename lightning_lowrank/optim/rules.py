@@ -93,9 +93,10 @@ def direction(
         denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         return m / denom, lr / (1 - beta1**step)
     if rule == "sgd":
-        buf, momentum = state["momentum_buffer"], group["momentum"]
-        if momentum == 0:
+        momentum = group["momentum"]
+        if momentum == 0:  # plain SGD keeps no buffer (the optimizer does not create one)
             return grad, lr
+        buf = state["momentum_buffer"]
         if step == 1:
             buf.copy_(grad)
         else:

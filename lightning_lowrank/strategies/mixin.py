@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from torch.optim import Optimizer
 from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
+from lightning_lowrank.memory.accounting import max_rss_bytes
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
 from lightning_lowrank.optim.projected import supported_names
 from lightning_lowrank.selection import select_lowrank_params
@@ -49,6 +52,8 @@ class LowRankMixin:
         target_modules: module-name patterns to project (default: every ``nn.Linear`` but output heads).
         exclude: module-name patterns never to project.
         memory_report: print the rich memory report at the end of training (it is logged either way).
+        memory_json: write every figure of the report to ``lowrank_memory.json`` in the run's log dir
+            (``trainer.log_dir``, or ``default_root_dir`` without a logger) at the end of training, on rank 0.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class LowRankMixin:
         *args: Any,
         fallback: str = "error",
         memory_report: bool = True,
+        memory_json: bool = True,
         **kwargs: Any,
     ) -> None:
         # Low-rank options are LowRankConfig's fields; everything else belongs to the Lightning base strategy.
@@ -65,6 +71,7 @@ class LowRankMixin:
             raise ValueError(f"fallback must be 'error' or 'dense', got {fallback!r}")
         self.fallback = fallback
         self.print_memory_report = memory_report
+        self.memory_json = memory_json
         self._lowrank_names: dict[Tensor, str] = {}
         super().__init__(*args, **kwargs)
 
@@ -96,26 +103,41 @@ class LowRankMixin:
         return dict(self._lowrank_names)
 
     def memory_report(self) -> MemoryReport:
-        """Exact bytes of parameters, gradients and optimizer state right now, with refresh counts when a
-        ``SubspaceRefresh`` callback schedules them and the probe's cost when a ``CurvatureProbe`` runs."""
+        """Exact bytes of parameters, gradients and optimizer state right now (split by kind, per layer and per
+        module group), with refresh counts when a ``SubspaceRefresh`` callback schedules them, the probe's cost when a
+        ``CurvatureProbe`` runs, per-phase CUDA peaks when a ``MemoryPhases`` callback measures them, and the
+        process's maximum resident set size."""
         from dataclasses import replace  # local: this method is the only user
 
         trainer = self.lightning_module.trainer
         stats: dict[str, dict[str, float]] = {}
         probe: dict[str, float] | None = None
+        phases: dict[str, float] | None = None
         peaks: list[int] = []
         for callback in trainer.callbacks if trainer is not None else ():
             if hasattr(callback, "layer_stats"):
                 stats.update(callback.layer_stats(trainer))
             if hasattr(callback, "probe_stats"):
                 probe = callback.probe_stats(trainer)
+            if hasattr(callback, "phase_stats"):
+                phases = callback.phase_stats(trainer) or phases
             if hasattr(callback, "run_peak_allocated_bytes") and callback.run_peak_allocated_bytes() is not None:
                 peaks.append(callback.run_peak_allocated_bytes())
-        params = self.lightning_module.parameters()
-        report = account_memory(self.optimizers, params, self._lowrank_names, self.root_device, stats, probe=probe)
-        # A CurvatureProbe resets the CUDA allocator's peak counter around each probe to measure the probe alone,
+        module = self.lightning_module
+        report = account_memory(
+            self.optimizers,
+            module.parameters(),
+            self._lowrank_names,
+            self.root_device,
+            stats,
+            probe=probe,
+            module=module,
+            phases=phases,
+        )
+        report = replace(report, cpu_max_rss_bytes=max_rss_bytes())
+        # A CurvatureProbe (and MemoryPhases) resets the CUDA allocator's peak counter to measure a part of a step,
         # and keeps the peak it read before each reset; the allocator's peak now covers the time since the last
-        # reset. The run's peak is the larger of the two.
+        # reset. The run's peak is the largest of them.
         if report.peak_allocated_bytes is not None and peaks:
             report = replace(report, peak_allocated_bytes=max(report.peak_allocated_bytes, *peaks))
         return report
@@ -126,8 +148,27 @@ class LowRankMixin:
         trainer = self.lightning_module.trainer
         for logger in trainer.loggers:
             logger.log_metrics(report.as_metrics(), step=trainer.global_step)
-        if self.print_memory_report and self.is_global_zero:
-            render_memory_report(report)
+        directory = memory_json_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+        if self.is_global_zero:
+            if self.memory_json:
+                write_memory_json(report, os.path.join(directory, MEMORY_JSON))
+            if self.print_memory_report:
+                render_memory_report(report)
+
+
+MEMORY_JSON = "lowrank_memory.json"
+
+
+def memory_json_dir(trainer: pl.Trainer) -> str:
+    """The run's log dir (``trainer.log_dir``), or ``default_root_dir`` when there is no logger or it has none."""
+    return (trainer.log_dir if trainer.loggers else None) or trainer.default_root_dir
+
+
+def write_memory_json(report: MemoryReport, path: str) -> None:
+    """Every figure of ``report`` (``MemoryReport.as_dict``) as JSON at ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report.as_dict(), f, indent=2)
 
 
 def rebind_lr_schedulers(configs: Sequence[LRSchedulerConfig], old: Optimizer, new: Optimizer) -> None:

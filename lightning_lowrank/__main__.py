@@ -1,0 +1,120 @@
+"""``python -m lightning_lowrank plan ...``: the memory report of low-rank training, before any training.
+
+Examples::
+
+    python -m lightning_lowrank plan --preset 1B --rank 512 --projector dct --state-bits 8 --gpu 24 --dtype bf16
+    python -m lightning_lowrank plan --model examples.byte_lm:ByteLM --rank 32 --residual fira
+
+Every ``LowRankConfig`` field is an option (``--update-gap``, ``--projector-bits``, ``--target-modules`` ...), checked
+by ``LowRankConfig`` as the strategy checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+import torch
+from torch import nn
+
+from lightning_lowrank.config import LowRankConfig
+from lightning_lowrank.memory.plan import DTYPES, OPTIMIZERS, PRESETS, Plan, plan
+
+# LowRankConfig fields whose default is None: the type of a value given on the command line.
+_NONE_DEFAULT_TYPES = {
+    "projector_bits": int,
+    "inner": str,
+    "state_bits": int,
+    "preconditioner": str,
+    "memory_budget": int,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightning_lowrank", description="lightning_lowrank tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "plan",
+        help="print the memory report of low-rank training before any training",
+        description="Plan parameters + gradients + optimizer state with and without low-rank state (exactly what "
+        "LowRankStrategy's memory report measures after the first step) and say whether it fits a GPU. "
+        "Activations are not planned.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=list(PRESETS), help="a LLaMA size from GaLore's configs (vocab 32000)")
+    source.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="import path of a callable returning an nn.Module (built on the meta device when it allows)",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="parameter dtype (default: the model's; fp32)")
+    p.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        default=None,
+        help="the module's optimizer (default: a LightningModule's configure_optimizers(), else adamw)",
+    )
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (SGD keeps no state without it)")
+    p.add_argument("--gpu", type=float, default=None, metavar="GIB", help="GPU memory in GiB: say whether it fits")
+    p.add_argument("--all-layers", action="store_true", help="one table row per layer even for large models")
+    lowrank = p.add_argument_group("low-rank options (LowRankConfig fields; defaults as the strategy's)")
+    for f in fields(LowRankConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("target_modules", "exclude"):
+            lowrank.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="PATTERN")
+        else:
+            kind = _NONE_DEFAULT_TYPES.get(f.name, type(f.default))
+            lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
+    return parser
+
+
+def load_model(spec: str) -> nn.Module:
+    """``package.module:factory`` -> ``factory()``; built under ``torch.device("meta")`` when the factory allows it,
+    so no weights are allocated."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model must look like package.module:factory, got {spec!r}")
+    factory = importlib.import_module(module_name)
+    for part in attr.split("."):
+        factory = getattr(factory, part)
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # an init that reads values: build it for real (the plan still runs on a meta twin)
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = {f.name: getattr(args, f.name) for f in fields(LowRankConfig) if hasattr(args, f.name)}
+    optimizer_options = {} if args.momentum is None else {"momentum": args.momentum}
+    if optimizer_options and args.optimizer != "sgd":
+        parser.error("--momentum is for --optimizer sgd")
+    try:
+        model = args.preset if args.preset else load_model(args.model)
+        optimizer = args.optimizer or ("adamw" if args.preset else None)
+        result: Plan = plan(
+            model,
+            optimizer,
+            optimizer_options=optimizer_options,
+            dtype=args.dtype,
+            gpu_gib=args.gpu,
+            **options,
+        )
+    except (ValueError, TypeError, ImportError, AttributeError, RuntimeError) as err:
+        parser.error(str(err))
+    title = f"preset {args.preset}" if args.preset else args.model
+    print(f"Plan for {title}: {', '.join(f'{k}={v!r}' for k, v in options.items()) or 'default options'}")
+    result.render(**({"collapse": False} if args.all_layers else {}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Plan the memory of low-rank training before any training: the memory report that training would measure.
+
+``plan(model, rank=..., projector=..., ...)`` builds what ``LowRankStrategy`` builds in ``setup_optimizers`` (the same
+layer selection, the same full-rank drop, ``ProjectedOptimizer.from_optimizer`` over the module's own optimizer) on a
+``meta``-device twin of the model, gives every trainable parameter a meta gradient and runs the real
+``optimizer.step()`` once. Meta tensors have shapes and dtypes but no data, so the step creates exactly the state
+tensors the first training step creates, without computing anything or allocating their memory (a 7B model plans in
+seconds on a laptop). The report comes from the same ``account_memory`` the strategy's ``memory_report()`` uses, so
+the two agree by construction (``tests/test_plan.py`` checks them against each other after a real step).
+
+Two things cannot run on meta tensors, and are bridged here rather than changed in the optimizer:
+
+* Reading a tensor as a Python number (``.item()``, ``bool(t)``): Adafactor's relative step and update clipping, and
+  the 8-bit moment quantizer's sign check. Under ``_MetaValues`` such a read of a meta tensor returns a placeholder
+  (1.0, 0 or False). These values only scale updates or guard against bad input; no state tensor's shape depends
+  on them.
+* Copying a meta tensor to another device (``memory_budget``'s per-layer gradient energy, moved to the CPU): the copy
+  is a zero tensor of the same shape. With ``memory_budget`` the ranks are chosen from gradients at the first
+  refresh, so the plan's per-layer ranks are those of equal gradient energy; the budget still bounds the total,
+  which is what the plan reports (``Plan.notes`` says so).
+
+And one shortcut for speed: the random projector's P is rebuilt from its seed by a QR on the CPU at every use; for
+meta weights the plan's optimizer returns an empty meta P of the same shape instead (its stored state, the seed, is
+created by the unchanged refresh).
+
+What is planned: parameters, their gradients and the optimizer state. Not planned: activations (they depend on batch
+size, sequence length, checkpointing and precision), temporary buffers inside a step and the CUDA context. Measure
+those with a short run on the GPU: the memory report printed at the end of training shows "Peak CUDA allocated".
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_lowrank.config import LowRankConfig
+from lightning_lowrank.memory.accounting import MemoryReport, account_memory
+from lightning_lowrank.memory.report import format_bytes, render_memory_report
+from lightning_lowrank.optim.projected import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
+from lightning_lowrank.optim.projectors import RandomProjector
+from lightning_lowrank.selection import select_lowrank_params
+
+GIB = 1024**3
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    "adafactor": torch.optim.Adafactor,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATIONS_NOTE = (
+    "Activations, temporary buffers and the CUDA context are not planned (they depend on batch size, sequence "
+    "length, activation checkpointing and precision): measure them with a few training steps on the GPU, where "
+    "the memory report at the end of training shows 'Peak CUDA allocated' (torch.cuda.max_memory_allocated)."
+)
+
+
+# -- LLaMA presets (GaLore's configs) --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    vocab: int = 32000
+
+
+# GaLore's configs/llama_*.json. Nominal names as in the paper; GaLore's "1B" config has 1.34B parameters.
+PRESETS: dict[str, LlamaConfig] = {
+    "60M": LlamaConfig(512, 1376, 8, 8),
+    "130M": LlamaConfig(768, 2048, 12, 12),
+    "350M": LlamaConfig(1024, 2736, 16, 24),
+    "1B": LlamaConfig(2048, 5461, 32, 24),
+    "7B": LlamaConfig(4096, 11008, 32, 32),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, **factory))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
+        super().__init__()
+        h = cfg.hidden
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h, bias=False, **factory) for _ in range(4))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
+        super().__init__()
+        h, i = cfg.hidden, cfg.intermediate
+        self.gate_proj = nn.Linear(h, i, bias=False, **factory)
+        self.up_proj = nn.Linear(h, i, bias=False, **factory)
+        self.down_proj = nn.Linear(i, h, bias=False, **factory)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, **factory)
+        self.mlp = LlamaMLP(cfg, **factory)
+        self.input_layernorm = RMSNorm(cfg.hidden, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, **factory)
+
+
+class LlamaSkeleton(nn.Module):
+    """The parameters of a LLaMA decoder (HF layout: embeddings, q/k/v/o and gate/up/down projections without bias,
+    two RMSNorms per layer, a final norm and an untied ``lm_head``). No forward: it exists to be planned."""
+
+    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, **factory)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, **factory) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, **factory)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False, **factory)
+
+
+def llama_preset(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "meta") -> LlamaSkeleton:
+    """A LLaMA skeleton of GaLore's size ``name`` (60M, 130M, 350M, 1B, 7B), on the meta device by default."""
+    key = {k.lower(): k for k in PRESETS}.get(str(name).lower())
+    if key is None:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return LlamaSkeleton(PRESETS[key], dtype=dtype, device=device)
+
+
+# -- the plan ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planned ``MemoryReport`` and, with ``gpu_bytes``, whether it fits (parameters + gradients + optimizer state
+    only: activations are not planned, see ``ACTIVATIONS_NOTE``)."""
+
+    report: MemoryReport
+    gpu_bytes: int | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def lowrank_bytes(self) -> int:
+        """Parameters + gradients + the low-rank optimizer's state."""
+        r = self.report
+        return r.param_bytes + r.grad_bytes + r.optimizer_state_bytes
+
+    @property
+    def dense_bytes(self) -> int:
+        """Parameters + gradients + the state of the module's own (dense) optimizer."""
+        r = self.report
+        return r.param_bytes + r.grad_bytes + r.baseline_state_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the planned low-rank memory fits ``gpu_bytes`` (None without a GPU size)."""
+        return None if self.gpu_bytes is None else self.lowrank_bytes <= self.gpu_bytes
+
+    @property
+    def fits_dense(self) -> bool | None:
+        return None if self.gpu_bytes is None else self.dense_bytes <= self.gpu_bytes
+
+    def verdict(self) -> list[str]:
+        """Plain-language lines: the totals with and without low rank, and whether each fits the GPU."""
+        baseline = self.report.baseline
+        rows = [
+            ("with low-rank state", self.lowrank_bytes, self.fits),
+            (f"dense {baseline}", self.dense_bytes, self.fits_dense),
+        ]
+        if self.gpu_bytes is None:
+            lines = ["Planned parameters + gradients + optimizer state (activations not included):"]
+            lines += [f"  {label}: {format_bytes(total)}" for label, total, _ in rows]
+        else:
+            lines = [f"Fits a {format_bytes(self.gpu_bytes)} GPU? (parameters + gradients + optimizer state only)"]
+            for label, total, fits in rows:
+                room = self.gpu_bytes - total
+                tail = f"{format_bytes(room)} left for activations" if fits else f"{format_bytes(-room)} over"
+                lines.append(f"  {label}: {format_bytes(total)} -> {'FITS' if fits else 'DOES NOT FIT'} ({tail})")
+        return [*lines, *self.notes, ACTIVATIONS_NOTE]
+
+    def render(self, console: Any = None, **render_options: Any) -> None:
+        """The rich memory report (as printed after training; ``render_options`` go to ``render_memory_report``)
+        followed by the verdict lines."""
+        render_memory_report(self.report, console, **render_options)
+        for line in self.verdict():
+            if console is None:
+                print(line)
+            else:
+                console.print(line, highlight=False, markup=False)
+
+
+def plan(
+    model: nn.Module | str,
+    optimizer: str | type[Optimizer] | Callable[..., Optimizer] | None = None,
+    *,
+    lr: float = 1e-3,
+    optimizer_options: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    gpu_gib: float | None = None,
+    **lowrank_options: Any,
+) -> Plan:
+    """The memory report ``LowRankStrategy(**lowrank_options)`` would measure after the first step, without training.
+
+    Args:
+        model: an ``nn.Module`` or ``LightningModule`` (it is not changed: the plan runs on a meta twin, so its
+            weights are never copied), or a preset name (``"60M"``, ``"130M"``, ``"350M"``, ``"1B"``, ``"7B"``).
+        optimizer: the optimizer the module trains with: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"adafactor"``, a torch
+            optimizer class, or a callable ``params -> Optimizer``. None: the module's own ``configure_optimizers()``
+            when it has one (as the strategy does), else AdamW.
+        lr, optimizer_options: for the optimizer built from a name or class (e.g. ``{"momentum": 0.9}`` for SGD).
+        dtype: cast floating parameters (``torch.bfloat16`` or ``"bf16"`` for bf16-true training); None keeps them.
+        gpu_gib: GPU memory in GiB; the plan then says whether it fits with and without low rank.
+        **lowrank_options: any ``LowRankConfig`` field (rank, projector, state_bits, residual, ...), validated there,
+            so a bad option raises the error the strategy raises.
+    """
+    unknown = sorted(set(lowrank_options) - LowRankConfig.field_names())
+    if unknown:
+        raise TypeError(
+            f"plan() got unknown low-rank option(s) {', '.join(unknown)}; the options are LowRankConfig's fields: "
+            f"{', '.join(sorted(LowRankConfig.field_names()))}"
+        )
+    cfg = LowRankConfig(**lowrank_options)
+    if gpu_gib is not None and not gpu_gib > 0:
+        raise ValueError(f"gpu_gib must be > 0, got {gpu_gib!r}")
+    dtype = _dtype(dtype)
+    if isinstance(model, str):
+        twin: nn.Module = llama_preset(model, dtype=dtype or torch.float32)
+        optimizer = optimizer or "adamw"
+    else:
+        twin = meta_twin(model, dtype)
+    from lightning_lowrank.strategies.mixin import _drop_full_rank  # local: the strategies import this package
+
+    selected = _drop_full_rank(select_lowrank_params(twin, cfg.target_modules, cfg.exclude), cfg.rank)
+    optimizers = []
+    for opt in _base_optimizers(twin, optimizer, lr, optimizer_options or {}):
+        if not isinstance(opt, ProjectedOptimizer):
+            opt = ProjectedOptimizer.from_optimizer(opt, set(selected), **cfg.optimizer_options())
+        opt._projectors["random"] = _MetaRandomProjector()  # same stored state, without a QR per layer and step
+        optimizers.append(opt)
+    for p in twin.parameters():
+        if p.requires_grad:
+            p.grad = torch.empty_like(p)  # meta: a shape, no memory
+    with _MetaValues():
+        for opt in optimizers:
+            opt.step()
+    report = account_memory(optimizers, twin.parameters(), selected, module=twin)  # as the strategy's memory_report()
+    notes = ()
+    if cfg.memory_budget is not None:
+        notes = (
+            "memory_budget: each layer's rank is chosen from its gradients at the first refresh; the plan shows the "
+            "ranks of equal gradient energy. The optimizer state never exceeds the budget.",
+        )
+    return Plan(report, None if gpu_gib is None else int(gpu_gib * GIB), notes)
+
+
+def meta_twin(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (weights are never copied; tied
+    parameters stay tied). Floating parameters are cast to ``dtype`` when given."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            cast = dtype if dtype is not None and p.is_floating_point() else p.dtype
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta", dtype=cast), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo.setdefault(id(b), torch.empty_like(b, device="meta"))
+    for attr in ("_trainer", "_fabric"):  # a LightningModule's links stay links, never copies
+        if getattr(model, attr, None) is not None:
+            memo[id(getattr(model, attr))] = getattr(model, attr)
+    return copy.deepcopy(model, memo)
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _base_optimizers(model: nn.Module, optimizer: Any, lr: float, options: Mapping[str, Any]) -> list[Optimizer]:
+    """The optimizer(s) the strategy would receive from Lightning, built on the meta twin."""
+    if optimizer is None and callable(getattr(model, "configure_optimizers", None)):
+        from lightning.pytorch.core.optimizer import _configure_optimizers
+
+        try:
+            optimizers, _, _ = _configure_optimizers(model.configure_optimizers())
+        except Exception as err:  # e.g. it reads self.trainer, which a plan does not have
+            raise RuntimeError(
+                f"{type(model).__name__}.configure_optimizers() failed outside a Trainer ({err}); pass the optimizer "
+                "to plan(), e.g. optimizer='adamw', lr=..."
+            ) from err
+        return optimizers
+    optimizer = optimizer or "adamw"
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        optimizer = OPTIMIZERS[optimizer.lower()]
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        if optimizer not in SUPPORTED_OPTIMIZERS:
+            names = ", ".join(c.__name__ for c in SUPPORTED_OPTIMIZERS)
+            raise TypeError(f"lightning_lowrank can project {names}, not {optimizer.__name__}")
+        return [optimizer([p for p in model.parameters() if p.requires_grad], lr=lr, **options)]
+    if callable(optimizer):
+        return [optimizer(model.parameters())]
+    raise TypeError(f"optimizer must be a name, an Optimizer class or a callable, got {optimizer!r}")
+
+
+class _MetaRandomProjector(RandomProjector):
+    """The random projector with the same refresh (it stores a seed), whose P for a meta weight is an empty meta
+    tensor of P's shape: rebuilding P from the seed is a QR on the CPU, which for a 7B model takes longer than
+    everything else in the plan and gives values the plan never reads."""
+
+    def matrix(self, param, state, ctx):
+        if param.is_meta:
+            return torch.empty(min(param.shape), ctx.rank, dtype=param.dtype, device=param.device)
+        return super().matrix(param, state, ctx)
+
+
+class _MetaValues(TorchDispatchMode):
+    """Lets the real optimizer step run on meta tensors: a Python-number read of a meta tensor gives a placeholder
+    (1.0 for floats, 0 for ints, False for bools) and a copy off the meta device gives zeros of the same shape.
+    No state tensor's shape or dtype depends on these values (see the module docstring)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            t = args[0]
+            return False if t.dtype == torch.bool else (1.0 if t.is_floating_point() or t.is_complex() else 0)
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], Tensor) and args[0].is_meta:
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type != "meta":
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device=device)
+        return func(*args, **kwargs)
