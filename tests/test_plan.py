@@ -172,3 +172,19 @@ def test_cli_bad_options_give_a_clear_error(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_strategy_prints_the_plan_at_fit_start_and_the_first_step_measures_it(capsys):
+    import lightning as L
+
+    from lightning_lowrank import LowRankStrategy
+    from tests.models import TinyNet
+    from tests.test_strategy import QUIET
+
+    strategy = LowRankStrategy(rank=4, projector="dct", memory_plan=True, memory_json=False)
+    L.Trainer(strategy=strategy, max_steps=1, **QUIET).fit(TinyNet())
+    measured = strategy.memory_report()
+    assert strategy.planned is not None
+    assert strategy.planned.report.optimizer_state_bytes == measured.optimizer_state_bytes
+    assert strategy.planned.report.layers == measured.layers
+    assert "Planned parameters + gradients + optimizer state" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +20,7 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
 from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.memory import MemoryReport, account_memory, render_memory_report
+from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
 from lightning_lowrank.memory.accounting import max_rss_bytes
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
 from lightning_lowrank.optim.projected import supported_names
@@ -54,6 +55,8 @@ class LowRankMixin:
         memory_report: print the rich memory report at the end of training (it is logged either way).
         memory_json: write every figure of the report to ``lowrank_memory.json`` in the run's log dir
             (``trainer.log_dir``, or ``default_root_dir`` without a logger) at the end of training, on rank 0.
+        memory_plan: at fit start print (rank 0) the report the first step is planned to measure
+            (``lightning_lowrank.plan``), kept as ``strategy.planned``.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class LowRankMixin:
         fallback: str = "error",
         memory_report: bool = True,
         memory_json: bool = True,
+        memory_plan: bool = False,
         **kwargs: Any,
     ) -> None:
         # Low-rank options are LowRankConfig's fields; everything else belongs to the Lightning base strategy.
@@ -72,6 +76,8 @@ class LowRankMixin:
         self.fallback = fallback
         self.print_memory_report = memory_report
         self.memory_json = memory_json
+        self.memory_plan = memory_plan
+        self.planned: Plan | None = None  # with memory_plan=True: what the first step is planned to hold
         self._lowrank_names: dict[Tensor, str] = {}
         super().__init__(*args, **kwargs)
 
@@ -97,6 +103,11 @@ class LowRankMixin:
         self._lowrank_names = selected
         self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
         _check_curvature_sources(cfg, swapped, trainer.callbacks)
+        if self.memory_plan and self.is_global_zero:
+            # Before any step: the report the first step will measure, planned on a meta twin of the module.
+            self.planned = plan(self.lightning_module, **asdict(cfg))
+            if self.print_memory_report:
+                self.planned.render()
 
     def lowrank_layer_names(self) -> dict[Tensor, str]:
         """Each projected weight's module name."""
@@ -107,7 +118,6 @@ class LowRankMixin:
         module group), with refresh counts when a ``SubspaceRefresh`` callback schedules them, the probe's cost when a
         ``CurvatureProbe`` runs, per-phase CUDA peaks when a ``MemoryPhases`` callback measures them, and the
         process's maximum resident set size."""
-        from dataclasses import replace  # local: this method is the only user
 
         trainer = self.lightning_module.trainer
         stats: dict[str, dict[str, float]] = {}
