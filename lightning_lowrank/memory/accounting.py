@@ -137,8 +137,23 @@ class LayerMemory:
         return self.baseline_bytes - self.state_bytes
 
 
+class _StateTotals:
+    """State summed over kinds, and what it saves against the dense baseline (for rows with ``state_by_kind``)."""
+
+    state_by_kind: Mapping[str, int]
+    baseline_bytes: int
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(self.state_by_kind.values())
+
+    @property
+    def saving_bytes(self) -> int:
+        return self.baseline_bytes - self.state_bytes
+
+
 @dataclass(frozen=True)
-class ModuleMemory:
+class ModuleMemory(_StateTotals):
     """One module (a layer) and the parameters it owns directly: ``state_by_kind`` splits their optimizer state
     (see ``STATE_KINDS``), ``baseline_bytes`` is what the module's own dense optimizer would hold for the stepped
     ones. A parameter owned by the model itself is its own row, under its parameter name."""
@@ -152,17 +167,9 @@ class ModuleMemory:
     projected: int = 0  # how many of its weights are projected
     rank: int | None = None  # the (largest) rank of its projected weights
 
-    @property
-    def state_bytes(self) -> int:
-        return sum(self.state_by_kind.values())
-
-    @property
-    def saving_bytes(self) -> int:
-        return self.baseline_bytes - self.state_bytes
-
 
 @dataclass(frozen=True)
-class GroupMemory:
+class GroupMemory(_StateTotals):
     """The modules of one group (attention, MLP, embeddings, other), summed."""
 
     name: str
@@ -171,14 +178,6 @@ class GroupMemory:
     param_bytes: int
     state_by_kind: Mapping[str, int] = field(hash=False)
     baseline_bytes: int
-
-    @property
-    def state_bytes(self) -> int:
-        return sum(self.state_by_kind.values())
-
-    @property
-    def saving_bytes(self) -> int:
-        return self.baseline_bytes - self.state_bytes
 
 
 @dataclass(frozen=True)
@@ -255,16 +254,22 @@ class MemoryReport:
             )
         return tuple(out)
 
-    def as_dict(self) -> dict[str, Any]:
-        """Every figure, JSON-ready: the fields, the totals and the per-layer, per-module and per-group splits."""
-        out: dict[str, Any] = {
-            "baseline": self.baseline,
+    def _totals(self) -> dict[str, int]:
+        """The byte totals every export starts with."""
+        return {
             "param_bytes": self.param_bytes,
             "grad_bytes": self.grad_bytes,
             "optimizer_state_bytes": self.optimizer_state_bytes,
             "dense_state_bytes": self.dense_state_bytes,
             "projected_state_bytes": self.projected_state_bytes,
             "projector_bytes": self.projector_bytes,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, JSON-ready: the fields, the totals and the per-layer, per-module and per-group splits."""
+        out: dict[str, Any] = {
+            "baseline": self.baseline,
+            **self._totals(),
             "shared_basis_bytes": self.shared_basis_bytes,
             "baseline_state_bytes": self.baseline_state_bytes,
             "saving_bytes": self.saving_bytes,
@@ -302,12 +307,7 @@ class MemoryReport:
     def as_metrics(self, prefix: str = "lowrank/") -> dict[str, float]:
         """Flat scalar figures for a Lightning logger."""
         metrics = {
-            "param_bytes": self.param_bytes,
-            "grad_bytes": self.grad_bytes,
-            "optimizer_state_bytes": self.optimizer_state_bytes,
-            "dense_state_bytes": self.dense_state_bytes,
-            "projected_state_bytes": self.projected_state_bytes,
-            "projector_bytes": self.projector_bytes,
+            **self._totals(),
             "baseline_state_bytes": self.baseline_state_bytes,
             "saving_bytes": self.saving_bytes,
             "saving_percent": self.saving_percent,
