@@ -568,6 +568,27 @@ class ProjectedOptimizer(Optimizer):
         elif kind == "fira":  # as in Fira's code, scale multiplies only the projected part
             p.add_(extra, alpha=-step_size)
 
+    def _projected_step_low_rank(self, p: Tensor, group: dict[str, Any], ctx: LayerContext, low_rank: Tensor) -> None:
+        """``_projected_step`` for a gradient that arrives already projected (layer-wise accumulation).
+
+        ``low_rank`` is the sum of the micro-batches' projected gradients: the projection of their sum, as projection
+        is linear. Only for rules that need nothing of the full gradient at the update (``residual="none"``, no
+        Subset-Norm); Adam's L2 penalty is projected on its own (P^T (G + wd W) = P^T G + wd P^T W).
+        """
+        state = self.state[p]
+        rule = _projected_rule(group)
+        lr, scale, wd = float(group["lr"]), group["scale"], group["weight_decay"]
+        param_rms = _rms(p) if rule == "adafactor" else 0.0
+        P = self._projectors[group["projector"]].matrix(p, state, ctx)
+        if wd != 0 and not group["decoupled_weight_decay"]:
+            low_rank = low_rank.add(project(p, P), alpha=wd)
+        else:
+            rules.weight_decay_(p, low_rank, lr, wd, group["decoupled_weight_decay"])  # decoupled: shrinks p
+        state["step"] += 1
+        with self._moments(p, rule, group) as moments:
+            direction, step_size = rules.direction(rule, low_rank, moments, int(state["step"]), group, param_rms)
+        p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
+
     def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
         """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one)."""
         self._init_rule_state(param, _projected_rule(group), _projected_shape(param, rank or group["rank"]), group)

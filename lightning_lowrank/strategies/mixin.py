@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -23,6 +24,7 @@ from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
 from lightning_lowrank.memory.accounting import max_rss_bytes
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
+from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import supported_names
 from lightning_lowrank.selection import select_lowrank_params
 
@@ -57,6 +59,11 @@ class LowRankMixin:
             (``trainer.log_dir``, or ``default_root_dir`` without a logger) at the end of training, on rank 0.
         memory_plan: at fit start print (rank 0) the report the first step is planned to measure
             (``lightning_lowrank.plan``), kept as ``strategy.planned``.
+        layerwise: update each weight during backward, in its post-accumulate-grad hook, and free its gradient
+            right away, so full gradients never all exist at once (GaLore's per-layer update; see
+            ``lightning_lowrank.optim.layerwise``). Works with ``accumulate_grad_batches`` (projected weights
+            accumulate their gradient in the subspace). One device only; refused with gradient clipping,
+            GradScaler (``16-mixed``), manual optimization and ``memory_budget``.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class LowRankMixin:
         memory_report: bool = True,
         memory_json: bool = True,
         memory_plan: bool = False,
+        layerwise: bool = False,
         **kwargs: Any,
     ) -> None:
         # Low-rank options are LowRankConfig's fields; everything else belongs to the Lightning base strategy.
@@ -77,6 +85,13 @@ class LowRankMixin:
         self.print_memory_report = memory_report
         self.memory_json = memory_json
         self.memory_plan = memory_plan
+        if layerwise and isinstance(self, ParallelStrategy):
+            raise ValueError(
+                f"layerwise=True is not yet supported with {type(self).__name__}: under DDP each gradient is averaged "
+                "across processes in buckets during backward, and a layer-wise update in the gradient's hook would "
+                "step on the local, not yet averaged gradient. Use layerwise=False, or LowRankStrategy on one device."
+            )
+        self.layerwise = bool(layerwise)
         self.planned: Plan | None = None  # with memory_plan=True: what the first step is planned to hold
         self._lowrank_names: dict[Tensor, str] = {}
         super().__init__(*args, **kwargs)
@@ -97,17 +112,29 @@ class LowRankMixin:
                 )
                 new = old
             else:
-                new = ProjectedOptimizer.from_optimizer(old, set(selected), **cfg.optimizer_options())
+                cls = LayerwiseProjectedOptimizer if self.layerwise else ProjectedOptimizer
+                new = cls.from_optimizer(old, set(selected), **cfg.optimizer_options())
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)
         self._lowrank_names = selected
         self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
+        if self.layerwise:
+            _check_layerwise(self, trainer, swapped)
+            for opt in swapped:
+                if isinstance(opt, LayerwiseProjectedOptimizer):
+                    opt.attach()
         _check_curvature_sources(cfg, swapped, trainer.callbacks)
         if self.memory_plan and self.is_global_zero:
             # Before any step: the report the first step will measure, planned on a meta twin of the module.
             self.planned = plan(self.lightning_module, **asdict(cfg))
             if self.print_memory_report:
                 self.planned.render()
+
+    def teardown(self) -> None:
+        for opt in self.optimizers:
+            if isinstance(opt, LayerwiseProjectedOptimizer):
+                opt.detach()  # the hooks stay on the module's parameters otherwise
+        super().teardown()  # type: ignore[misc]
 
     def lowrank_layer_names(self) -> dict[Tensor, str]:
         """Each projected weight's module name."""
@@ -219,6 +246,33 @@ def _check_curvature_sources(cfg: LowRankConfig, optimizers: Sequence[Optimizer]
                 "memory_budget with rank_by='curvature' takes each layer's Hessian trace from a CurvatureProbe with "
                 "'trace' in its estimators, and there is none: ranks follow the gradient energy outside each "
                 "subspace (rank_by='residual') instead."
+            )
+
+
+def _check_layerwise(strategy: Any, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
+    """What layer-wise updates cannot do, refused before the first step with what to do instead."""
+    if not strategy.lightning_module.automatic_optimization:
+        raise ValueError(
+            "layerwise=True updates each weight inside backward, in the step that Lightning's automatic optimization "
+            "drives; with manual optimization (automatic_optimization=False) use layerwise=False."
+        )
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            f"layerwise=True cannot clip gradients (gradient_clip_val={trainer.gradient_clip_val}): clipping by the "
+            "global norm needs every gradient at once, and layer-wise mode updates each weight and frees its gradient "
+            "as soon as that gradient is complete. Drop gradient_clip_val, or use layerwise=False."
+        )
+    if getattr(strategy.precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            "layerwise=True does not support a GradScaler (precision='16-mixed'): the scaler checks every gradient "
+            "for inf/NaN before deciding to step, and layer-wise mode has already stepped each weight by then. Use "
+            "precision='bf16-mixed' (no scaler) or '32-true', or layerwise=False."
+        )
+    for opt in optimizers:
+        if isinstance(opt, ProjectedOptimizer) and not isinstance(opt, LayerwiseProjectedOptimizer):
+            raise ValueError(
+                "layerwise=True needs to build the optimizer itself, but configure_optimizers returned a "
+                f"{type(opt).__name__}; return the torch optimizer (AdamW, Adam, SGD, Adafactor) instead."
             )
 
 
