@@ -9,15 +9,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning_lowrank import LowRankDDPStrategy, LowRankStrategy
 from lightning_lowrank.optim.layerwise import LOWRANK_GRAD, LayerwiseProjectedOptimizer
 from tests.models import ManualNet, TinyNet
-
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-)
+from tests.test_strategy import QUIET
 
 
 class GradProbe(Callback):
