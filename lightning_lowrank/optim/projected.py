@@ -17,6 +17,7 @@ When a refresh is due: by default every ``update_gap`` steps of the layer's own 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -738,6 +739,7 @@ def _projected_shape(param: Tensor, rank: int) -> tuple[int, int]:
     return (rank, n) if is_left(param.shape) else (m, rank)
 
 
+@functools.cache  # asked at every refresh of every layer; the answer depends on the rule only
 def _rank_axis_keys(rule: str) -> frozenset[str]:
     """The rule's buffers that have an extent along the rank axis (the others are per channel)."""
     a = rules.init_state(rule, (2, 7), torch.float32, _META)
