@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lightning_lowrank import LowRankDDPStrategy, LowRankStrategy
+from lightning_lowrank import LowRankStrategy
 from lightning_lowrank.optim.layerwise import LOWRANK_GRAD, LayerwiseProjectedOptimizer
 from tests.models import ManualNet, TinyNet
 from tests.test_strategy import QUIET
@@ -150,8 +150,6 @@ def test_refusals_say_why():
         _fit_with(plugins=[plugin])
     with pytest.raises(ValueError, match="manual optimization"):
         _fit_with(model=ManualNet())
-    with pytest.raises(ValueError, match="layerwise=True is not yet supported with LowRankDDPStrategy.*averaged"):
-        LowRankDDPStrategy(rank=4, layerwise=True)
     with pytest.raises(ValueError, match="layerwise=True does not support memory_budget"):
         _fit_with(strategy_options={"memory_budget": 10**6})
 

@@ -28,16 +28,27 @@ and update from it in their final hook:
 * dense (not projected) parameters hold their full gradient anyway: it accumulates in ``.grad`` and they update in
   their final hook.
 
+Under DDP (``all_reduce_in_hooks()``; the strategy calls it and does not wrap the module in
+``DistributedDataParallel``, whose buckets would hold every full gradient for the whole run) each parameter's
+final hook all-reduces what its update reads, then frees the full gradient: a projected weight sends its
+projected window gradient (r x n: the average of projections is the projection of the average), a layer that
+needs its full gradient (see above) and a dense parameter send it in full. The update waits for its all-reduce,
+which overlaps the backward of the next layer: parameter k is updated in parameter k+1's hook (and the last ones in
+``step``), so at most two layers' all-reduces are in flight. Every rank must give the same parameters a gradient in
+a window, as DDP without ``find_unused_parameters`` requires; ``step`` checks it.
+
 Not supported (the strategy refuses them at setup): ``memory_budget`` (ranks are allocated jointly over all layers
-due at a step), clipping by global norm, GradScaler, manual optimization and DDP.
+due at a step), clipping by global norm, GradScaler and manual optimization.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lowrank.optim.projected import ProjectedOptimizer, _projected_rule
@@ -59,9 +70,17 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._handles: list[Any] = []
         # param -> (index over all params, group index, projected); group *indices*: load_state_dict replaces the dicts
         self._where: dict[Tensor, tuple[int, int, bool]] = {}
+        self._slot: dict[Tensor, int] = {}  # projected param -> its place among the projected ones (refresh owner)
         self._final = False  # True while step() runs the closure: this backward is the window's last
         self._full: dict[Tensor, bool] = {}  # per layer touched in this window: accumulating the full gradient?
         self._pending: dict[Tensor, None] = {}  # touched in this window, not yet updated (insertion-ordered)
+        # Under DDP (all_reduce_in_hooks): the process group, what is being all-reduced, and the bytes counted.
+        self._dist_group: Any = None
+        self._distributed = False
+        self._in_flight: deque[tuple[Tensor, Tensor | None, Any]] = deque()  # (param, low-rank gradient, work)
+        self._sent = 0  # gradients all-reduced in this window
+        self._bytes = [0, 0]  # sent, and what sending every window gradient in full would have
+        self.comm_history: list[tuple[int, int]] = []  # per step: (bytes sent, bytes in full), this rank's payload
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
@@ -73,14 +92,23 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             for p, on in zip(group["params"], self._mask(group)):
                 index += 1
                 self._where[p] = (index, gi, on)
+                if on:
+                    self._slot[p] = len(self._slot)
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def all_reduce_in_hooks(self, group: Any = None) -> None:
+        """Average every parameter's window gradient over the ranks of ``group`` in its final hook (see the module
+        doc); projected weights send their projected gradient. Refreshes are sharded as well."""
+        self._dist_group = group
+        self._distributed = True
+        self.shard_refreshes(group)
 
     def detach(self) -> None:
         """Remove the hooks (the strategy does so at teardown, so a later fit on the same module is unaffected)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._where = [], {}
+        self._handles, self._where, self._slot = [], {}, {}
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
@@ -117,36 +145,103 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         p.grad = None
 
     def _finish(self, p: Tensor) -> None:
-        """The window's update of one parameter, then free its gradient."""
+        """The window's last gradient of one parameter: reduce it to what the update reads, then update (under DDP:
+        all-reduce it first)."""
         index, gi, on = self._where[p]
         group = self.param_groups[gi]
         self._pending.pop(p, None)
         self._full.pop(p, None)
         state = self.state[p]
-        buffered = state.pop(LOWRANK_GRAD, None)
-        if p.grad is None and buffered is None:
+        low_rank = state.pop(LOWRANK_GRAD, None)
+        if p.grad is None and low_rank is None:
             return
+        # Under DDP a projected weight that updates from its projected gradient sends only that, also without
+        # accumulation (on one device the full-gradient update is the same, and needs no projection here).
+        in_subspace = low_rank is not None or (self._distributed and on and not self._needs_full_gradient(p, group))
+        if in_subspace and p.grad is not None:
+            P = self._projectors[group["projector"]].matrix(p, state, self._context(index, p, group))
+            last = project(p.grad, P)
+            low_rank = last if low_rank is None else low_rank.add_(last)
+            p.grad = None  # the full gradient is not needed any more
+        if self._distributed:
+            self._send(p, low_rank)
+        else:
+            self._apply(p, low_rank)
+
+    def _apply(self, p: Tensor, low_rank: Tensor | None) -> None:
+        """Update ``p`` from its window gradient: ``low_rank`` (projected) if given, else ``p.grad`` (full)."""
+        index, gi, on = self._where[p]
+        group = self.param_groups[gi]
+        state = self.state[p]
         if not on:
             self._dense_step(p, group)
         else:
             if not state:
                 self._init_projected_state(p, group)
             ctx = self._context(index, p, group)
-            if buffered is None:  # the full gradient of the whole window: exactly what step() would see
+            if low_rank is None:  # the full gradient of the whole window: exactly what step() would see
                 if self._is_due(p, state, group):
-                    self._refresh([(p, group, ctx)])
+                    self._refresh([(p, group, ctx)], slots=[self._slot[p]])  # refresh work spread over ranks
                 self._projected_step(p, group, ctx)
                 self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
             else:
-                if p.grad is not None:
-                    P = self._projectors[group["projector"]].matrix(p, state, ctx)
-                    buffered = buffered.add_(project(p.grad, P))
-                self._projected_step_low_rank(p, group, ctx, buffered)
+                self._projected_step_low_rank(p, group, ctx, low_rank)
         p.grad = None
+
+    # -- DDP: all-reduce in the hooks ---------------------------------------------------------------------------
+
+    def _send(self, p: Tensor, low_rank: Tensor | None) -> None:
+        """Start averaging ``p``'s window gradient over the ranks, then finish the update before this one: its
+        all-reduce had this layer's backward to complete in. Every rank runs the hooks in the same order, so the
+        collectives (refresh broadcasts included) match."""
+        if not self.comm_history and not self._agree(self._where[p][0] + 1):  # the first window: check each hook
+            self._mismatch(f"this rank's next gradient is parameter {self._where[p][0]}")
+        tensor = p.grad if low_rank is None else low_rank
+        tensor.div_(dist.get_world_size(self._dist_group))  # as DDP: divide first, so the sum cannot overflow
+        work = dist.all_reduce(tensor, group=self._dist_group, async_op=True)
+        self._in_flight.append((p, low_rank, work))
+        self._sent += 1
+        self._bytes[0] += tensor.numel() * tensor.element_size()
+        self._bytes[1] += p.numel() * tensor.element_size()
+        while len(self._in_flight) > 1:
+            self._receive()
+
+    def _receive(self) -> None:
+        p, low_rank, work = self._in_flight.popleft()
+        work.wait()
+        self._apply(p, low_rank)
+
+    def _end_window(self) -> None:
+        """Finish the updates still in flight; check that every rank updated as many parameters."""
+        while self._in_flight:
+            self._receive()
+        if not self._agree(-(self._sent + 1)):
+            self._mismatch(f"this rank sent {self._sent} gradients in this step")
+        self.comm_history.append((self._bytes[0], self._bytes[1]))
+        self._sent, self._bytes = 0, [0, 0]
+
+    def _agree(self, code: int) -> bool:
+        """Whether every rank passed the same ``code`` (one small all-reduce; each check has the same size, so a
+        rank that is at another check disagrees instead of mismatching collectives)."""
+        device = next(iter(self._where)).device
+        codes = torch.tensor([code, -code], dtype=torch.int64, device=device)
+        dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=self._dist_group)
+        return bool(codes[0] == -codes[1])
+
+    def _mismatch(self, detail: str) -> None:
+        raise RuntimeError(
+            f"layerwise=True under DDP: the ranks gave gradients to different parameters ({detail}). Every rank must "
+            "give every trainable parameter a gradient in each step, as DistributedDataParallel without "
+            "find_unused_parameters requires; freeze the parameters some ranks do not use (requires_grad=False), "
+            "or use layerwise=False with find_unused_parameters=True. Checked in every hook of the first step and "
+            "by count after each step."
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, and also drop what this window accumulated in low rank (it is part of the gradient)."""
         super().zero_grad(set_to_none)
+        self._in_flight.clear()  # only left over after an exception inside backward
+        self._sent, self._bytes = 0, [0, 0]
         for p in self._pending:
             self.state[p].pop(LOWRANK_GRAD, None)
         self._pending.clear()
@@ -170,6 +265,8 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             with torch.no_grad():
                 for p in list(self._pending):
                     self._finish(p)
+                if self._distributed:
+                    self._end_window()
         finally:
             self._final = False
             self._pending.clear()

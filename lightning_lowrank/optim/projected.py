@@ -402,9 +402,12 @@ class ProjectedOptimizer(Optimizer):
             return int(state["step"]) % group["update_gap"] == 0
         return param in self._refresh_requests
 
-    def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]]) -> None:
-        """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments."""
+    def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]], slots: list[int] | None = None) -> None:
+        """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments.
+
+        Sharded, the layer in slot i (by default its place in ``due``) is computed on rank i % world."""
         rank, world = (self._shard[0], self._shard[1]) if self._shard else (0, 1)
+        owners = [i % world for i in (slots if slots is not None else range(len(due)))]
         old = {
             p: self._projectors[group["projector"]].matrix(p, self.state[p], ctx)
             for p, group, ctx in due
@@ -413,18 +416,18 @@ class ProjectedOptimizer(Optimizer):
         if self.memory_budget is not None:
             self._reallocate(due, old)
         seconds = {}
-        for i, (p, group, ctx) in enumerate(due):
+        for owner, (p, group, ctx) in zip(owners, due):
             state = self.state[p]
             projector = self._projectors[group["projector"]]
-            if i % world == rank:
+            if owner == rank:
                 start = time.perf_counter()
                 projector.refresh(p, p.grad, state, ctx)
                 if p.is_cuda:
                     torch.cuda.synchronize(p.device)
                 seconds[p] = time.perf_counter() - start
         if self._shard:
-            for i, (p, _, _) in enumerate(due):
-                self._broadcast_projector_state(p, src_index=i % world)
+            for owner, (p, _, _) in zip(owners, due):
+                self._broadcast_projector_state(p, src_index=owner)
         for p, group, ctx in due:
             state = self.state[p]
             P_new = self._projectors[group["projector"]].matrix(p, state, ctx)

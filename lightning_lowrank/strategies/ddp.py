@@ -6,6 +6,11 @@ bit for bit even where a decomposition is not bitwise reproducible, and the refr
 
 Because the subspaces agree, ``low_rank_comm=True`` can all-reduce each projected gradient in its subspace
 (r x n instead of m x n; see ``comm.py``).
+
+``layerwise=True`` does not wrap the module in ``DistributedDataParallel``: DDP's buckets would hold a full
+gradient of every weight for the whole run, which is what layer-wise updates exist to avoid. The layer-wise
+optimizer averages each gradient in its own hook instead (``LayerwiseProjectedOptimizer.all_reduce_in_hooks``);
+the strategy broadcasts the module's parameters at setup and its buffers before each training step, as DDP does.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.strategies.comm import (
     CommBytes,
     LowRankCommState,
@@ -44,10 +51,15 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
             with a user ``ddp_comm_hook``. Gradient clipping by norm is allowed but sees the norm of P P^T g_avg for
             projected weights (and of the full gradient of layers refreshing that step): a warning says so.
             ``comm_bytes`` lists the bytes all-reduced per optimizer step, with and without the projection.
+        layerwise: ``LowRankMixin``'s layer-wise updates; each gradient is averaged in its own hook, projected weights
+            in their subspace (as low_rank_comm, but exact for every option: a layer whose update reads the full
+            gradient sends it in full), and no ``DistributedDataParallel`` wrapper holds gradient buckets. Of DDP's
+            keywords only ``broadcast_buffers`` applies. ``comm_bytes`` counts the all-reduced bytes as above.
         Other keywords: ``LowRankMixin``'s, then ``DDPStrategy``'s and ``DistributedDataParallel``'s.
     """
 
     strategy_name = "lowrank_ddp"
+    layerwise_all_reduce = True
 
     def __init__(self, *args: Any, low_rank_comm: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,12 +80,50 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
                 f"Unknown option(s) {unknown} for LowRankDDPStrategy. Low-rank options: "
                 f"{', '.join(sorted(LowRankConfig.field_names()))}; other keywords go to DistributedDataParallel."
             )
+        if self.layerwise:
+            self._check_layerwise_options()
+
+    def _check_layerwise_options(self) -> None:
+        """Options of the bucketed DDP path that would do nothing with layer-wise updates, refused at construction."""
+        if self.low_rank_comm:
+            raise ValueError(
+                "layerwise=True already all-reduces each projected gradient in its subspace, in the layer's own hook; "
+                "low_rank_comm is the bucketed DDP path's version of that. Drop low_rank_comm."
+            )
+        if self._ddp_comm_hook is not None:
+            raise ValueError(
+                "layerwise=True averages gradients in its own hooks, without a DistributedDataParallel wrapper, so a "
+                "ddp_comm_hook would never run. Drop ddp_comm_hook, or use layerwise=False."
+            )
+        ignored = sorted(set(self._ddp_kwargs) - {"broadcast_buffers"})
+        if ignored:
+            raise ValueError(
+                f"layerwise=True does not wrap the module in DistributedDataParallel, so {ignored} would do nothing. "
+                "Of DDP's options only broadcast_buffers applies; every rank must give every trainable parameter "
+                "a gradient (find_unused_parameters is not available). Drop them, or use layerwise=False."
+            )
+
+    def configure_ddp(self) -> None:
+        if not self.layerwise:
+            super().configure_ddp()
+            return
+        # No DDP wrapper (see the module doc): start every rank from rank 0's parameters and buffers, as DDP does.
+        _sync_module_states(self.model)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.layerwise and self._ddp_kwargs.get("broadcast_buffers", True) and _world_size() > 1:
+            # DDP's broadcast_buffers: every forward uses rank 0's buffers (BatchNorm statistics, for one).
+            for buffer in self.lightning_module.buffers():
+                dist.broadcast(buffer, src=0)
+        return super().training_step(*args, **kwargs)
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world_size() > 1:
             for opt in self.optimizers:
-                if isinstance(opt, ProjectedOptimizer):
+                if isinstance(opt, LayerwiseProjectedOptimizer):
+                    opt.all_reduce_in_hooks()
+                elif isinstance(opt, ProjectedOptimizer):
                     opt.shard_refreshes()
         if self.low_rank_comm:
             check_optimizers(self.optimizers)
@@ -94,7 +144,11 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
     @property
     def comm_bytes(self) -> list[CommBytes]:
         """Per optimizer step, the bytes this rank all-reduced (``sent``) and those a plain all-reduce would
-        have (``full``); empty without ``low_rank_comm``. Payload sizes: a ring all-reduce moves about twice that."""
+        have (``full``); empty without ``low_rank_comm`` or ``layerwise``. Payload sizes: a ring all-reduce moves
+        about twice that."""
+        if self.layerwise:
+            histories = [opt.comm_history for opt in self.optimizers if isinstance(opt, LayerwiseProjectedOptimizer)]
+            return [CommBytes(sum(s for s, _ in step), sum(f for _, f in step)) for step in zip(*histories)]
         return list(self._comm_state.history) if self._comm_state is not None else []
 
     @classmethod
@@ -108,3 +162,7 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
             strategy_registry.register(
                 name, cls, description=f"DDP ({start_method}) with low-rank optimizer state", start_method=start_method
             )
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -62,9 +62,11 @@ class LowRankMixin:
         layerwise: update each weight during backward, in its post-accumulate-grad hook, and free its gradient
             right away, so full gradients never all exist at once (GaLore's per-layer update; see
             ``lightning_lowrank.optim.layerwise``). Works with ``accumulate_grad_batches`` (projected weights
-            accumulate their gradient in the subspace). One device only; refused with gradient clipping,
-            GradScaler (``16-mixed``), manual optimization and ``memory_budget``.
+            accumulate their gradient in the subspace). One device or ``LowRankDDPStrategy``; refused with
+            gradient clipping, GradScaler (``16-mixed``), manual optimization and ``memory_budget``.
     """
+
+    layerwise_all_reduce = False  # whether this parallel strategy averages gradients in the layer-wise hooks
 
     def __init__(
         self,
@@ -85,11 +87,10 @@ class LowRankMixin:
         self.print_memory_report = memory_report
         self.memory_json = memory_json
         self.memory_plan = memory_plan
-        if layerwise and isinstance(self, ParallelStrategy):
+        if layerwise and isinstance(self, ParallelStrategy) and not self.layerwise_all_reduce:
             raise ValueError(
-                f"layerwise=True is not yet supported with {type(self).__name__}: under DDP each gradient is averaged "
-                "across processes in buckets during backward, and a layer-wise update in the gradient's hook would "
-                "step on the local, not yet averaged gradient. Use layerwise=False, or LowRankStrategy on one device."
+                f"layerwise=True is not supported with {type(self).__name__}: each layer-wise update must see its "
+                "averaged gradient. Use LowRankStrategy on one device or LowRankDDPStrategy, or layerwise=False."
             )
         self.layerwise = bool(layerwise)
         self.planned: Plan | None = None  # with memory_plan=True: what the first step is planned to hold

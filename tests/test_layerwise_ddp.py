@@ -1,0 +1,142 @@
+"""Layer-wise updates under DDP (two CPU processes, gloo, fork): each gradient is averaged in its own hook."""
+
+import sys
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_lowrank import LowRankDDPStrategy
+from lightning_lowrank.strategies.comm import low_rank_comm_bytes
+from tests.models import TinyNet
+from tests.test_ddp import HANG, _two_processes
+from tests.test_layerwise import GradProbe
+
+RANK, GAP, STEPS, ACCUMULATE = 4, 2, 4, 4
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+
+
+class SaveRank(Callback):
+    """Each worker writes its parameters, counted bytes, refreshes done here and peak live gradient bytes."""
+
+    def __init__(self, out_dir, tag, probe):
+        self.out_dir, self.tag, self.probe, self.here, self.total = out_dir, tag, probe, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not the window's last micro-batch: no step ran
+        infos = trainer.optimizers[0].last_refreshes.values()
+        self.here += sum(info.computed_here for info in infos)
+        self.total += len(infos)
+
+    def on_train_end(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                "P": [opt.projection_matrix(p) for p in opt.projected_params()],
+                "sent": [b.sent for b in trainer.strategy.comm_bytes],
+                "full": [b.full for b in trainer.strategy.comm_bytes],
+                "step": opt.state[pl_module.attn.weight]["step"].item(),
+                "here": self.here,
+                "total": self.total,
+                "live_bytes": self.probe.bytes_per_step,
+                "wrapped": type(trainer.strategy.model).__name__,
+            },
+            f"{self.out_dir}/{self.tag}{trainer.global_rank}.pt",
+        )
+
+
+def _fit(tmp_path, layerwise, **options):
+    torch.manual_seed(0)
+    tag = f"{'lw' if layerwise else 'ddp'}{len(options)}"
+    probe = GradProbe()
+    strategy = LowRankDDPStrategy(
+        rank=RANK,
+        update_gap=GAP,
+        layerwise=layerwise,
+        start_method="fork",
+        timeout=HANG,
+        memory_report=False,
+        **options,
+    )
+    # 256 samples / 2 ranks / 8 per batch = 16 micro-batches per rank, 4 per step
+    trainer = _two_processes(
+        strategy, max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, callbacks=[probe, SaveRank(tmp_path, tag, probe)]
+    )
+    model = TinyNet(scheduler="step", n=256, batch_size=8)
+    trainer.fit(model)
+    return model, [torch.load(tmp_path / f"{tag}{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("options", [{}, {"projector": "dct"}, {"projector": "rsvd", "residual": "fira"}])
+def test_layerwise_ddp_with_accumulation_equals_bucketed_ddp(tmp_path, options):
+    _, (ref, _) = _fit(tmp_path, layerwise=False, **options)
+    model, (lw0, lw1) = _fit(tmp_path, layerwise=True, **options)
+    assert ref["step"] == lw0["step"] == STEPS
+    assert ref["wrapped"] == "DistributedDataParallel" and lw0["wrapped"] == "TinyNet"
+    for name, p in ref["params"].items():
+        assert torch.equal(lw0["params"][name], lw1["params"][name]), name  # ranks agree bit for bit
+        torch.testing.assert_close(lw0["params"][name], p, atol=1e-5, rtol=0, msg=name)
+    for a, b in zip(lw0["P"], lw1["P"]):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    start = TinyNet(scheduler="step", n=256, batch_size=8)
+    assert not torch.allclose(lw0["params"]["attn.weight"], start.attn.weight)  # it trained
+    # Live gradient bytes per step: the bucketed path holds every gradient at the end of backward. Layer-wise, a
+    # projected layer holds its full gradient only in a window where it refreshes (steps 0 and 2), or always with
+    # fira (which reads the full gradient); dense parameters accumulate theirs in full as usual.
+    total = 4 * sum(p.numel() for p in model.parameters())
+    assert ref["live_bytes"] == [total] * STEPS
+    projected = 4 * (model.attn.weight.numel() + model.mlp.weight.numel())
+    lean = total if "residual" in options else total - projected
+    for r in (lw0, lw1):
+        assert r["live_bytes"] == [total, lean, total, lean]
+
+
+def test_layerwise_ddp_sends_projected_gradients_and_shards_refreshes(tmp_path):
+    model, (r0, r1) = _fit(tmp_path, layerwise=True)
+    # From the shapes: a projected layer goes in its subspace except at its refreshes (steps 0 and 2 with
+    # update_gap=2, step 0 having no subspace yet), every other parameter in full.
+    projected = {"attn.weight", "mlp.weight"}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    full = low_rank_comm_bytes((s, None) for s in shapes.values())
+    low = low_rank_comm_bytes((s, RANK if n in projected else None) for n, s in shapes.items())
+    assert full - low == 4 * ((40 * 24 - 40 * RANK) + (24 * 40 - RANK * 40))  # attn (40, 24): m x r; mlp: r x n
+    for r in (r0, r1):
+        assert r["sent"] == [full if step % GAP == 0 else low for step in range(STEPS)]
+        assert r["full"] == [full] * STEPS
+    # Two projected layers refresh at steps 0 and 2: each rank computes one of them each time, the other arrives.
+    assert r0["total"] == r1["total"] == 4
+    assert r0["here"] == r1["here"] == 2
+
+
+def test_layerwise_ddp_refuses_options_that_would_do_nothing():
+    with pytest.raises(ValueError, match="already all-reduces each projected gradient.*Drop low_rank_comm"):
+        LowRankDDPStrategy(rank=4, layerwise=True, low_rank_comm=True)
+    with pytest.raises(ValueError, match=r"\['find_unused_parameters'\] would do nothing"):
+        LowRankDDPStrategy(rank=4, layerwise=True, find_unused_parameters=True)
+    with pytest.raises(ValueError, match="ddp_comm_hook would never run"):
+        LowRankDDPStrategy(rank=4, layerwise=True, ddp_comm_hook=lambda state, bucket: None)
+    LowRankDDPStrategy(rank=4, layerwise=True, broadcast_buffers=False)  # the one DDP option that applies
+
+
+class UsesExtraOnRankOne(TinyNet):
+    """A layer only rank 1 uses: the ranks' hooks differ, which layer-wise DDP must report, not deadlock on."""
+
+    def __init__(self):
+        super().__init__(n=64, batch_size=8)
+        self.extra = torch.nn.Linear(24, 32)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        if self.global_rank == 1:
+            out = out + self.extra(self.embed(x))
+        return torch.nn.functional.cross_entropy(out, y)
+
+
+def test_layerwise_ddp_reports_parameters_used_on_one_rank_only():
+    strategy = LowRankDDPStrategy(rank=4, layerwise=True, start_method="fork", timeout=HANG, memory_report=False)
+    with pytest.raises(Exception, match="ranks gave gradients to different parameters"):
+        _two_processes(strategy, max_steps=2).fit(UsesExtraOnRankOne())
