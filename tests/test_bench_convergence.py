@@ -1,0 +1,53 @@
+"""The convergence benchmark's harness: peers get exactly the weights our strategy projects, and rows are honest."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
+bench = pytest.importorskip("bench_convergence")
+
+
+def test_peer_model_projects_the_strategy_selection_and_keeps_groups_and_schedule():
+    seen = {}
+
+    def fake_peer(groups, **kwargs):
+        seen.update(groups=groups, kwargs=kwargs)
+        return torch.optim.SGD(groups, lr=kwargs["lr"])
+
+    model = bench.PeerByteLM(bench.ByteLMConfig(), lr=0.02, warmup_steps=4, max_steps=10)
+    model.make_peer = fake_peer
+    config = model.configure_optimizers()
+    groups = seen["groups"]
+    # Written out by hand from ByteLM's modules: every attention and MLP Linear, not the head or the embedding.
+    expected = {
+        p for block in model.layers for m in block.modules() if isinstance(m, torch.nn.Linear) for p in [m.weight]
+    }
+    projected = {p for g in groups if g.get("low") for p in g["params"]}
+    assert projected == expected and len(expected) == 4 * 7  # q, k, v, o, gate, up, down per block
+    everything = [p for g in groups for p in g["params"]]
+    assert len(everything) == len(set(everything)) == len(list(model.parameters()))
+    decay = {p for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decay == {p for p in model.parameters() if p.ndim >= 2}
+    assert seen["kwargs"] == {"lr": 0.02, "betas": (0.9, 0.95), "eps": 1e-8}
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert scheduler.optimizer is config["optimizer"]
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.02 * 1 / 4)  # warmup step 1 of 4
+
+
+def test_a_missing_peer_is_a_not_run_row_and_ratios_divide_by_adamw(monkeypatch):
+    def unavailable(*args):
+        raise bench.peers.PeerUnavailable("galore_torch is not installed")
+
+    monkeypatch.setattr(bench, "peer_factory", unavailable)
+    args = bench.parse_args(["--quick"])
+    result = bench.train("galore", bench.RUNS["galore"], data=None, args=args)
+    assert result.not_run == "galore_torch is not installed"
+    adamw = bench.Result("adamw", bench.RUNS["adamw"], [3.0] * 10, val_loss=2.0, state_bytes=1000)
+    ours = bench.Result("ours-svd", bench.RUNS["ours-svd"], [3.0] * 10, val_loss=2.5, state_bytes=250)
+    rows = bench.table([adamw, ours, result]).splitlines()
+    assert "| 2.500 | 1.250 |" in rows[3] and "| 0.250 |" in rows[3]
+    assert "| galore | not run: galore_torch is not installed |" in rows[4]
