@@ -11,6 +11,7 @@ from lightning_lowrank.optim.projection import (
     is_left,
     project,
     project_back,
+    subspace_similarity,
     svd_projection,
 )
 
@@ -89,3 +90,17 @@ def test_dct_selection_maximizes_captured_energy_among_basis_subsets():
 
 def test_side_rule():
     assert is_left((3, 5)) and is_left((4, 4)) and not is_left((5, 3))
+
+
+@pytest.mark.parametrize("orthonormal", [False, True])
+def test_subspace_similarity_of_overlapping_coordinate_subspaces(orthonormal):
+    # Columns 0-3 vs columns 2-5 of the identity (scaled when not told they are orthonormal): 2 of 4 shared
+    # directions, so the mean squared cosine of the principal angles is 2/4; the leading columns are orthogonal.
+    eye = torch.eye(10, dtype=torch.float64)
+    scale = 1.0 if orthonormal else 3.0
+    principal, leading = subspace_similarity(eye[:, :4] * scale, eye[:, 2:6], orthonormal=orthonormal)
+    assert principal == pytest.approx(0.5) and leading == pytest.approx(0.0)
+    # A rotated copy of the same subspace: similarity 1 either way.
+    rotation = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).Q
+    principal, _ = subspace_similarity(eye[:, :4], eye[:, :4] @ rotation, orthonormal=orthonormal)
+    assert principal == pytest.approx(1.0)

@@ -433,7 +433,9 @@ class ProjectedOptimizer(Optimizer):
             P_new = self._projectors[group["projector"]].matrix(p, state, ctx)
             similarity = leading = None
             if p in old:
-                similarity, leading = subspace_similarity(old[p], P_new)
+                # Dequantized and online-PCA matrices are only nearly orthonormal: those get orthonormalized.
+                exact = group["projector"] != "online_pca" and group["projector_bits"] is None
+                similarity, leading = subspace_similarity(old[p], P_new, orthonormal=exact)
                 rule = _projected_rule(group)
                 with self._moments(p, rule, group) as moments:
                     keys, rank_keys = rules.MOMENT_KEYS[rule], _rank_axis_keys(rule)
@@ -561,7 +563,7 @@ class ProjectedOptimizer(Optimizer):
                 p.add_(project_back(direction, P, p.shape) + complement, alpha=-step_size * scale)
                 return
         kind = group["residual"]
-        back = project_back(low_rank, P, p.shape) if kind != "none" else None
+        back = project_back(low_rank, P, p.shape) if kind in ("frugal", "fira") else None  # apollo never reads it
         extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group)
         if kind == "apollo":
             p.add_(extra, alpha=-step_size * math.sqrt(scale))
