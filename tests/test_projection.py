@@ -20,7 +20,7 @@ SHAPES = [(12, 20), (20, 12), (16, 16)]
 
 def _top_subspace_projector(G: torch.Tensor, r: int) -> torch.Tensor:
     """Orthogonal projector onto the top-r eigenvectors of G G^T (or G^T G): the top singular subspace."""
-    gram = G @ G.T if G.shape[0] <= G.shape[1] else G.T @ G
+    gram = G @ G.T if G.shape[0] < G.shape[1] else G.T @ G
     evals, evecs = torch.linalg.eigh(gram.double())
     top = evecs[:, torch.argsort(evals, descending=True)[:r]]
     return top @ top.T
@@ -63,7 +63,7 @@ def test_dct_basis_is_orthonormal_dct_ii(size):
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_dct_select_picks_top_r_by_coefficient_energy(shape, rank):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    left = shape[0] <= shape[1]
+    left = shape[0] < shape[1]  # a square G goes right, as in GaLore
     d = min(shape)
     # Independent: DCT-II coefficients along the smaller side by the definition, then energy per frequency.
     j = torch.arange(d, dtype=torch.float64)
@@ -89,7 +89,7 @@ def test_dct_selection_maximizes_captured_energy_among_basis_subsets():
 
 
 def test_side_rule():
-    assert is_left((3, 5)) and is_left((4, 4)) and not is_left((5, 3))
+    assert is_left((3, 5)) and not is_left((4, 4)) and not is_left((5, 3))  # square: right, as GaLore
 
 
 @pytest.mark.parametrize("orthonormal", [False, True])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_lowrank.optim.projection import is_left
+
 
 def hvp(loss_grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor]:
     """Hessian-vector product by double backward.
@@ -154,7 +156,7 @@ def subspace_diagonal(
 ) -> list[Tensor | None]:
     """Hutchinson estimate of each param's Hessian diagonal in its low-rank coordinates (shaped like P^T G or G P).
 
-    For ``W`` (m x n) with orthonormal ``P``: if m <= n the probe is ``v = P z`` with z (r, n) and the estimate
+    For ``W`` (m x n) with orthonormal ``P``: if m < n the probe is ``v = P z`` with z (r, n) and the estimate
     ``z ⊙ (P^T Hv)``; otherwise ``v = z P^T`` with z (m, r) and ``z ⊙ (Hv P)``. The expectation is the diagonal of
     the Hessian block restricted to that subspace, i.e. the curvature a projected optimizer's moments actually see.
     One joint HVP per sample serves all params; basis-less params get zero probes and ``None`` back.
@@ -170,11 +172,11 @@ def subspace_diagonal(
             continue
         if p.dim() != 2 or basis.dim() != 2:
             raise ValueError(f"a basis needs a 2-D param and a 2-D basis, got {tuple(p.shape)} / {tuple(basis.shape)}")
-        is_left = p.shape[0] <= p.shape[1]
-        side = p.shape[0] if is_left else p.shape[1]
+        left_side = is_left(p.shape)
+        side = p.shape[0] if left_side else p.shape[1]
         if basis.shape[0] != side:
             raise ValueError(f"basis for param {tuple(p.shape)} must have {side} rows, got {tuple(basis.shape)}")
-        left.append(is_left)
+        left.append(left_side)
 
     acc: list[Tensor | None] = []
     for p, basis, lft in zip(params, bases, left):

@@ -89,7 +89,7 @@ def dct2(x: Tensor, dim: int = -1) -> Tensor:
 
 def dct_scores_fft(grad: Tensor, left: bool) -> Tensor:
     """l2 norm of grad's DCT-II coefficients per frequency on the smaller side: for left (rows are the smaller side,
-    m <= n) transform along dim 0 and take norms over dim 1; else transform along dim 1 and take norms over dim 0.
+    m < n) transform along dim 0 and take norms over dim 1; else transform along dim 1 and take norms over dim 0.
     Same values as (basis.T @ grad).norm(dim=1) / (grad @ basis).norm(dim=0).
 
     The scores stay in the working precision (float32 for half/bfloat16 gradients): they only feed a top-r

@@ -3,10 +3,12 @@
 A projection is a matrix ``P`` (d x r) with orthonormal columns on the *smaller* side of G,
 d = min(m, n):
 
-* ``m <= n`` ("left"):  R = P^T G  has shape (r, n), and the update maps back as P R.
-* ``m >  n`` ("right"): R = G P    has shape (m, r), and the update maps back as R P^T.
+* ``m <  n`` ("left"):  R = P^T G  has shape (r, n), and the update maps back as P R.
+* ``m >= n`` ("right"): R = G P    has shape (m, r), and the update maps back as R P^T.
 
-Projecting the smaller side keeps the stored P small (GaLore's choice). Everything here is plain
+Projecting the smaller side keeps the stored P small (GaLore's choice). A square weight goes right, as in
+GaLore's and DCT-AdamW's code: on the byte LM that trained better than projecting it left (see
+``docs/benchmarks.md``). Everything here is plain
 torch over tensors, without Lightning, so it can be tested alone.
 """
 
@@ -37,8 +39,8 @@ def derive_seed(*parts: int) -> int:
 
 
 def is_left(shape: torch.Size | tuple[int, ...]) -> bool:
-    """True when the rows are the smaller side, so P multiplies G from the left."""
-    return shape[0] <= shape[1]
+    """True when the rows are the smaller side, so P multiplies G from the left (a square G goes right)."""
+    return shape[0] < shape[1]
 
 
 def effective_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:

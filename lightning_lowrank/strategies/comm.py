@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.projection import project, project_back
+from lightning_lowrank.optim.projection import is_left, project, project_back
 
 # Group options whose update reads the gradient outside the subspace, with why; refused with low_rank_comm.
 _NEEDS_FULL_GRADIENT = (
@@ -152,13 +152,13 @@ def low_rank_allreduce_hook(state: LowRankCommState, bucket: dist.GradBucket) ->
 
 def _low_rank_shape(shape: torch.Size, rank: int) -> tuple[int, int]:
     m, n = shape
-    return (rank, n) if m <= n else (m, rank)
+    return (rank, n) if is_left(shape) else (m, rank)
 
 
 def low_rank_comm_bytes(shapes: Iterable[tuple[tuple[int, ...], int | None]], element_size: int = 4) -> int:
     """Bytes one rank all-reduces for gradients of these shapes, each with the rank it is sent in (None: in full).
 
-    The counter's formula: numel elements for a gradient sent in full, r * n (m <= n) or m * r (m > n) elements for
+    The counter's formula: numel elements for a gradient sent in full, r * n (m < n) or m * r (m >= n) elements for
     one sent in its subspace, r clamped to min(m, n).
     """
     total = 0
