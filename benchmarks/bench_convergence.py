@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(HERE / "results" / "convergence.json"))
     parser.add_argument("--png", default=str(HERE / "results" / "convergence.png"), help="'' to skip the plot")
+    parser.add_argument("--replot", action="store_true", help="only redraw --png from the curves in --json")
     args = parser.parse_args(argv)
     if args.quick:
         args.max_steps, args.update_gap = 20, 5
@@ -286,6 +287,7 @@ def plot(results: list[Result], path: str, steps: int) -> None:
 
     window = max(1, steps // 30)
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: the default cycle repeats after 10
     for r in results:
         if r.not_run:
             continue
@@ -314,8 +316,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def replot(args: argparse.Namespace) -> list[Result]:
+    """The plot again from a saved JSON, without training."""
+    saved = json.loads(Path(args.json).read_text())
+    results = [
+        Result(r["name"], RUNS[r["name"]], r["train_losses"], r["val_loss"] or math.nan, not_run=r["not_run"] or "")
+        for r in saved["runs"]
+    ]
+    plot(results, args.png, saved["settings"]["max_steps"])
+    return results
+
+
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: ..." per run
     data = StdlibDataModule(
         block_size=ByteLMConfig().block_size,
