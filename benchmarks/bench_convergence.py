@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import peers  # noqa: E402
 from byte_lm import ByteLM, ByteLMConfig  # noqa: E402
-from compare_update_rules import DIVERGED_LOSS, LossCurve, evaluate, smooth  # noqa: E402
+from compare_update_rules import DIVERGED_LOSS, LossCurve, comparison_trainer, evaluate, smooth  # noqa: E402
 from stdlib_data import StdlibDataModule  # noqa: E402
 
 import lightning_lowrank  # noqa: E402
@@ -235,21 +235,7 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
             rank=RANK, update_gap=args.update_gap, scale=run.scale, seed=args.seed, memory_report=False, **run.options
         )
     curve = LossCurve()
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=args.max_steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        logger=False,
-        callbacks=[curve],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = comparison_trainer(strategy, [curve], args.max_steps)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start

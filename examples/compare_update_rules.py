@@ -184,6 +184,25 @@ def adamw_bytes(model: torch.nn.Module) -> int:
     return sum(2 * p.numel() * p.element_size() + step for p in model.parameters() if p.requires_grad)
 
 
+def comparison_trainer(strategy: Any, callbacks: list[L.Callback], max_steps: int) -> L.Trainer:
+    """The Trainer every compared run gets: CPU, fp32, clipping at 1.0 as in the demo, no logger or checkpoints."""
+    return L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=max_steps,
+        limit_val_batches=0,  # validation runs once, after training, on a fixed set
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def train(name: str, method: Method, data: StdlibDataModule, args: argparse.Namespace) -> Result:
     """One run from the same seed: model init and batch order are identical across methods."""
     L.seed_everything(args.seed, verbose=False)
@@ -206,21 +225,7 @@ def train(name: str, method: Method, data: StdlibDataModule, args: argparse.Name
         callbacks.append(lightning_lowrank.SubspaceRefresh(every=args.refresh_every))
         if method.probe is not None:
             callbacks.append(lightning_lowrank.CurvatureProbe(**method.probe))
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=args.max_steps,
-        limit_val_batches=0,  # validation runs once, after training, on the fixed set below
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,  # as in the demo
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = comparison_trainer(strategy, callbacks, args.max_steps)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start

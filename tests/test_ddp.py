@@ -68,21 +68,23 @@ class CountRefreshes(Callback):
         self.out_dir, self.here, self.total = out_dir, 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not a window's last micro-batch: no step ran, last_refreshes is still the previous step's
         infos = trainer.optimizers[0].last_refreshes.values()
         self.here += sum(info.computed_here for info in infos)
         self.total += len(infos)
 
-    def on_train_end(self, trainer, pl_module):
+    def record(self, trainer, pl_module) -> dict:
         opt = trainer.optimizers[0]
-        torch.save(
-            {
-                "here": self.here,
-                "total": self.total,
-                "P": [opt.projection_matrix(p) for p in opt.projected_params()],
-                "params": [p.detach().clone() for p in pl_module.parameters()],
-            },
-            f"{self.out_dir}/rank{trainer.global_rank}.pt",
-        )
+        return {
+            "here": self.here,
+            "total": self.total,
+            "P": [opt.projection_matrix(p) for p in opt.projected_params()],
+            "params": [p.detach().clone() for p in pl_module.parameters()],
+        }
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.record(trainer, pl_module), f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork start method")

@@ -4,47 +4,35 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from lightning_lowrank import LowRankDDPStrategy
 from lightning_lowrank.strategies.comm import low_rank_comm_bytes
 from tests.models import TinyNet
-from tests.test_ddp import HANG, _two_processes
+from tests.test_ddp import HANG, CountRefreshes, _two_processes
 from tests.test_layerwise import GradProbe
 
 RANK, GAP, STEPS, ACCUMULATE = 4, 2, 4, 4
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
 
 
-class SaveRank(Callback):
-    """Each worker writes its parameters, counted bytes, refreshes done here and peak live gradient bytes."""
+class SaveRank(CountRefreshes):
+    """Each worker writes, besides the refresh counts, its named parameters, counted bytes and live gradient bytes."""
 
     def __init__(self, out_dir, tag, probe):
-        self.out_dir, self.tag, self.probe, self.here, self.total = out_dir, tag, probe, 0, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # not the window's last micro-batch: no step ran
-        infos = trainer.optimizers[0].last_refreshes.values()
-        self.here += sum(info.computed_here for info in infos)
-        self.total += len(infos)
+        super().__init__(out_dir)
+        self.tag, self.probe = tag, probe
 
     def on_train_end(self, trainer, pl_module):
-        opt = trainer.optimizers[0]
-        torch.save(
-            {
-                "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
-                "P": [opt.projection_matrix(p) for p in opt.projected_params()],
-                "sent": [b.sent for b in trainer.strategy.comm_bytes],
-                "full": [b.full for b in trainer.strategy.comm_bytes],
-                "step": opt.state[pl_module.attn.weight]["step"].item(),
-                "here": self.here,
-                "total": self.total,
-                "live_bytes": self.probe.bytes_per_step,
-                "wrapped": type(trainer.strategy.model).__name__,
-            },
-            f"{self.out_dir}/{self.tag}{trainer.global_rank}.pt",
+        record = self.record(trainer, pl_module)
+        record.update(
+            named={n: p.detach().clone() for n, p in pl_module.named_parameters()},
+            sent=[b.sent for b in trainer.strategy.comm_bytes],
+            full=[b.full for b in trainer.strategy.comm_bytes],
+            step=trainer.optimizers[0].state[pl_module.attn.weight]["step"].item(),
+            live_bytes=self.probe.bytes_per_step,
+            wrapped=type(trainer.strategy.model).__name__,
         )
+        torch.save(record, f"{self.out_dir}/{self.tag}{trainer.global_rank}.pt")
 
 
 def _fit(tmp_path, layerwise, **options):
@@ -75,14 +63,14 @@ def test_layerwise_ddp_with_accumulation_equals_bucketed_ddp(tmp_path, options):
     model, (lw0, lw1) = _fit(tmp_path, layerwise=True, **options)
     assert ref["step"] == lw0["step"] == STEPS
     assert ref["wrapped"] == "DistributedDataParallel" and lw0["wrapped"] == "TinyNet"
-    for name, p in ref["params"].items():
-        assert torch.equal(lw0["params"][name], lw1["params"][name]), name  # ranks agree bit for bit
-        torch.testing.assert_close(lw0["params"][name], p, atol=1e-5, rtol=0, msg=name)
+    for name, p in ref["named"].items():
+        assert torch.equal(lw0["named"][name], lw1["named"][name]), name  # ranks agree bit for bit
+        torch.testing.assert_close(lw0["named"][name], p, atol=1e-5, rtol=0, msg=name)
     for a, b in zip(lw0["P"], lw1["P"]):
         assert torch.equal(a, b)
     torch.manual_seed(0)
     start = TinyNet(scheduler="step", n=256, batch_size=8)
-    assert not torch.allclose(lw0["params"]["attn.weight"], start.attn.weight)  # it trained
+    assert not torch.allclose(lw0["named"]["attn.weight"], start.attn.weight)  # it trained
     # Live gradient bytes per step: the bucketed path holds every gradient at the end of backward. Layer-wise, a
     # projected layer holds its full gradient only in a window where it refreshes (steps 0 and 2), or always with
     # fira (which reads the full gradient); dense parameters accumulate theirs in full as usual.
