@@ -2,8 +2,10 @@
 
 import sys
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lowrank import LowRankDDPStrategy
 from lightning_lowrank.strategies.comm import low_rank_comm_bytes
@@ -128,3 +130,35 @@ def test_layerwise_ddp_reports_parameters_used_on_one_rank_only():
     strategy = LowRankDDPStrategy(rank=4, layerwise=True, start_method="fork", timeout=HANG, memory_report=False)
     with pytest.raises(Exception, match="ranks gave gradients to different parameters"):
         _two_processes(strategy, max_steps=2).fit(UsesExtraOnRankOne())
+
+
+def test_layerwise_ddp_resumes_bit_for_bit_from_a_step_boundary_checkpoint(tmp_path):
+    def run(tag, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        strategy = LowRankDDPStrategy(
+            rank=RANK, update_gap=GAP, layerwise=True, start_method="fork", timeout=HANG, memory_report=False
+        )
+        trainer = L.Trainer(
+            strategy=strategy,
+            accelerator="cpu",
+            devices=2,
+            max_steps=2 * STEPS,  # 4 steps per epoch: the checkpoint at step 4 is an epoch boundary
+            accumulate_grad_batches=ACCUMULATE,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path / tag,
+            callbacks=[*callbacks, SaveRank(tmp_path, tag, GradProbe())],
+        )
+        trainer.fit(TinyNet(scheduler="step", n=256, batch_size=8), ckpt_path=ckpt_path)
+        return [torch.load(tmp_path / f"{tag}{r}.pt", weights_only=True) for r in (0, 1)]
+
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=STEPS, save_top_k=-1, filename="{step}")
+    full0, _ = run("full", callbacks=[every])
+    resumed0, resumed1 = run("resumed", ckpt_path=str(tmp_path / "ckpt" / f"step={STEPS}.ckpt"))
+    assert full0["step"] == resumed0["step"] == 2 * STEPS
+    for name, p in full0["named"].items():
+        assert torch.equal(resumed0["named"][name], p), name
+        assert torch.equal(resumed1["named"][name], p), name
+    for a, b in zip(full0["P"], resumed0["P"]):
+        assert torch.equal(a, b)
