@@ -137,7 +137,7 @@ def random_orthonormal(
 ) -> Tensor:
     """A (size, rank) matrix with orthonormal columns: QR of a Gaussian drawn from ``seed`` (on CPU, so any device
     regenerates the same basis). Drawn and factored in float32 unless the weight is float64: the basis is rebuilt
-    at every step, and float64 made that 2.5-5x slower for the same float32 result."""
+    at every step, and float64 made that several times slower for the same float32 result."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     gaussian = torch.randn(size, rank, generator=torch.Generator().manual_seed(seed), dtype=work)
     return torch.linalg.qr(gaussian).Q.to(dtype=dtype, device=device)
