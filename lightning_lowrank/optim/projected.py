@@ -40,6 +40,7 @@ from lightning_lowrank.optim.projection import (
     is_left,
     project,
     project_back,
+    projected_shape,
     subspace_similarity,
 )
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
@@ -597,12 +598,12 @@ class ProjectedOptimizer(Optimizer):
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
         """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one)."""
-        self._init_rule_state(param, _projected_rule(group), _projected_shape(param, rank or group["rank"]), group)
+        self._init_rule_state(param, _projected_rule(group), projected_shape(param.shape, rank or group["rank"]), group)
         if rank is not None:
             self.state[param]["rank"] = torch.tensor(rank, dtype=torch.int64)
 
     def _projected_shape(self, param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
-        return _projected_shape(param, self.layer_rank(param) if self.state[param] else group["rank"])
+        return projected_shape(param.shape, self.layer_rank(param) if self.state[param] else group["rank"])
 
     def _init_rule_state(self, param: Tensor, rule: str, shape: tuple[int, ...], group: dict[str, Any]) -> None:
         state = self.state[param]
@@ -737,13 +738,6 @@ def _meta_bytes(buffers: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in buffers.values())
 
 
-def _projected_shape(param: Tensor, rank: int) -> tuple[int, int]:
-    """Shape of the projected gradient: (r, n) when P acts on the left, (m, r) on the right."""
-    rank = effective_rank(param.shape, rank)
-    m, n = param.shape
-    return (rank, n) if is_left(param.shape) else (m, rank)
-
-
 @functools.cache  # asked at every refresh of every layer; the answer depends on the rule only
 def _rank_axis_keys(rule: str) -> frozenset[str]:
     """The rule's buffers that have an extent along the rank axis (the others are per channel)."""
@@ -767,9 +761,7 @@ def _layer_cost(param: Tensor, group: dict[str, Any]) -> LayerCost:
     rule = _projected_rule(group)
 
     def moments(rank: int) -> int:
-        m, n = param.shape
-        shape = (rank, n) if is_left(param.shape) else (m, rank)
-        return _meta_bytes(rules.init_state(rule, shape, param.dtype, _META))
+        return _meta_bytes(rules.init_state(rule, projected_shape(param.shape, rank), param.dtype, _META))
 
     d, es = min(param.shape), param.element_size()
     fixed = moments(0) + SCALAR_BYTES

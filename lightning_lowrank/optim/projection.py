@@ -8,8 +8,7 @@ d = min(m, n):
 
 Projecting the smaller side keeps the stored P small (GaLore's choice). A square weight goes right, as in
 GaLore's and DCT-AdamW's code: on the byte LM that trained better than projecting it left (see
-``docs/benchmarks.md``). Everything here is plain
-torch over tensors, without Lightning, so it can be tested alone.
+``docs/benchmarks.md``). Everything here is plain torch over tensors, without Lightning, so it can be tested alone.
 """
 
 from __future__ import annotations
@@ -46,6 +45,14 @@ def is_left(shape: torch.Size | tuple[int, ...]) -> bool:
 def effective_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
     """The rank actually used for a matrix: never more than its smaller side."""
     return min(rank, min(shape))
+
+
+def projected_shape(shape: torch.Size | tuple[int, ...], rank: int) -> tuple[int, int]:
+    """Shape of the projected gradient of an (m, n) matrix at ``rank`` (clamped to the smaller side): (r, n) when P
+    acts on the left, (m, r) on the right."""
+    m, n = shape
+    rank = effective_rank(shape, rank)
+    return (rank, n) if is_left(shape) else (m, rank)
 
 
 def project(grad: Tensor, P: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.projection import is_left, project, project_back
+from lightning_lowrank.optim.projection import project, project_back, projected_shape
 
 # Group options whose update reads the gradient outside the subspace, with why; refused with low_rank_comm.
 _NEEDS_FULL_GRADIENT = (
@@ -143,16 +143,11 @@ def low_rank_allreduce_hook(state: LowRankCommState, bucket: dist.GradBucket) ->
             if P is None:
                 grad.copy_(chunk.view_as(grad))
             else:
-                low_rank = chunk.view(_low_rank_shape(grad.shape, P.shape[1]))
+                low_rank = chunk.view(projected_shape(grad.shape, P.shape[1]))
                 grad.copy_(project_back(low_rank, P.to(grad.dtype), grad.shape))
         return buffer
 
     return fut.then(write_back)
-
-
-def _low_rank_shape(shape: torch.Size, rank: int) -> tuple[int, int]:
-    m, n = shape
-    return (rank, n) if is_left(shape) else (m, rank)
 
 
 def low_rank_comm_bytes(shapes: Iterable[tuple[tuple[int, ...], int | None]], element_size: int = 4) -> int:
@@ -166,6 +161,6 @@ def low_rank_comm_bytes(shapes: Iterable[tuple[tuple[int, ...], int | None]], el
         if rank is None:
             total += torch.Size(shape).numel()
         else:
-            rows, cols = _low_rank_shape(torch.Size(shape), min(rank, *shape))
+            rows, cols = projected_shape(shape, rank)
             total += rows * cols
     return total * element_size
