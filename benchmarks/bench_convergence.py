@@ -63,6 +63,7 @@ class Run:
     scale: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)  # LowRankStrategy keywords (ours only)
     recipe: str = ""
+    refresh: dict[str, Any] | None = None  # SubspaceRefresh keywords besides every=--update-gap (ours only)
 
 
 # lr / scale: each paper's LLaMA-60M recipe, as in examples/compare_update_rules.py. Ours and the peer of the same
@@ -85,8 +86,19 @@ RUNS: dict[str, Run] = {
         "ours",
         1e-2,
         1.0,
-        {"projector": "random", "residual": "apollo", "apollo_scale_type": "channel"},
-        "APOLLO recipe: lr 0.01, scale 1, random P, channel",
+        {"residual": "apollo", "apollo_scale_type": "channel"},
+        "APOLLO recipe: lr 0.01, scale 1, APOLLO's Gaussian P, channel",
+    ),
+    "ours-svd-adaptive": Run(
+        "ours", 1e-2, 0.25, {"projector": "svd"}, "GaLore recipe, SubspaceRefresh(adaptive=True)", {"adaptive": True}
+    ),
+    "ours-svd-qgalore": Run(
+        "ours",
+        1e-2,
+        0.25,
+        {"projector": "svd"},
+        "GaLore recipe, SubspaceRefresh(adaptive=True, rule='qgalore')",
+        {"adaptive": True, "rule": "qgalore"},
     ),
     "galore": Run("galore", 1e-2, 0.25, recipe="galore-torch GaLoreAdamW, GaLore recipe"),
     "fira": Run("fira", 1e-2, 0.25, recipe="fira FiraAdamW, Fira recipe"),
@@ -235,7 +247,10 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
             rank=RANK, update_gap=args.update_gap, scale=run.scale, seed=args.seed, memory_report=False, **run.options
         )
     curve = LossCurve()
-    trainer = comparison_trainer(strategy, [curve], args.max_steps)
+    callbacks: list[Any] = [curve]
+    if run.refresh is not None:
+        callbacks.append(lightning_lowrank.SubspaceRefresh(every=args.update_gap, **run.refresh))
+    trainer = comparison_trainer(strategy, callbacks, args.max_steps)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start

@@ -179,7 +179,7 @@ BUILDERS: dict[str, Builder] = {
     "ours-dct-fft": partial(ours, projector="dct", dct_scorer="fft"),
     "ours-dct-frugal": partial(ours, projector="dct", residual="frugal"),
     "ours-dct-fira": partial(ours, projector="dct", residual="fira"),
-    "ours-apollo": partial(ours, projector="random", residual="apollo"),
+    "ours-apollo": partial(ours, residual="apollo"),  # APOLLO's own Gaussian projection (projector="gaussian")
 }
 REFERENCE = "adamw"
 

@@ -25,12 +25,21 @@ from lightning_lowrank.memory.plan import DTYPES, OPTIMIZERS, PRESETS, Plan, pla
 
 # LowRankConfig fields whose default is None: the type of a value given on the command line.
 _NONE_DEFAULT_TYPES = {
+    "projector": str,
     "projector_bits": int,
     "inner": str,
+    "adam_form": str,
     "state_bits": int,
     "preconditioner": str,
     "memory_budget": int,
 }
+
+
+def _parse_bool(text: str) -> bool:
+    """``true``/``false`` (argparse's ``type=bool`` would read any non-empty text as True)."""
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             lowrank.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="PATTERN")
         else:
             kind = _NONE_DEFAULT_TYPES.get(f.name, type(f.default))
+            kind = _parse_bool if kind is bool else kind
             lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return parser
 

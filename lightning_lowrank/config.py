@@ -16,7 +16,7 @@ class LowRankConfig:
     """
 
     rank: int = 128
-    projector: str = "svd"
+    projector: str | None = None  # None: "gaussian" with residual="apollo", else "svd"
     update_gap: int = 200
     scale: float = 1.0
     moments: str = "keep"
@@ -26,8 +26,11 @@ class LowRankConfig:
     rsvd_oversample: int = 8
     rsvd_niter: int = 2
     dct_scorer: str = "matmul"
+    dct_norm: str = "l2"
+    dct_type: int = 2
     pca_lr: float = 0.1
     inner: str | None = None  # ProjectedOptimizer's projected_rule
+    adam_form: str | None = None
     residual: str = "none"
     frugal_rule: str = "signsgd"
     residual_lr_scale: float = 1.0
@@ -38,6 +41,7 @@ class LowRankConfig:
     preconditioner: str | None = None
     rho: float = 0.04
     hessian_beta: float = 0.99
+    hessian_bias_correction: bool = True
     memory_budget: int | None = None
     rank_by: str = "curvature"
     target_modules: tuple[str, ...] | None = None

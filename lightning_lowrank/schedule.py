@@ -2,6 +2,14 @@
 
 Plain Python, no torch or Lightning: ``RefreshSchedule`` turns what the optimizer reports about each refresh
 into the step of the layer's next refresh. The ``SubspaceRefresh`` callback is the glue around it.
+
+Two forms of the lazy rule (``RefreshPolicy.rule``):
+
+* ``"lazy"`` (ours): the next refresh is ``gap`` updates after the last one; after a growth the queue starts over
+  (``queue_size`` fresh refreshes must agree again); the gap is capped at ``max_gap`` (default 16 x every).
+* ``"qgalore"``: q-galore-torch 1.0's ``GaLoreProjector`` exactly: a layer refreshes at the updates that are
+  multiples of its current gap, the queue is kept after a growth (so the gap can grow at consecutive refreshes),
+  and there is no cap. The similarity fed to it should be the signed leading cosine, as Q-GaLore's.
 """
 
 from __future__ import annotations
@@ -9,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+RULES = ("lazy", "qgalore")
 
 
 @dataclass
@@ -28,7 +38,9 @@ class RefreshPolicy:
     """``every`` steps; ``warmup_every`` during the first ``warmup`` steps; with ``adaptive``, a layer whose last
     ``queue_size`` refreshes all left its subspace nearly unchanged (mean similarity >= ``cos_threshold``) gets its
     gap multiplied by ``gamma_proj``, up to ``max_gap`` (Q-GaLore's names and defaults). The regular schedule
-    starts with a refresh at update ``warmup``."""
+    starts with a refresh at update ``warmup``; warm-up refreshes, and the first regular one (which compares with
+    a warm-up subspace only ``warmup_every`` updates old), do not enter the queue. ``rule``: see the module doc;
+    ``"qgalore"`` has no cap, so it refuses a ``max_gap``."""
 
     every: int = 200
     warmup: int = 0
@@ -38,8 +50,16 @@ class RefreshPolicy:
     queue_size: int = 5
     gamma_proj: float = 2.0
     max_gap: int | None = None
+    rule: str = "lazy"
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
+        if self.rule == "qgalore" and self.max_gap is not None:
+            raise ValueError(
+                f"max_gap={self.max_gap!r} contradicts rule='qgalore' (Q-GaLore's gap has no cap): leave max_gap "
+                "unset, or use rule='lazy' for a capped gap"
+            )
         for name in ("every", "warmup_every", "queue_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -56,7 +76,9 @@ class RefreshPolicy:
             raise ValueError(f"max_gap must be >= every ({self.every}), got {self.max_gap!r}")
 
     @property
-    def gap_cap(self) -> int:
+    def gap_cap(self) -> int | None:
+        if self.rule == "qgalore":
+            return None
         return self.max_gap if self.max_gap is not None else 16 * self.every
 
 
@@ -85,16 +107,22 @@ class RefreshSchedule:
         layer.refreshes += 1
         layer.seconds += seconds
         policy = self.policy
-        if policy.adaptive and similarity is not None:
+        if policy.adaptive and similarity is not None and step > policy.warmup:
             layer.history = (layer.history + [similarity])[-policy.queue_size :]
             if (
                 len(layer.history) == policy.queue_size
                 and sum(layer.history) / policy.queue_size >= policy.cos_threshold
             ):
-                layer.gap = min(int(layer.gap * policy.gamma_proj), policy.gap_cap)
-                layer.history = []  # k fresh refreshes must agree again before the next growth
-        in_warmup = step < policy.warmup
-        layer.next_refresh = step + (min(policy.warmup_every, layer.gap) if in_warmup else layer.gap)
+                grown, cap = int(layer.gap * policy.gamma_proj), policy.gap_cap
+                layer.gap = grown if cap is None else min(grown, cap)
+                if policy.rule == "lazy":
+                    layer.history = []  # k fresh refreshes must agree again before the next growth
+        if step < policy.warmup:
+            layer.next_refresh = min(step + min(policy.warmup_every, layer.gap), policy.warmup)
+        elif policy.rule == "qgalore":  # the next multiple of the gap (counted from the end of the warm-up)
+            layer.next_refresh = policy.warmup + ((step - policy.warmup) // layer.gap + 1) * layer.gap
+        else:
+            layer.next_refresh = step + layer.gap
         return True
 
     def skipped(self, name: str, completed_steps: int) -> int:

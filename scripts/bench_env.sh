@@ -17,7 +17,8 @@ PIP=("$VENV_PY" -m pip install --quiet --disable-pip-version-check --no-deps)
     "q-galore-torch==1.0" \
     "fira==1.0.2" \
     "apollo-torch==1.0.3" \
-    "ista-daslab-optimizers==1.1.15"
+    "ista-daslab-optimizers==1.1.15" \
+    "sophia-opt==0.2.2"
 
 if [ "${BENCH_BNB:-0}" = "1" ]; then
     "${PIP[@]}" bitsandbytes || echo "bitsandbytes did not install; Q-GaLore will be reported as not run"
@@ -26,6 +27,6 @@ fi
 "$VENV_PY" - <<'EOF'
 import importlib.util
 
-for name in ("galore_torch", "q_galore_torch", "fira", "apollo_torch", "ista_daslab_optimizers", "bitsandbytes"):
+for name in ("galore_torch", "q_galore_torch", "fira", "apollo_torch", "ista_daslab_optimizers", "sophia_opt", "bitsandbytes"):
     print(f"{name:24s} {'installed' if importlib.util.find_spec(name) else 'missing'}")
 EOF

@@ -120,3 +120,50 @@ def test_quick_run_end_to_end_writes_the_expected_json(tmp_path):
     r = preset["rank"]
     assert adamw["state_bytes"] == sum(2 * m * n * 4 + 4 for m, n in shapes)
     assert ours["state_bytes"] == sum((2 * r * max(m, n) + r * min(m, n)) * 4 + 4 for m, n in shapes)
+
+
+# -- benchmarks/parity.py ------------------------------------------------------------------------------------------
+
+
+def test_parity_without_any_peer_gives_not_run_rows_and_renders(monkeypatch, tmp_path):
+    import parity
+
+    def unavailable(package, module):
+        raise peers.PeerUnavailable(f"{package} is not installed (scripts/bench_env.sh installs it)")
+
+    monkeypatch.setattr(peers, "_import", unavailable)
+    monkeypatch.setattr(parity, "_import_sophia", lambda: unavailable("sophia_opt", ""))
+    out, md = tmp_path / "parity.json", tmp_path / "parity.md"
+    result = parity.main(["--quick", "--json", str(out), "--markdown", str(md)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["parameters"] + result["schedule"] + result["dct_indices"]
+    assert len(result["parameters"]) == len(parity.param_cases()) and result["schedule"] and result["dct_indices"]
+    assert all(r["status"] == "not run" and "not installed" in r["reason"] for r in rows)
+    table = md.read_text()
+    assert table.count("| not run: ") == len(rows)
+    assert "| galore |" in table and "| sophia |" in table and "| stable | tall |" in table
+
+
+def test_parity_harness_finds_ours_at_float64_against_a_formula():
+    """Ours at full rank with rotated momentum is dense SGD with momentum (L2 decay, as torch's) in another
+    orthonormal basis, with refreshes every 4 steps: the harness must call it equal to torch.optim.SGD at float64,
+    and the float32 floor must be far above that."""
+    import parity
+
+    case = parity.ParamCase(
+        "sgd",
+        "torch.optim.SGD",
+        "full-rank svd, rotate",
+        lambda dtype, steps: parity.trajectory(
+            lambda ps: torch.optim.SGD(ps, lr=parity.LR, momentum=0.9, weight_decay=parity.WD), dtype, steps
+        ),
+        parity._traj(
+            lambda: parity._ours(
+                rank=16, projector="svd", moments="rotate", rule="sgd", momentum=0.9, decoupled_weight_decay=False
+            )
+        ),
+    )
+    row = parity.run_param_case(case, steps=parity.QUICK_STEPS)
+    assert row["status"] == "ok" and row["verdict"] == "at float64", row
+    assert row["max_rel_diff"] <= 1e-12 < 1e-8 < row["float32_floor"]
+    assert len(row["per_step"]) == parity.QUICK_STEPS

@@ -28,8 +28,9 @@ def _loss(W, a, c, b):
     return (a * W**4 / 12 + c * W**2 / 2 + b * W).sum()
 
 
-def _dense_sophia(steps, every, a, c, b):
-    """Sophia with decoupled decay, h = exact diagonal every `every` steps, EMA with explicit bias correction."""
+def _dense_sophia(steps, every, a, c, b, hbeta=HBETA, bias_correction=True):
+    """Sophia with decoupled decay, h = exact diagonal every `every` steps, EMA with explicit bias correction (or,
+    ``bias_correction=False``, SophiaG's plain EMA h = hbeta h + (1 - hbeta) estimate from h = 0)."""
     W = torch.zeros(M, N, dtype=torch.float64)
     m = torch.zeros_like(W)
     h_raw = torch.zeros_like(W)
@@ -43,16 +44,16 @@ def _dense_sophia(steps, every, a, c, b):
         W = W - LR * ratio.clamp(-1, 1)
         if t % every == 0:
             probes += 1
-            h_raw = HBETA * h_raw + (1 - HBETA) * (a * W**2 + c)
-            h = h_raw / (1 - HBETA**probes)
+            h_raw = hbeta * h_raw + (1 - hbeta) * (a * W**2 + c)
+            h = h_raw / (1 - hbeta**probes) if bias_correction else h_raw
     return W
 
 
-def _projected_sophia(steps, every, a, c, b, samples=1):
+def _projected_sophia(steps, every, a, c, b, samples=1, hbeta=HBETA, bias_correction=True):
     W = torch.zeros(M, N, dtype=torch.float64, requires_grad=True)
     opt = ProjectedOptimizer(
         [W], lr=LR, betas=(BETA1, 0.999), eps=EPS, weight_decay=WD, rank=M, update_gap=10_000,
-        preconditioner="lazy_hessian", rho=RHO, hessian_beta=HBETA,
+        preconditioner="lazy_hessian", rho=RHO, hessian_beta=hbeta, hessian_bias_correction=bias_correction,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     for t in range(1, steps + 1):
@@ -77,6 +78,82 @@ def test_full_basis_equals_dense_sophia():
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     # and the update differs from plain projected AdamW on the same problem: the test can tell them apart
     assert not torch.allclose(got, _projected_adamw(40, a, c, b), atol=1e-3)
+
+
+def test_uncorrected_hessian_ema_equals_dense_sophia():
+    """hessian_bias_correction=False: SophiaG's / SophiaH's EMA from zero, beta 0.9, 7 probes over 14 steps."""
+    a, c, b = _problem()
+    expected = _dense_sophia(14, 2, a, c, b, hbeta=0.9, bias_correction=False)
+    W, opt = _projected_sophia(14, 2, a, c, b, hbeta=0.9, bias_correction=False)
+    assert int(opt.state[W]["hessian_updates"]) == 7
+    got = W.detach()
+    assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
+    corrected = _projected_sophia(14, 2, a, c, b, hbeta=0.9)[0].detach()
+    torch.testing.assert_close(corrected, _dense_sophia(14, 2, a, c, b, hbeta=0.9), rtol=1e-10, atol=0)
+    assert (corrected - got).abs().max() > 1e-3  # the two EMAs lead to different weights
+
+
+def test_uncorrected_hessian_ema_equals_installed_sophiag():
+    """Against sophia-opt 0.2.2's SophiaG itself (a dev-only package) where curvature is positive, as its ratio
+    |m| / (rho h + 1e-15) needs: its update_hessian folds p.grad^2, so p.grad carries the square root of h."""
+    sophia_opt = pytest.importorskip("sophia_opt")
+    a, c, b = _problem()
+    c = c.abs() + 0.1
+
+    def run(sophiag):
+        W = torch.zeros(M, N, dtype=torch.float64, requires_grad=True)
+        if sophiag:
+            opt = sophia_opt.SophiaG([W], lr=LR, betas=(BETA1, 0.9), rho=RHO, weight_decay=WD)
+        else:
+            opt = ProjectedOptimizer(
+                [W], lr=LR, betas=(BETA1, 0.999), eps=1e-15, weight_decay=WD, rank=M, update_gap=10_000,
+                preconditioner="lazy_hessian", rho=RHO, hessian_beta=0.9, hessian_bias_correction=False,
+            )  # fmt: skip
+        for t in range(1, 31):
+            opt.zero_grad()
+            _loss(W, a, c, b).backward()
+            opt.step(bs=1) if sophiag else opt.step()
+            if t % 3 == 0:
+                h = a * W.detach() ** 2 + c  # exact, and the same in the signed-identity subspace
+                if sophiag:
+                    W.grad = h.sqrt()
+                    opt.update_hessian()
+                else:
+                    opt.update_curvature({W: h})
+        return W.detach()
+
+    expected = run(sophiag=True)
+    assert (run(sophiag=False) - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_a_reset_refresh_restarts_the_hessian_ema(bias_correction):
+    """moments="reset" zeroes h and the probe count: the next probe is taken whole (corrected) or as (1 - beta) of it
+    (uncorrected, as a fresh EMA from zero); without a reset the EMA goes on across the refresh."""
+    beta = 0.9
+    for moments in ("reset", "keep"):
+        torch.manual_seed(0)
+        W = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+        opt = ProjectedOptimizer(
+            [W], lr=0.01, rank=2, update_gap=2, preconditioner="lazy_hessian", moments=moments, hessian_beta=beta,
+            hessian_bias_correction=bias_correction,
+        )  # fmt: skip
+        h1, h2 = torch.rand(2, 8, dtype=torch.float64), torch.rand(2, 8, dtype=torch.float64)
+        W.grad = torch.randn(5, 8, dtype=torch.float64)
+        opt.step()
+        opt.update_curvature({W: h1})
+        first = h1 if bias_correction else (1 - beta) * h1
+        torch.testing.assert_close(opt.state[W]["hessian"], first)
+        for _ in range(2):  # the second step refreshes (update_gap=2)
+            W.grad = torch.randn(5, 8, dtype=torch.float64)
+            opt.step()
+        opt.update_curvature({W: h2})
+        if moments == "reset":
+            expected = h2 if bias_correction else (1 - beta) * h2
+        else:
+            weight = (1 - beta) / (1 - beta**2) if bias_correction else 1 - beta
+            expected = first + weight * (h2 - first)
+        torch.testing.assert_close(opt.state[W]["hessian"], expected)
 
 
 def _projected_adamw(steps, a, c, b):

@@ -178,7 +178,7 @@ def test_state_dict_round_trip_with_weights_only_resumes_bit_for_bit(projector):
     [
         (dict(rank=0), "rank"),
         (dict(rank=-3), "rank"),
-        (dict(projector="pca"), "'svd', 'rsvd', 'dct', 'random', 'online_pca'"),
+        (dict(projector="pca"), "'svd', 'rsvd', 'dct', 'random', 'gaussian', 'online_pca'"),
         (dict(moments="rotate_all"), "'keep', 'reset', 'rotate'"),
         (dict(projector_bits=2), "None, 4, 8"),
         (dict(dct_scorer="dft"), "'matmul', 'fft'"),

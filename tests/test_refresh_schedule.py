@@ -65,8 +65,28 @@ def test_fixed_gap_warmup_and_skipped_count():
     for step in range(100):
         if lazy.is_due("a", step):
             lazy.record("a", step, similarity=1.0, seconds=0.0)
-    # refreshes at 0, 20, 60 (gap 20, 40, 40 ...), 100 would be next: 3 done where a fixed gap does 10
-    assert lazy.layers["a"].refreshes == 3 and lazy.skipped("a", 100) == 7
+    # The first refresh has nothing to compare with, so it never enters the queue (as in Q-GaLore): refreshes at
+    # 0, 10 (gap -> 20), 30 (-> 40), 70 (capped at 40), 110 would be next: 4 done where a fixed gap does 10.
+    assert lazy.layers["a"].refreshes == 4 and lazy.skipped("a", 100) == 6
+
+
+@pytest.mark.parametrize(
+    "rule,done,gap",
+    [
+        # Q-GaLore: the next refresh is the next multiple of the gap (from the warm-up's end), the queue is kept so
+        # the gap doubles at each refresh once full, and nothing caps it. 15 -> 19, not 23: 16 is a multiple of 8.
+        ("qgalore", [0, 1, 2, 3, 7, 11, 15, 19, 35, 67, 131], 128),
+        # Ours: gap after the last refresh, the queue starts over after a growth, capped at 16 x 4 (not reached).
+        ("lazy", [0, 1, 2, 3, 7, 11, 15, 23, 31, 39, 55, 71, 87, 119], 32),
+    ],
+)
+def test_the_two_lazy_rules_after_a_warmup(rule, done, gap):
+    # Warm-up refreshes and the first regular one (at update 3) never enter the queue; with a queue of 3 the first
+    # growth is at update 15 under both rules.
+    policy = RefreshPolicy(every=4, warmup=3, warmup_every=1, adaptive=True, queue_size=3, rule=rule)
+    schedule = RefreshSchedule(policy)
+    steps = [step for step in range(140) if schedule.is_due("a", step) and schedule.record("a", step, 1.0, 0.0)]
+    assert steps == done and schedule.layers["a"].gap == gap
 
 
 def test_a_refresh_is_counted_once_and_state_round_trips():
@@ -94,6 +114,8 @@ def test_per_layer_base_gaps():
         (dict(gamma_proj=1.0), "gamma_proj"),
         (dict(queue_size=0), "queue_size"),
         (dict(every=10, max_gap=5), "max_gap"),
+        (dict(rule="galore"), "rule must be one of 'lazy', 'qgalore'"),
+        (dict(rule="qgalore", max_gap=400), "max_gap=400 contradicts rule='qgalore'"),
     ],
 )
 def test_bad_policy_values(kwargs, match):

@@ -49,9 +49,10 @@ def test_fixed_gap_refreshes_are_counted_in_the_report_and_logged():
     assert logger.metrics["lowrank/refreshes"] == 6  # logged by the callback on refresh steps
 
 
-def test_per_layer_overrides_and_warmup():
+@pytest.mark.parametrize("rule", ["lazy", "qgalore"])
+def test_per_layer_overrides_and_warmup(rule):
     log = RefreshLog()
-    refresh = SubspaceRefresh(every=5, overrides={"attn": 2}, warmup=2, warmup_every=1)
+    refresh = SubspaceRefresh(every=5, overrides={"attn": 2}, warmup=2, warmup_every=1, rule=rule)
     _fit(LowRankStrategy(rank=4, memory_report=False), [refresh, log], max_steps=9)
     # Warm-up refreshes at 0 and 1; the regular schedule starts with a refresh at step 2 (= warmup).
     assert log.steps == {"attn.weight": [0, 1, 2, 4, 6, 8], "mlp.weight": [0, 1, 2, 7]}
@@ -146,6 +147,9 @@ def test_unknown_override_pattern_names_the_layers():
     [
         (dict(every=0), "every"),
         (dict(similarity="cosine"), "similarity"),
+        (dict(rule="galore"), "rule must be one of 'lazy', 'qgalore'"),
+        (dict(rule="qgalore", similarity="principal"), "similarity='principal' contradicts rule='qgalore'"),
+        (dict(rule="qgalore", max_gap=3200), "max_gap=3200 contradicts rule='qgalore'"),
         (dict(moments="rotate_both"), "moments"),
         (dict(overrides={"attn": 0}), "overrides"),
     ],
@@ -153,3 +157,21 @@ def test_unknown_override_pattern_names_the_layers():
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SubspaceRefresh(**kwargs)
+
+
+def test_rule_and_similarity_defaults_and_a_checkpoint_of_another_measure():
+    assert SubspaceRefresh().similarity == "leading"  # |cos|: adapts on a stable gradient at any rank
+    assert SubspaceRefresh(rule="qgalore").similarity == "signed"
+    old = SubspaceRefresh(every=5, adaptive=True, similarity="principal")
+    old.schedule.record("attn", 0, None, 0.0)
+    old.schedule.record("attn", 5, 0.3, 0.0)
+    state = old.state_dict()
+    assert state["rule"] == "lazy" and state["similarity"] == "principal"
+    same = SubspaceRefresh(every=5, adaptive=True, similarity="principal")
+    same.load_state_dict(state)
+    assert same.schedule.layers["attn"].history == [0.3]
+    # The queue holds principal-angle values; a run that queues signed cosines starts it over, keeping the rest.
+    other = SubspaceRefresh(every=5, adaptive=True, rule="qgalore")
+    with pytest.warns(UserWarning, match="queues start over"):
+        other.load_state_dict(state)
+    assert other.schedule.layers["attn"].history == [] and other.schedule.layers["attn"].refreshes == 2

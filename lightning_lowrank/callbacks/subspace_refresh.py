@@ -7,12 +7,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.projected import MOMENT_POLICIES
 from lightning_lowrank.schedule import RefreshPolicy, RefreshSchedule
 from lightning_lowrank.selection import matches
+
+# similarity name -> the RefreshInfo field it reads
+SIMILARITIES = {"leading": "leading_similarity", "principal": "similarity", "signed": "leading_cosine"}
 
 
 class SubspaceRefresh(Callback):
@@ -24,8 +28,15 @@ class SubspaceRefresh(Callback):
         overrides: ``{module-name pattern: every}`` per-layer gaps (first matching pattern wins).
         adaptive: Q-GaLore's lazy rule: a layer whose subspace keeps coming back nearly unchanged refreshes less.
         cos_threshold, queue_size, gamma_proj, max_gap: that rule's parameters (defaults 0.4, 5, 2, 16 x every).
-        similarity: ``principal`` (mean squared cosine of the principal angles between old and new subspace) or
-            ``leading`` (|cos| of the leading directions, as Q-GaLore compares them).
+        rule: ``"lazy"`` (ours: next refresh ``gap`` after the last, queue cleared after a growth, gap capped) or
+            ``"qgalore"`` (q-galore-torch 1.0's schedule step for step: refresh at multiples of the gap, queue kept,
+            signed leading cosine, no cap; so it refuses ``max_gap`` and any ``similarity`` but ``"signed"``).
+        similarity: what the queue holds (None: ``"leading"`` for ``rule="lazy"``, ``"signed"`` for ``"qgalore"``).
+            ``"leading"``: |cos| of the old and new leading directions; it tracks the dominant direction, so a
+            stable gradient reads ~1 even at rank > 1. ``"signed"``: the same cosine with its sign, as Q-GaLore
+            queues it (an SVD's signs are arbitrary, so a stable direction can read -1). ``"principal"``: mean
+            squared cosine of the principal angles, which the r - 1 noise directions of a rank-1 signal keep near
+            1/r, so below the default threshold.
         moments: what Adam's moments do at a refresh: ``keep``, ``reset`` or ``rotate`` (None: the strategy's).
     """
 
@@ -41,21 +52,29 @@ class SubspaceRefresh(Callback):
         queue_size: int = 5,
         gamma_proj: float = 2.0,
         max_gap: int | None = None,
-        similarity: str = "principal",
+        rule: str = "lazy",
+        similarity: str | None = None,
         moments: str | None = None,
     ) -> None:
         self.policy = RefreshPolicy(
-            every, warmup, warmup_every, adaptive, cos_threshold, queue_size, gamma_proj, max_gap
+            every, warmup, warmup_every, adaptive, cos_threshold, queue_size, gamma_proj, max_gap, rule=rule
         )
-        if similarity not in ("principal", "leading"):
-            raise ValueError(f"similarity must be 'principal' or 'leading', got {similarity!r}")
+        if similarity is not None and similarity not in SIMILARITIES:
+            raise ValueError(
+                f"similarity must be one of {', '.join(map(repr, SIMILARITIES))} or None, got {similarity!r}"
+            )
+        if rule == "qgalore" and similarity not in (None, "signed"):
+            raise ValueError(
+                f"similarity={similarity!r} contradicts rule='qgalore', which queues the signed leading cosine "
+                "(similarity='signed' or None); use rule='lazy' for another measure"
+            )
         if moments is not None and moments not in MOMENT_POLICIES:
             raise ValueError(f"moments must be one of {', '.join(map(repr, MOMENT_POLICIES))} or None, got {moments!r}")
         self.overrides = dict(overrides or {})
         for pattern, gap in self.overrides.items():
             if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
                 raise ValueError(f"overrides[{pattern!r}] must be an int >= 1 (updates), got {gap!r}")
-        self.similarity = similarity
+        self.similarity = similarity or ("signed" if rule == "qgalore" else "leading")
         self.moments = moments
         self.schedule = RefreshSchedule(self.policy)
         self._names: dict[Tensor, str] = {}
@@ -117,7 +136,7 @@ class SubspaceRefresh(Callback):
         counted = 0
         for opt in self._optimizers(trainer):
             for p, info in opt.last_refreshes.items():
-                similarity = info.similarity if self.similarity == "principal" else info.leading_similarity
+                similarity = getattr(info, SIMILARITIES[self.similarity])
                 counted += self.schedule.record(self._names[p], info.step, similarity, info.seconds)
         if counted:
             layers = self.schedule.layers.values()
@@ -143,7 +162,16 @@ class SubspaceRefresh(Callback):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
+        return {**self.schedule.state_dict(), "rule": self.policy.rule, "similarity": self.similarity}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state_dict)
+        # Checkpoints from before ``rule`` existed used our rule and, by default, the principal-angle measure.
+        saved = (state_dict.get("rule", "lazy"), state_dict.get("similarity", "principal"))
+        if saved != (self.policy.rule, self.similarity) and any(s.history for s in self.schedule.layers.values()):
+            rank_zero_warn(
+                f"SubspaceRefresh: the checkpoint's queues hold (rule, similarity) = {saved}, this run uses "
+                f"{(self.policy.rule, self.similarity)}; the queues start over (gaps and counts are kept)."
+            )
+            for layer in self.schedule.layers.values():
+                layer.history = []

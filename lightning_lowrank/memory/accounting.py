@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import resource
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -44,6 +46,7 @@ GROUPS = ("attention", "mlp", "embeddings", "other")
 GROUP_LABELS = {"attention": "Attention", "mlp": "MLP", "embeddings": "Embeddings", "other": "Other"}
 ATTENTION_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")
 MLP_WORDS = ("mlp", "fc", "ffn", "gate_proj", "up_proj", "down_proj", "feed_forward")
+MAX_NAMED = 8  # layers named in a warning before the list is cut to "... and N more"
 
 
 def state_kind(key: str, projected: bool, value: Tensor | None = None) -> str:
@@ -295,6 +298,11 @@ class MemoryReport:
     def saving_bytes(self) -> int:
         return self.baseline_state_bytes - self.optimizer_state_bytes
 
+    def costly_layers(self) -> list[str]:
+        """Names of the projected layers whose optimizer state exceeds what the dense baseline would hold for them
+        (negative saving). Dense rows are left out: they differ from the baseline by a step counter at most."""
+        return [layer.name for layer in self.layers if layer.saving_bytes < 0]
+
     @property
     def budget_used_percent(self) -> float | None:
         """Optimizer state as a share of ``memory_budget`` (None without a budget)."""
@@ -450,7 +458,7 @@ def account_memory(
     peak = None
     if device is not None and device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-    return MemoryReport(
+    report = MemoryReport(
         layers=tuple(sorted(layers, key=lambda layer: layer.name)),
         param_bytes=sum(tensor_bytes(p) for p in params),
         grad_bytes=sum(tensor_bytes(p) for p in params if p.requires_grad),
@@ -468,6 +476,51 @@ def account_memory(
         state_kinds=totals,
         phases=None if phases is None else dict(phases),
     )
+    warn_negative_saving(report)
+    return report
+
+
+def warn_negative_saving(report: MemoryReport) -> None:
+    """One warning when ``report`` shows a negative saving, naming the layers that hold more state than dense (the
+    first ``MAX_NAMED``), or the shared DCT bases when no layer does. Silent when everything saves or breaks even."""
+    costly = report.costly_layers()
+    if not costly and report.saving_bytes >= 0:
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    base = report.baseline
+    total = f"in total it saves {_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"
+    if costly:
+        by_name = {layer.name: layer for layer in report.layers}
+        shown = []
+        for name in costly[:MAX_NAMED]:
+            layer = by_name.get(name)
+            detail = f" (rank {layer.rank}, {layer.projector})" if layer else ""
+            shown.append(name + detail)
+        more = f" and {len(costly) - MAX_NAMED} more" if len(costly) > MAX_NAMED else ""
+        message = (
+            f"{len(costly)} layer(s) hold more optimizer state than dense {base} would (negative saving): "
+            f"{', '.join(shown)}{more}; {total}. A rank near the smaller side, or a P (d x r) next to a small dense "
+            "state (Adafactor's), costs more than it saves: lower `rank`, pick a projector that stores less "
+            "(dct, random), or leave these layers out (`exclude`)."
+        )
+    elif report.shared_basis_bytes:
+        message = (
+            f"The low-rank state holds more than dense {base} would: every layer saves, but the shared DCT bases "
+            f"({_bytes(report.shared_basis_bytes)}) outweigh it; {total}. dct_scorer='fft' keeps no d x d basis."
+        )
+    else:
+        message = (
+            f"The low-rank state holds more than dense {base} would: no projected layer costs more, but the step "
+            f"counters {base} does not keep outweigh the saving; {total}."
+        )
+    warnings.warn(message, stacklevel=3)
+
+
+def _bytes(n: int) -> str:
+    from lightning_lowrank.memory.report import format_bytes  # local: report.py imports this module
+
+    return format_bytes(n)
 
 
 UNNAMED = "(unnamed)"

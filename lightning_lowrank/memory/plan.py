@@ -242,7 +242,7 @@ def plan(
     optimizers = []
     for opt in _base_optimizers(twin, optimizer, lr, optimizer_options or {}):
         if not isinstance(opt, ProjectedOptimizer):
-            opt = ProjectedOptimizer.from_optimizer(opt, set(selected), **cfg.optimizer_options())
+            opt = ProjectedOptimizer.from_optimizer(opt, selected, **cfg.optimizer_options())
         opt._projectors["random"] = _MetaRandomProjector()  # same stored state, without a QR per layer and step
         optimizers.append(opt)
     for p in twin.parameters():

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_lowrank.optim.projection import dct_norm_order
+
 # Dtypes torch.fft handles on every device; anything else (half, bfloat16) is transformed in float32.
 _FFT_DTYPES = (torch.float32, torch.float64)
 
@@ -87,10 +89,10 @@ def dct2(x: Tensor, dim: int = -1) -> Tensor:
     return _dct2_work(x, dim).to(x.dtype)
 
 
-def dct_scores_fft(grad: Tensor, left: bool) -> Tensor:
-    """l2 norm of grad's DCT-II coefficients per frequency on the smaller side: for left (rows are the smaller side,
-    m < n) transform along dim 0 and take norms over dim 1; else transform along dim 1 and take norms over dim 0.
-    Same values as (basis.T @ grad).norm(dim=1) / (grad @ basis).norm(dim=0).
+def dct_scores_fft(grad: Tensor, left: bool, norm: str = "l2") -> Tensor:
+    """l2 (or, ``norm="l1"``, l1) norm of grad's DCT-II coefficients per frequency on the smaller side: for left (rows
+    are the smaller side, m < n) transform along dim 0 and take norms over dim 1; else transform along dim 1 and take
+    norms over dim 0. Same values as ``projection.dct_scores(grad, dct_basis(d), norm)``.
 
     The scores stay in the working precision (float32 for half/bfloat16 gradients): they only feed a top-r
     choice, and rounding them back to bfloat16 would manufacture ties.
@@ -98,4 +100,4 @@ def dct_scores_fft(grad: Tensor, left: bool) -> Tensor:
     if grad.ndim != 2:
         raise ValueError(f"dct_scores_fft needs a 2-D gradient, got shape {tuple(grad.shape)}")
     dim = 0 if left else 1
-    return _dct2_work(grad, dim).norm(dim=1 - dim)
+    return torch.linalg.vector_norm(_dct2_work(grad, dim), ord=dct_norm_order(norm), dim=1 - dim)

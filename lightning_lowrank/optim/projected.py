@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ OPTIMIZER_LEVEL = ("memory_budget", "rank_by")  # options of the whole optimizer
 RANK_FLOOR = 0.5  # under memory_budget, the share of an even split's rank that every layer keeps
 SCALAR_BYTES = 64  # bound on a projected layer's scalar state (step, rank, counters, weights) for the budget
 DCT_SCORERS = ("matmul", "fft")
+DCT_NORMS = ("l2", "l1")
+HOST_KEYS = frozenset({"proj_seed"})  # state read on the host at every step: kept on the CPU
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class RefreshInfo:
     similarity: float | None  # mean squared cosine of principal angles to the previous subspace
     leading_similarity: float | None  # |cos| between the previous and new leading directions
     computed_here: bool  # False when DDP sharding gave the work to another rank
+    leading_cosine: float | None = None  # the same cosine signed, as Q-GaLore queues it
 
 
 class ProjectedOptimizer(Optimizer):
@@ -88,13 +92,18 @@ class ProjectedOptimizer(Optimizer):
             channel). None: ``rule``.
         residual: ``none``, ``frugal``, ``fira`` or ``apollo`` (see ``residuals.py``), with ``frugal_rule``,
             ``residual_lr_scale``, ``limiter_gamma``, ``apollo_scale_type``.
+        adam_form: ``torch`` (torch.optim.AdamW) or ``hf`` (transformers' AdamW, which the GaLore, Fira and APOLLO
+            code use: eps on sqrt(v), bias corrections in the step size, decay after the update); None: ``hf`` with
+            ``residual="fira"``/``"apollo"`` (so they match their reference code), else ``torch``.
         preconditioner: ``"lazy_hessian"`` replaces the projected rule by Sophia's clipped Newton step in the subspace,
             clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe folds in
-            through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected) and that
-            is reused between probes; ``betas[0]`` is m's factor. Dense parameters keep ``rule``.
+            through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected unless
+            ``hessian_bias_correction=False``, Sophia's own plain EMA from zero) and that is reused between probes;
+            ``betas[0]`` is m's factor. Dense parameters keep ``rule``.
         state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block).
         rank: subspace rank r; ``None`` makes a group dense. Clamped per layer to min(m, n).
-        projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca`` (see ``projectors.py``).
+        projector: ``svd``, ``rsvd``, ``dct``, ``random``, ``gaussian`` (APOLLO's) or ``online_pca`` (see
+            ``projectors.py``); None: ``gaussian`` with ``residual="apollo"``, else ``svd``.
         update_gap: refresh every this many updates of a layer (unless a scheduler owns the schedule).
         scale: multiplies the projected-back update (GaLore's alpha).
         decoupled_weight_decay: True for AdamW's decay, False for Adam's L2 penalty.
@@ -104,6 +113,7 @@ class ProjectedOptimizer(Optimizer):
         seed: base seed for random sketches and stochastic rounding (mixed with layer index and step).
         rsvd_oversample, rsvd_niter: randomized SVD's extra sketch columns and power iterations.
         dct_scorer: ``matmul`` (shared d x d basis) or ``fft`` (Makhoul's FFT, no basis kept).
+        dct_norm: ``l2`` ranks DCT columns by the energy they capture; ``l1`` as DCT-AdamW's code (``projectors.py``).
         pca_lr: online PCA's step size on P.
         memory_budget: bytes for this optimizer's whole state (dense part, projected moments, projectors). Each
             projected layer then gets its own rank, at most ``rank``, chosen at its refreshes (see ``ranks.py``):
@@ -111,6 +121,12 @@ class ProjectedOptimizer(Optimizer):
             first one arrives, as for ``"residual"``) or to its gradient energy outside the current subspace
             (``rank_by="residual"``, measured at each refresh). A layer grows only into bytes that are free at
             that moment, so the state never exceeds the budget. Needs full-precision state and P.
+        layer_names: names of the weights, for messages only (``from_optimizer`` takes them from a dict).
+
+    With the Adafactor rule, a weight is projected only where that holds fewer optimizer-state bytes than dense
+    Adafactor, whose factored second moment is already O(m + n): an SVD P of d x r alone is more than that, a seed
+    (``random``) or a DCT index set (``dct`` with ``dct_scorer="fft"``) at a small rank is not. The other weights are
+    trained densely (listed in ``kept_dense``), with one warning that names them.
     """
 
     def __init__(
@@ -122,7 +138,7 @@ class ProjectedOptimizer(Optimizer):
         weight_decay: float = 1e-2,
         *,
         rank: int | None = 128,
-        projector: str = "svd",
+        projector: str | None = None,
         update_gap: int = 200,
         scale: float = 1.0,
         decoupled_weight_decay: bool = True,
@@ -133,8 +149,11 @@ class ProjectedOptimizer(Optimizer):
         rsvd_oversample: int = 8,
         rsvd_niter: int = 2,
         dct_scorer: str = "matmul",
+        dct_norm: str = "l2",
+        dct_type: int = 2,
         pca_lr: float = 0.1,
         rule: str = "adamw",
+        adam_form: str | None = None,
         projected_rule: str | None = None,
         momentum: float = 0.0,
         dampening: float = 0.0,
@@ -151,15 +170,19 @@ class ProjectedOptimizer(Optimizer):
         preconditioner: str | None = None,
         rho: float = 0.04,
         hessian_beta: float = 0.99,
+        hessian_bias_correction: bool = True,
         memory_budget: int | None = None,
         rank_by: str = "curvature",
+        layer_names: Mapping[Tensor, str] | None = None,
     ) -> None:
         defaults = dict(
             rule=rule,
+            adam_form=adam_form,
             projected_rule=projected_rule,
             preconditioner=preconditioner,
             rho=rho,
             hessian_beta=hessian_beta,
+            hessian_bias_correction=hessian_bias_correction,
             momentum=momentum,
             dampening=dampening,
             nesterov=nesterov,
@@ -188,6 +211,8 @@ class ProjectedOptimizer(Optimizer):
             rsvd_oversample=rsvd_oversample,
             rsvd_niter=rsvd_niter,
             dct_scorer=dct_scorer,
+            dct_norm=dct_norm,
+            dct_type=dct_type,
             pca_lr=pca_lr,
             lowrank_mask=None,
         )
@@ -199,6 +224,7 @@ class ProjectedOptimizer(Optimizer):
         _check_budget_options(memory_budget, rank_by)
         self.memory_budget, self.rank_by = memory_budget, rank_by
         super().__init__(params, defaults)
+        self.kept_dense: list[Tensor] = self._keep_dense_where_projection_costs(layer_names)
         if memory_budget is not None:
             self._check_budget_fits()
 
@@ -206,7 +232,7 @@ class ProjectedOptimizer(Optimizer):
     def from_optimizer(
         cls,
         optimizer: Optimizer,
-        projected: set[Tensor] | Callable[[Tensor], bool],
+        projected: set[Tensor] | Mapping[Tensor, str] | Callable[[Tensor], bool],
         **options: Any,
     ) -> ProjectedOptimizer:
         """Build on the *same* param-group dicts as a torch AdamW, Adam, SGD or Adafactor, with its rule.
@@ -236,11 +262,15 @@ class ProjectedOptimizer(Optimizer):
                 bool(group.get("decoupled_weight_decay", False)) if decoupled is None else decoupled
             )
             group["lowrank_mask"] = [bool(is_selected(p)) for p in group["params"]]
-        return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], **options)
+        names = projected if isinstance(projected, Mapping) else None  # {weight: name}: names in messages
+        return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], layer_names=names, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        if group["projector"] is None:  # APOLLO's own projection for APOLLO, GaLore's SVD otherwise
+            group["projector"] = "gaussian" if group["residual"] == "apollo" else "svd"
+        _validate_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but integer state (projector indices, seeds, 8-bit codes) stays integer: torch casts every
@@ -255,7 +285,9 @@ class ProjectedOptimizer(Optimizer):
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for key, tensors in ints.items():
             for name, t in tensors.items():
-                self.state[params[key]][name] = t.to(device=params[key].device)
+                # A seed stays on the CPU: P is rebuilt from it at every step, and reading it there costs no sync.
+                device = "cpu" if name in HOST_KEYS else params[key].device
+                self.state[params[key]][name] = t.to(device=device)
 
     # -- what a scheduler or a strategy may ask of it ---------------------------------------------------------
 
@@ -311,7 +343,11 @@ class ProjectedOptimizer(Optimizer):
             state["hessian_updates"] += 1
             with self._moments(p, "sophia", group) as moments:
                 rules.fold_curvature_(
-                    moments["hessian"], estimate, int(state["hessian_updates"]), group["hessian_beta"]
+                    moments["hessian"],
+                    estimate,
+                    int(state["hessian_updates"]),
+                    group["hessian_beta"],
+                    group.get("hessian_bias_correction", True),
                 )
 
     def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
@@ -378,6 +414,58 @@ class ProjectedOptimizer(Optimizer):
             return [p.ndim == 2 for p in group["params"]]
         return mask
 
+    def _keep_dense_where_projection_costs(self, names: Mapping[Tensor, str] | None) -> list[Tensor]:
+        """Turn off the projection of Adafactor weights where it would hold more state than dense Adafactor.
+
+        Adafactor's second moment is factored (m + n numbers): projected, a weight holds the rule's state for R plus
+        its projector, which for an SVD-like P (d x r) is already more. Checked at the group's rank (at rank 1 under
+        ``memory_budget``, which then caps each layer at the rank that still saves); a DCT basis shared by
+        ``dct_scorer="matmul"`` counts once against the savings of the layers that would need it. One warning names
+        the weights kept dense; returns them.
+        """
+        candidates: list[tuple[int, Tensor, dict[str, Any], int]] = []  # (index, weight, group, saving)
+        bases_in_use: set[tuple[int, torch.dtype]] = set()  # DCT bases that projected non-Adafactor weights hold
+        index = -1
+        for group in self.param_groups:
+            for p, on in zip(group["params"], self._mask(group)):
+                index += 1
+                shared = group["projector"] == "dct" and group["dct_scorer"] == "matmul"
+                if on and _projected_rule(group) == "adafactor":
+                    rank = 1 if self.memory_budget is not None else effective_rank(p.shape, group["rank"])
+                    candidates.append((index, p, group, _projection_saving(p, group, rank, self.memory_budget)))
+                elif on and shared:
+                    bases_in_use.add((min(p.shape), p.dtype))
+        kept = [c for c in candidates if c[3] <= 0]
+        per_basis: dict[tuple[int, torch.dtype], list] = {}
+        for c in candidates:
+            if c[3] > 0 and c[2]["projector"] == "dct" and c[2]["dct_scorer"] == "matmul":
+                per_basis.setdefault((min(c[1].shape), c[1].dtype), []).append(c)
+        for (d, dtype), members in per_basis.items():
+            if (d, dtype) not in bases_in_use and sum(c[3] for c in members) <= d * d * dtype.itemsize:
+                kept += members
+        if not kept:
+            return []
+        kept.sort(key=lambda c: c[0])
+        dense_ids = {id(c[1]) for c in kept}
+        for group in self.param_groups:
+            mask = self._mask(group)
+            if any(id(p) in dense_ids for p in group["params"]):
+                group["lowrank_mask"] = [on and id(p) not in dense_ids for p, on in zip(group["params"], mask)]
+        names = names or {}
+        labels = [f"{names[p]} {tuple(p.shape)}" if p in names else f"#{i} {tuple(p.shape)}" for i, p, _, _ in kept]
+        shown = ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
+        projectors = ", ".join(sorted({repr(c[2]["projector"]) for c in kept}))
+        if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+            warnings.warn(
+                f"Adafactor's factored second moment holds only m + n numbers per weight, and projecting "
+                f"{len(kept)} of {len(candidates)} Adafactor weight(s) with projector={projectors} would hold more "
+                f"optimizer state than that (the projected state plus P, its indices or a shared d x d DCT basis): "
+                f"{shown}. They are trained with dense Adafactor instead. An SVD P (d x r) always costs more; a seed "
+                "(projector='random') or a DCT index set (projector='dct', dct_scorer='fft') at a small rank can save.",
+                stacklevel=3,
+            )
+        return [c[1] for c in kept]
+
     def _locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
         for index, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
             if p is param:
@@ -432,18 +520,23 @@ class ProjectedOptimizer(Optimizer):
         for p, group, ctx in due:
             state = self.state[p]
             P_new = self._projectors[group["projector"]].matrix(p, state, ctx)
-            similarity = leading = None
+            similarity = cosine = None
             if p in old:
                 # Dequantized and online-PCA matrices are only nearly orthonormal: those get orthonormalized.
-                exact = group["projector"] != "online_pca" and group["projector_bits"] is None
-                similarity, leading = subspace_similarity(old[p], P_new, orthonormal=exact)
+                exact = group["projector"] not in ("online_pca", "gaussian") and group["projector_bits"] is None
+                similarity, cosine = subspace_similarity(old[p], P_new, orthonormal=exact)
                 rule = _projected_rule(group)
                 with self._moments(p, rule, group) as moments:
-                    keys, rank_keys = rules.MOMENT_KEYS[rule], _rank_axis_keys(rule)
-                    _move_moments(moments, keys, rank_keys, old[p], P_new, group["moments"], is_left(p.shape))
+                    left = is_left(p.shape)
+                    keys, rank_keys = rules.MOMENT_KEYS[rule], _rank_axis_keys(rule, left)
+                    _move_moments(moments, keys, rank_keys, old[p], P_new, group["moments"], left)
                 if group["moments"] == "reset" and "hessian_updates" in state:
-                    state["hessian_updates"].zero_()  # the next probe's diagonal is taken whole
-            self.last_refreshes[p] = RefreshInfo(ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds)
+                    # h restarts: the next probe's diagonal is taken whole (bias-corrected) or as (1 - beta) of it
+                    state["hessian_updates"].zero_()
+            leading = None if cosine is None else abs(cosine)
+            self.last_refreshes[p] = RefreshInfo(
+                ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds, leading_cosine=cosine
+            )
             if self._refresh_requests is not None:
                 self._refresh_requests.discard(p)
 
@@ -518,7 +611,7 @@ class ProjectedOptimizer(Optimizer):
             # Receivers fill a fresh tensor: the old one may still be referenced (the previous P, kept to compare).
             tensor = state[key].to(device) if is_src else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(tensor, src=src, group=group)
-            state[key] = tensor
+            state[key] = tensor.cpu() if key in HOST_KEYS else tensor
         for key in [k for k in state if k.startswith("proj") and k not in {m[0] for m in meta[0]}]:
             del state[key]
 
@@ -550,7 +643,7 @@ class ProjectedOptimizer(Optimizer):
         rule = _projected_rule(group)
         lr, scale = float(group["lr"]), group["scale"]
         param_rms = _rms(p) if rule == "adafactor" else 0.0
-        grad = rules.weight_decay_(p, p.grad, lr, group["weight_decay"], group["decoupled_weight_decay"])
+        grad = _decay_before(p, p.grad, rule, group)
         P = self._projectors[group["projector"]].matrix(p, state, ctx)
         low_rank = project(grad, P)
         state["step"] += 1
@@ -566,14 +659,15 @@ class ProjectedOptimizer(Optimizer):
         kind = group["residual"]
         back = project_back(low_rank, P, p.shape) if kind in ("frugal", "fira") else None  # apollo never reads it
         extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group)
-        if kind == "apollo":
+        if kind == "apollo":  # the scaled raw gradient replaces the projected update
             p.add_(extra, alpha=-step_size * math.sqrt(scale))
-            return
-        p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
+        else:
+            p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
         if kind == "frugal":  # state-free: plain lr, no bias correction
             p.add_(extra, alpha=-lr * factor)
-        elif kind == "fira":  # as in Fira's code, scale multiplies only the projected part
+        elif kind == "fira":  # as in Fira's code: the bias-corrected step size, and scale only on the projected part
             p.add_(extra, alpha=-step_size)
+        _decay_after(p, rule, group)
 
     def _projected_step_low_rank(self, p: Tensor, group: dict[str, Any], ctx: LayerContext, low_rank: Tensor) -> None:
         """``_projected_step`` for a gradient that arrives already projected (layer-wise accumulation).
@@ -584,17 +678,18 @@ class ProjectedOptimizer(Optimizer):
         """
         state = self.state[p]
         rule = _projected_rule(group)
-        lr, scale, wd = float(group["lr"]), group["scale"], group["weight_decay"]
+        scale, wd = group["scale"], group["weight_decay"]
         param_rms = _rms(p) if rule == "adafactor" else 0.0
         P = self._projectors[group["projector"]].matrix(p, state, ctx)
         if wd != 0 and not group["decoupled_weight_decay"]:
             low_rank = low_rank.add(project(p, P), alpha=wd)
         else:
-            rules.weight_decay_(p, low_rank, lr, wd, group["decoupled_weight_decay"])  # decoupled: shrinks p
+            _decay_before(p, low_rank, rule, group)  # decoupled: shrinks p (unless it decays after the update)
         state["step"] += 1
         with self._moments(p, rule, group) as moments:
             direction, step_size = rules.direction(rule, low_rank, moments, int(state["step"]), group, param_rms)
         p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
+        _decay_after(p, rule, group)
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
         """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one)."""
@@ -623,13 +718,13 @@ class ProjectedOptimizer(Optimizer):
         state, rule = self.state[p], group["rule"]
         if not state:
             self._init_rule_state(p, rule, tuple(p.shape), group)
-        lr = float(group["lr"])
         param_rms = _rms(p) if rule == "adafactor" else 0.0
-        grad = rules.weight_decay_(p, p.grad, lr, group["weight_decay"], group["decoupled_weight_decay"])
+        grad = _decay_before(p, p.grad, rule, group)
         state["step"] += 1
         with self._moments(p, rule, group) as moments:
             direction, step_size = rules.direction(rule, grad, moments, int(state["step"]), group, param_rms)
         p.add_(direction, alpha=-step_size)
+        _decay_after(p, rule, group)
 
     @contextmanager
     def _moments(self, param: Tensor, rule: str, group: dict[str, Any]) -> Iterator[dict[str, Tensor]]:
@@ -711,7 +806,8 @@ def _move_moments(
             moments[key] = _resized(buffer, axis, P_new.shape[1])
             continue
         if R is None:
-            R = P_old.T.float() @ P_new.float()
+            work = torch.promote_types(P_old.dtype, torch.float32)  # half precision in float32, float64 kept
+            R = P_old.T.to(work) @ P_new.to(work)
         M = (R if key in rules.FIRST_MOMENTS else R.pow(2)).to(buffer.dtype)
         moments[key] = M.T @ buffer if left else buffer @ M
 
@@ -738,11 +834,15 @@ def _meta_bytes(buffers: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in buffers.values())
 
 
-@functools.cache  # asked at every refresh of every layer; the answer depends on the rule only
-def _rank_axis_keys(rule: str) -> frozenset[str]:
-    """The rule's buffers that have an extent along the rank axis (the others are per channel)."""
-    a = rules.init_state(rule, (2, 7), torch.float32, _META)
-    b = rules.init_state(rule, (3, 7), torch.float32, _META)
+@functools.cache  # asked at every refresh of every layer; the answer depends on the rule and the side only
+def _rank_axis_keys(rule: str, left: bool) -> frozenset[str]:
+    """The rule's buffers that have an extent along the rank axis (the others are per channel).
+
+    The rank axis is the first of R = P^T G (r, n) when P acts on the left and the last of R = G P (m, r) on the
+    right, so the answer depends on the side: Adafactor's ``row_var`` carries the rank on the left, ``col_var`` on
+    the right. Probed with two projected shapes of that side whose rank differs."""
+    shapes = [(2, 7), (3, 7)] if left else [(7, 2), (7, 3)]
+    a, b = (rules.init_state(rule, shape, torch.float32, _META) for shape in shapes)
     return frozenset(k for k in a if a[k].shape != b[k].shape)
 
 
@@ -753,6 +853,7 @@ _PROJECTOR_BYTES_PER_RANK = {
     "online_pca": lambda d, es: d * es,
     "dct": lambda d, es: 8,  # int64 indices
     "random": lambda d, es: 0,  # a seed
+    "gaussian": lambda d, es: 0,  # a seed
 }
 
 
@@ -769,6 +870,40 @@ def _layer_cost(param: Tensor, group: dict[str, Any]) -> LayerCost:
     dense = _meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, _META))
     worth = (dense - fixed) // per_rank if per_rank else d  # above this the layer would hold more than dense state
     return LayerCost(fixed, per_rank, max(1, min(group["rank"], d, worth)))
+
+
+def _state_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+    """Bytes of the rule's buffers for a gradient of ``shape``: as is, or (``state_bits=8``) one byte per element
+    with a float32 absmax per block and the int64 shape."""
+    buffers = rules.init_state(rule, shape, dtype, _META)
+    if group["state_bits"] is None:
+        return _meta_bytes(buffers)
+    block = group["state_block_size"]
+    sizes = [t for t in buffers.values() if t.numel()]
+    return sum(t.numel() + 4 * -(-t.numel() // min(block, t.numel())) + 8 * t.dim() for t in sizes)
+
+
+def _projector_bytes(param: Tensor, group: dict[str, Any], rank: int) -> int:
+    """Bytes of one layer's projector at ``rank``: P (d x r, or its 8/4-bit codes with a float32 scale and zero per
+    group), DCT indices, or a seed. A DCT basis shared by ``dct_scorer="matmul"`` is not in it."""
+    d, es, kind, bits = min(param.shape), param.element_size(), group["projector"], group["projector_bits"]
+    if kind in ("random", "gaussian"):
+        return 8  # an int64 seed
+    if bits is None or kind == "dct":
+        return _PROJECTOR_BYTES_PER_RANK[kind](d, es) * rank
+    n = d * rank
+    return -(-n * bits // 8) + 8 * -(-n // min(group["proj_group_size"], n))
+
+
+def _projection_saving(param: Tensor, group: dict[str, Any], rank: int, memory_budget: int | None = None) -> int:
+    """Optimizer-state bytes that projecting ``param`` at ``rank`` saves against training it densely in the same
+    optimizer (same rule, same ``state_bits``); negative where the projection costs. The step counter is on both
+    sides; a projected layer's own scalars (Fira's and APOLLO's last norm, the budget's rank and energy) count."""
+    dense = _state_bytes(group["rule"], tuple(param.shape), param.dtype, group)
+    rule, shape = _projected_rule(group), projected_shape(param.shape, rank)
+    projected = _state_bytes(rule, shape, param.dtype, group) + _projector_bytes(param, group, rank)
+    projected += (4 if group["residual"] in ("fira", "apollo") else 0) + (12 if memory_budget is not None else 0)
+    return dense - projected
 
 
 def _check_budget_options(memory_budget: Any, rank_by: Any) -> None:
@@ -800,6 +935,19 @@ class ProjectedAdamW(ProjectedOptimizer):
     """``ProjectedOptimizer`` with the Adam(W) rule: the foundation's optimizer, and the default."""
 
 
+def _decay_before(p: Tensor, grad: Tensor, rule: str, group: dict[str, Any]) -> Tensor:
+    """Weight decay applied before the update: L2 into the gradient, or torch's decoupled shrink of the weight."""
+    if rules.decays_after_update(rule, group):
+        return grad
+    return rules.weight_decay_(p, grad, float(group["lr"]), group["weight_decay"], group["decoupled_weight_decay"])
+
+
+def _decay_after(p: Tensor, rule: str, group: dict[str, Any]) -> None:
+    """transformers' AdamW (``adam_form="hf"``: GaLore, Fira, APOLLO) decays the weight after the update."""
+    if rules.decays_after_update(rule, group) and group["weight_decay"] != 0:
+        p.add_(p, alpha=-float(group["lr"]) * group["weight_decay"])
+
+
 def _rms(t: Tensor) -> float:
     return t.norm(2).item() / math.sqrt(t.numel())
 
@@ -825,7 +973,18 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid rank: {rank!r} (must be a positive int, or None for a dense group)")
     _check_choice("projector", group["projector"], PROJECTORS)
     _check_choice("moments", group["moments"], MOMENT_POLICIES)
+    if group["moments"] == "rotate" and group["projector"] == "gaussian":
+        raise ValueError(
+            "moments='rotate' maps moments through P_old^T P_new, which needs orthonormal bases, and "
+            "projector='gaussian' (APOLLO's) is not orthonormal; use moments='keep' (APOLLO's) or 'reset'"
+        )
     _check_choice("dct_scorer", group["dct_scorer"], DCT_SCORERS)
+    _check_choice("dct_norm", group["dct_norm"], DCT_NORMS)
+    _check_choice("dct_type", group["dct_type"], (2, 3))
+    if group["dct_type"] == 3 and group["dct_scorer"] != "matmul":
+        raise ValueError("dct_type=3 (DCT-AdamW's matmul basis) scores with the shared basis: use dct_scorer='matmul'")
+    _check_choice("adam_form", group["adam_form"], (None, *rules.ADAM_FORMS))
+    _check_choice("hessian_bias_correction", group["hessian_bias_correction"], (True, False))
     _check_choice("projector_bits", group["projector_bits"], (None, 4, 8))
     _check_choice("rule", group["rule"], rules.RULES[:3])
     _check_choice("projected_rule", group["projected_rule"], (None, "subset_norm"))

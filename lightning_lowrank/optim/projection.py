@@ -18,8 +18,9 @@ import math
 import torch
 from torch import Tensor
 
-PROJECTORS = ("svd", "rsvd", "dct", "random", "online_pca")
+PROJECTORS = ("svd", "rsvd", "dct", "random", "gaussian", "online_pca")
 _MASK64 = (1 << 64) - 1
+DCT_NORM_ORDERS = {"l2": 2, "l1": 1}  # dct_norm: the norm of G's coefficients that ranks the DCT columns
 
 
 def derive_seed(*parts: int) -> int:
@@ -99,14 +100,23 @@ def dct_columns(size: int, indices: Tensor, dtype: torch.dtype, device: torch.de
     return cols.to(dtype=dtype, device=device)
 
 
-def dct_scores(grad: Tensor, basis: Tensor) -> Tensor:
-    """Alignment of each basis column with ``grad``: the l2 norm of G's coefficients on it.
+def dct_norm_order(norm: str) -> int:
+    """The vector-norm order of a ``dct_norm`` name: ``"l2"`` -> 2, ``"l1"`` -> 1."""
+    if norm not in DCT_NORM_ORDERS:
+        raise ValueError(f"Unknown dct_norm {norm!r}; choose one of {', '.join(map(repr, DCT_NORM_ORDERS))}")
+    return DCT_NORM_ORDERS[norm]
 
-    Picking the top-r by l2 score maximises the captured energy ||P^T G||_F^2 over subsets of the basis.
+
+def dct_scores(grad: Tensor, basis: Tensor, norm: str = "l2") -> Tensor:
+    """Alignment of each basis column with ``grad``: the l2 (or l1) norm of G's coefficients on it.
+
+    Picking the top-r by l2 score maximises the captured energy ||P^T G||_F^2 over subsets of the basis, which is
+    why it is the default. ``"l1"`` is what DCT-AdamW's code (ista-daslab-optimizers 1.1.15) scores with by default.
     """
+    order = dct_norm_order(norm)
     if is_left(grad.shape):
-        return (basis.T @ grad).norm(dim=1)
-    return (grad @ basis).norm(dim=0)
+        return torch.linalg.vector_norm(basis.T @ grad, ord=order, dim=1)
+    return torch.linalg.vector_norm(grad @ basis, ord=order, dim=0)
 
 
 def top_indices(scores: Tensor, rank: int) -> Tensor:
@@ -114,9 +124,10 @@ def top_indices(scores: Tensor, rank: int) -> Tensor:
     return torch.topk(scores, rank, sorted=True).indices
 
 
-def dct_select(grad: Tensor, rank: int, basis: Tensor) -> Tensor:
-    """Indices (int64, best first) of the ``rank`` DCT basis columns best aligned with ``grad``."""
-    return top_indices(dct_scores(grad.to(basis.dtype), basis), rank)
+def dct_select(grad: Tensor, rank: int, basis: Tensor, norm: str = "l2") -> Tensor:
+    """Indices (int64, best first) of the ``rank`` DCT basis columns best aligned with ``grad`` (``norm``: see
+    ``dct_scores``)."""
+    return top_indices(dct_scores(grad.to(basis.dtype), basis, norm), rank)
 
 
 def randomized_svd_projection(
@@ -150,22 +161,54 @@ def random_orthonormal(
     return torch.linalg.qr(gaussian).Q.to(dtype=dtype, device=device)
 
 
+APOLLO_SEED_ADVANCE = 0xF  # apollo-torch's next_seed draws this many integers and keeps the last
+
+
+def apollo_next_seed(seed: int) -> int:
+    """The seed of a layer's next APOLLO projection, as apollo-torch 1.0.3 derives it from the current one."""
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (APOLLO_SEED_ADVANCE,), generator=gen)[-1])
+
+
+def gaussian_projection(
+    shape: torch.Size | tuple[int, ...], rank: int, seed: int, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """APOLLO's projection for an (m, n) weight as our P (d x r): entries N(0, 1/r), NOT orthonormalized.
+
+    Drawn exactly as apollo-torch 1.0.3 draws it: float32 from a generator on the weight's device seeded with
+    ``seed``, in its own layout ((m, r) on the left, (r, n) on the right, here transposed), divided by sqrt(r) in
+    float32, then cast to the weight's dtype. So with the same seeds a run matches apollo-torch's draws on CPU and
+    on CUDA alike (the two devices' generators give different numbers, as in apollo-torch). E[P P^T] = I, so the
+    projected gradient keeps about the norm of G, which is what APOLLO's scale factors assume.
+    """
+    m, n = shape
+    if torch.device(device).type == "meta":
+        return torch.empty(min(shape), rank, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    layout = (m, rank) if is_left(shape) else (rank, n)
+    draw = torch.randn(layout, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)
+    draw = draw.to(dtype)
+    return draw if is_left(shape) else draw.T
+
+
 def orthonormalize(P: Tensor) -> Tensor:
     """Orthonormal basis of P's column space (P may have drifted, as online PCA's does)."""
     return torch.linalg.qr(P.float()).Q
 
 
 def subspace_similarity(P_old: Tensor, P_new: Tensor, orthonormal: bool = False) -> tuple[float, float]:
-    """(principal, leading): mean squared cosine of the principal angles between the two column spaces, in [0, 1],
-    and |cos| between the two leading columns (sign-free, unlike Q-GaLore's).
+    """(principal, leading cosine): mean squared cosine of the principal angles between the two column spaces, in
+    [0, 1], and the *signed* cosine between the two leading columns (Q-GaLore's measure; its absolute value is the
+    sign-free one, since an SVD may flip a vector's sign).
 
     ``orthonormal=True`` says both already have orthonormal columns (SVD, DCT and random bases), which saves the two
-    QR factorizations: they were most of a DCT refresh's time on 1024-wide layers."""
-    Q_old, Q_new = (P_old.float(), P_new.float()) if orthonormal else (orthonormalize(P_old), orthonormalize(P_new))
-    principal = (Q_old.T @ Q_new).pow(2).sum().item() / Q_new.shape[1]
-    a, b = P_old[:, 0].float(), P_new[:, 0].float()
-    leading = (a @ b).abs().item() / max((a.norm() * b.norm()).item(), 1e-30)
-    return principal, leading
+    QR factorizations: they were most of a DCT refresh's time on 1024-wide layers. Float64 inputs stay float64 so
+    a threshold test on the result matches a float64 reference; all numbers come to the host in one sync."""
+    work = torch.float64 if P_old.dtype == P_new.dtype == torch.float64 else torch.float32
+    Q_old, Q_new = (P_old.to(work), P_new.to(work)) if orthonormal else (orthonormalize(P_old), orthonormalize(P_new))
+    a, b = P_old[:, 0].to(work), P_new[:, 0].to(work)
+    overlap, dot, norms = torch.stack([(Q_old.T @ Q_new).pow(2).sum().to(work), a @ b, a.norm() * b.norm()]).tolist()
+    return overlap / Q_new.shape[1], dot / max(norms, 1e-30)
 
 
 def online_pca_gradient(P: Tensor, grad: Tensor) -> Tensor:

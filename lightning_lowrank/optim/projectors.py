@@ -19,9 +19,11 @@ from torch import Tensor
 
 from lightning_lowrank.optim.dct_fft import dct_scores_fft
 from lightning_lowrank.optim.projection import (
+    apollo_next_seed,
     dct_columns,
     dct_select,
     derive_seed,
+    gaussian_projection,
     is_left,
     online_pca_gradient,
     random_orthonormal,
@@ -115,22 +117,38 @@ class DCTProjector(Projector):
 
     ``dct_scorer="matmul"`` scores with the optimizer's shared d x d basis; ``"fft"`` scores with one FFT per
     row/column (Makhoul) and rebuilds the r columns from the formula, so no d x d basis is ever held.
+
+    ``dct_norm`` is the norm of G's coefficients on a column that ranks it: ``"l2"`` (default) keeps the r columns
+    that capture the most energy ||P^T G||_F^2; ``"l1"`` is DCT-AdamW's default (``ell_norm=1``).
+
+    ``dct_type`` is which orthonormal cosine basis: 2 (default), the DCT-II vectors, which DCT-AdamW's
+    ``sim_type="makhoul"`` path scores; 3, the DCT-III vectors (the transposed matrix), which its default
+    ``sim_type="matmul"`` path scores, since it multiplies G by its DCT-II matrix as is. So ista-daslab-optimizers
+    1.1.15's default is ``dct_norm="l1", dct_type=3`` and its makhoul path ``dct_norm="l1"`` (it ignores
+    ``ell_norm``). Not reproduced: it projects (512|1024) x (3584|4096) weights on their larger side (a fix for two
+    model families' shapes).
     """
 
     name = "dct"
 
     def refresh(self, param, grad, state, ctx):
-        d = min(param.shape)
+        norm = ctx.group["dct_norm"]
         if ctx.group["dct_scorer"] == "fft":
-            state["proj_idx"] = top_indices(dct_scores_fft(grad, is_left(param.shape)), ctx.rank)
+            state["proj_idx"] = top_indices(dct_scores_fft(grad, is_left(param.shape), norm), ctx.rank)
         else:
-            state["proj_idx"] = dct_select(grad, ctx.rank, ctx.basis(d, param.dtype, param.device))
+            state["proj_idx"] = dct_select(grad, ctx.rank, self._basis(param, ctx), norm)
 
     def matrix(self, param, state, ctx):
         d, idx = min(param.shape), state["proj_idx"]
         if ctx.group["dct_scorer"] == "fft":
             return dct_columns(d, idx, param.dtype, param.device)
-        return ctx.basis(d, param.dtype, param.device).index_select(1, idx)
+        return self._basis(param, ctx).index_select(1, idx)
+
+    @staticmethod
+    def _basis(param: Tensor, ctx: LayerContext) -> Tensor:
+        """The shared basis, columns = basis vectors: DCT-II, or its transpose (a view) for ``dct_type=3``."""
+        basis = ctx.basis(min(param.shape), param.dtype, param.device)
+        return basis if ctx.group["dct_type"] == 2 else basis.T
 
 
 class RandomProjector(Projector):
@@ -144,6 +162,26 @@ class RandomProjector(Projector):
 
     def matrix(self, param, state, ctx):
         return random_orthonormal(min(param.shape), ctx.rank, int(state["proj_seed"]), param.dtype, param.device)
+
+
+class GaussianProjector(Projector):
+    """APOLLO's projection: a Gaussian N(0, 1/r) matrix, not orthonormalized, stored as a seed.
+
+    A layer's first seed is ``seed + index + 1`` (apollo-torch numbers its parameters from 1, so ``seed=0`` gives
+    its draws), and each refresh advances it with apollo-torch's ``next_seed``. Not an orthonormal basis: projecting
+    back through it (residual ``none``/``frugal``/``fira``) is an unbiased sketch of the gradient, not a projection,
+    and ``moments="rotate"`` is refused with it.
+    """
+
+    name = "gaussian"
+
+    def refresh(self, param, grad, state, ctx):
+        first = ctx.group["seed"] + ctx.index + 1
+        seed = apollo_next_seed(int(state["proj_seed"])) if "proj_seed" in state else first
+        state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+
+    def matrix(self, param, state, ctx):
+        return gaussian_projection(param.shape, ctx.rank, int(state["proj_seed"]), param.dtype, param.device)
 
 
 class OnlinePCAProjector(Projector):
@@ -167,5 +205,13 @@ class OnlinePCAProjector(Projector):
 
 
 PROJECTOR_CLASSES: dict[str, type[Projector]] = {
-    cls.name: cls for cls in (SVDProjector, RandomizedSVDProjector, DCTProjector, RandomProjector, OnlinePCAProjector)
+    cls.name: cls
+    for cls in (
+        SVDProjector,
+        RandomizedSVDProjector,
+        DCTProjector,
+        RandomProjector,
+        GaussianProjector,
+        OnlinePCAProjector,
+    )
 }

@@ -7,14 +7,20 @@ projection keeps; norms over the rank axis give one factor per channel.
 
 * ``frugal`` (FRUGAL, Zmushko et al. 2025): the residual gets a state-free step, signSGD (default) or SGD,
   at ``lr * residual_lr_scale``.
-* ``fira`` (Fira, Chen et al.): the residual times phi = ||D||_channel / ||R||_channel (how much the inner rule
-  rescaled that channel), with the norm-growth limiter: if ||S_t|| > gamma ||S_{t-1}||, S_t is scaled down to
-  gamma ||S_{t-1}|| (gamma = ``limiter_gamma``, 1.01). As in Fira's code, ``scale`` multiplies only the projected
-  part; the residual here is the true complement G - P P^T G (Fira's code subtracts alpha P P^T G).
-* ``apollo`` (APOLLO, Zhu et al. 2025): the subspace only estimates scales; the update is the raw full gradient
-  times phi per channel (``apollo_scale_type="channel"``) or one factor ||D||_F / ||R||_F (``"tensor"``,
-  APOLLO-Mini, meant for rank 1), with the same limiter, and multiplied by sqrt(scale) (APOLLO's convention;
-  APOLLO-Mini's recipe is scale=128).
+* ``fira`` (Fira, Chen et al.; matches fira 1.0.2 ``FiraAdamW``): the residual G - alpha P P^T G times
+  phi = ||D||_channel / (||R||_channel + 1e-8) (how much the inner rule rescaled that channel), then the norm-growth
+  limiter (below), added to alpha P D; both parts take the bias-corrected step size. As in Fira's code, alpha
+  (``scale``) multiplies the projected part, also inside the residual, which is the true complement only at alpha=1.
+* ``apollo`` (APOLLO, Zhu et al. 2025; matches apollo-torch 1.0.3 ``APOLLOAdamW``): the subspace only estimates
+  scales; the update is the raw full gradient times phi per channel (``apollo_scale_type="channel"``) or one factor
+  ||D||_F / (||R||_F + 1e-8) (``"tensor"``, APOLLO-Mini, meant for rank 1), with the same limiter, multiplied by
+  sqrt(scale) (APOLLO's convention; APOLLO-Mini's recipe is scale=128). Its projection is its own by default
+  (``projector="gaussian"``: N(0, 1/r) entries, not orthonormal, so R keeps about the norm of G).
+
+Both read D = m / (sqrt(v) + eps) without bias correction, as the reference code does: with the default
+``adam_form`` they run transformers' Adam form (``rules.ADAM_FORMS``), whose bias corrections live in the step size.
+The limiter is Fira's: with S_t the scaled residual, limiter = max(||S_t|| / (N_{t-1} + 1e-8), gamma) / gamma,
+S_t <- S_t / limiter and N_t = ||S_t|| / limiter (gamma = ``limiter_gamma``, 1.01), all in tensors (no host read).
 """
 
 from __future__ import annotations
@@ -40,14 +46,17 @@ def channel_ratio(direction: Tensor, low_rank: Tensor, full_shape: torch.Size, t
 
 
 def limit_growth(update: Tensor, state: dict[str, Tensor], gamma: float) -> Tensor:
-    """Fira's norm-growth limiter; keeps the last norm in ``state["residual_norm"]`` (a scalar tensor)."""
+    """Fira's norm-growth limiter; keeps the last (limited) norm in ``state["residual_norm"]`` (a scalar tensor, at
+    least float32 so a float64 run keeps float64)."""
     norm = update.norm()
+    norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
     previous = state.get("residual_norm")
-    if previous is not None and previous > 0 and norm > gamma * previous:
-        update = update * (gamma * previous / norm)
-        norm = gamma * previous
-    state["residual_norm"] = norm.detach().reshape(()).to(torch.float32)
-    return update
+    if previous is None:
+        state["residual_norm"] = norm.reshape(())
+        return update
+    limiter = torch.clamp(norm / (previous + 1e-8), min=gamma) / gamma
+    state["residual_norm"] = (norm / limiter).reshape(())
+    return update / limiter.to(update.dtype)
 
 
 def residual_update(
@@ -73,7 +82,7 @@ def residual_update(
     tensor_wise = kind == "apollo" and group["apollo_scale_type"] == "tensor"
     phi = channel_ratio(direction, low_rank, grad.shape, tensor_wise=tensor_wise)
     if kind == "fira":
-        return limit_growth((grad - back) * phi, state, group["limiter_gamma"]), 1.0
+        return limit_growth((grad - group["scale"] * back) * phi, state, group["limiter_gamma"]), 1.0
     if kind == "apollo":
         return limit_growth(grad * phi, state, group["limiter_gamma"]), 1.0
     raise ValueError(f"Unknown residual {kind!r}; choose one of {', '.join(RESIDUALS)}")

@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lowrank.optim.projection import is_left
+
 RULES = ("adamw", "sgd", "adafactor", "subset_norm", "sophia")
+# Two ways to write Adam(W). "torch": torch.optim.AdamW, eps added after the bias correction of sqrt(v), decoupled
+# decay before the update. "hf": transformers' AdamW, which the GaLore, Fira and APOLLO reference code copy: eps added
+# to sqrt(v) itself, both bias corrections folded into the step size lr * sqrt(1 - beta2^t) / (1 - beta1^t), and
+# decoupled decay after the update. They differ where sqrt(v) is comparable to eps, and Fira's and APOLLO's scale
+# factors read the direction m / (sqrt(v) + eps), which differs between the two by sqrt(1 - beta2^t).
+ADAM_FORMS = ("torch", "hf")
 # Buffers that may be stored in 8 bits, with whether they are signed (first moments) or non-negative (variances).
 MOMENT_KEYS: dict[str, dict[str, bool]] = {
     "adamw": {"exp_avg": True, "exp_avg_sq": False},
@@ -31,6 +39,19 @@ MOMENT_KEYS: dict[str, dict[str, bool]] = {
 FIRST_MOMENTS = frozenset({"exp_avg", "momentum_buffer"})
 
 
+def adam_form(group: dict[str, Any]) -> str:
+    """The group's Adam form: as set, or by default "hf" for Fira and APOLLO (as their code) and "torch" otherwise."""
+    form = group.get("adam_form")
+    if form is not None:
+        return form
+    return "hf" if group.get("residual") in ("fira", "apollo") else "torch"
+
+
+def decays_after_update(rule: str, group: dict[str, Any]) -> bool:
+    """Whether decoupled weight decay is applied after the update (transformers' AdamW) rather than before."""
+    return rule == "adamw" and group["decoupled_weight_decay"] and adam_form(group) == "hf"
+
+
 def weight_decay_(param: Tensor, grad: Tensor, lr: float, weight_decay: float, decoupled: bool) -> Tensor:
     """Decoupled decay (AdamW, Adafactor) shrinks the weight in place; L2 (Adam, SGD) adds to the gradient."""
     if weight_decay == 0:
@@ -42,11 +63,13 @@ def weight_decay_(param: Tensor, grad: Tensor, lr: float, weight_decay: float, d
 
 
 def subset_axis(shape: torch.Size | tuple[int, ...]) -> int | None:
-    """Subset-Norm's subsets: the slices along the smaller side, i.e. one accumulator per entry of the longer side
-    (columns of a wide matrix, rows of a tall one); a vector is one subset."""
+    """Subset-Norm's subsets: the channels the projection keeps, i.e. one accumulator per column when P acts on the
+    left (rows the smaller side) and per row otherwise, square included (``projection.is_left``); the sums run over
+    the other axis. The rule holds for the full shape and for its projected shape alike, (r, n) and (m, r), so the
+    projected state and the full gradient's accumulator agree; a vector is one subset."""
     if len(shape) < 2:
         return None
-    return 0 if shape[0] <= shape[1] else 1
+    return 0 if is_left(shape) else 1
 
 
 def init_state(rule: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict:
@@ -90,6 +113,8 @@ def direction(
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if adam_form(group) == "hf":
+            return m / v.sqrt().add_(group["eps"]), lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         return m / denom, lr / (1 - beta1**step)
     if rule == "sgd":
@@ -127,13 +152,17 @@ def direction(
     raise ValueError(f"Unknown rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
-def fold_curvature_(hessian: Tensor, estimate: Tensor, updates: int, beta: float) -> None:
-    """Fold the ``updates``-th curvature estimate into ``hessian``: an EMA with Adam's bias correction built in.
+def fold_curvature_(hessian: Tensor, estimate: Tensor, updates: int, beta: float, bias_correction: bool = True) -> None:
+    """Fold the ``updates``-th curvature estimate into ``hessian``: an EMA with factor ``beta``.
 
-    The stored value is the bias-corrected average itself (the first estimate is taken whole), so it can be used
-    as it is between probes and rotated like any other diagonal at a refresh.
+    ``bias_correction=True`` (default) builds Adam's bias correction in: the stored value is the bias-corrected
+    average itself (the first estimate is taken whole), so it can be used as it is between probes and rotated like
+    any other diagonal at a refresh. Without it h starts ~(1 - beta) times too small, so the clipped step stays a
+    sign step for the first ~1 / (1 - beta) probes. ``False`` is the plain EMA h <- beta h + (1 - beta) estimate from
+    h = 0 of SophiaG (sophia-opt 0.2.2) and pytorch_optimizer's SophiaH.
     """
-    hessian.lerp_(estimate.to(hessian.dtype), (1 - beta) / (1 - beta**updates))
+    weight = (1 - beta) / (1 - beta**updates) if bias_correction else 1 - beta
+    hessian.lerp_(estimate.to(hessian.dtype), weight)
 
 
 def subset_norm_scale(state: dict[str, Tensor], eps: float) -> Tensor:

@@ -31,6 +31,7 @@ _NEEDS_FULL_GRADIENT = (
     ("residual", ("frugal", "fira", "apollo"), "updates the complement of the subspace from the full gradient"),
     ("projected_rule", ("subset_norm",), "(inner='subset_norm') steps on the complement of the subspace"),
     ("projector", ("online_pca",), "moves P every step along the full gradient"),
+    ("projector", ("gaussian",), "is not orthonormal, so P^T (P P^T g) is not P^T g"),
     # A dequantized P is only nearly orthonormal, so P^T (P P^T g) would not be exactly P^T g.
     ("projector_bits", (4, 8), "stores P quantized, and a dequantized P is not exactly orthonormal"),
 )

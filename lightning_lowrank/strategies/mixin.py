@@ -36,11 +36,13 @@ class LowRankMixin:
 
     Args:
         rank: subspace rank per projected weight; weights whose smaller side is <= rank stay dense.
-        projector: ``svd``, ``rsvd``, ``dct``, ``random`` or ``online_pca``.
+        projector: ``svd``, ``rsvd``, ``dct``, ``random``, ``gaussian`` (APOLLO's) or ``online_pca``; None:
+            ``gaussian`` with ``residual="apollo"``, else ``svd``.
         update_gap: optimizer steps between subspace refreshes (a ``SubspaceRefresh`` callback overrides it).
         scale: multiplies the projected-back update (GaLore's alpha).
         moments, projector_bits, proj_group_size, seed, rsvd_oversample, rsvd_niter, dct_scorer, pca_lr,
-        residual, frugal_rule, residual_lr_scale, limiter_gamma, apollo_scale_type, state_bits, state_block_size:
+        residual, frugal_rule, residual_lr_scale, limiter_gamma, apollo_scale_type, adam_form, dct_norm, state_bits,
+        state_block_size, hessian_bias_correction:
             as in ``ProjectedOptimizer``.
         preconditioner, rho, hessian_beta: ``preconditioner="lazy_hessian"`` runs Sophia's clipped step in each
             subspace with the curvature diagonal a ``CurvatureProbe(estimators=(..., "subspace_diagonal"))`` measures
@@ -114,10 +116,12 @@ class LowRankMixin:
                 new = old
             else:
                 cls = LayerwiseProjectedOptimizer if self.layerwise else ProjectedOptimizer
-                new = cls.from_optimizer(old, set(selected), **cfg.optimizer_options())
+                new = cls.from_optimizer(old, selected, **cfg.optimizer_options())  # names for its warnings
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)
-        self._lowrank_names = selected
+        # The optimizer may keep some selected weights dense (Adafactor where projecting saves nothing).
+        projected = {id(p) for opt in swapped if isinstance(opt, ProjectedOptimizer) for p in opt.projected_params()}
+        self._lowrank_names = {p: name for p, name in selected.items() if id(p) in projected}
         self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
         if self.layerwise:
             _check_layerwise(self, trainer, swapped)
@@ -278,13 +282,13 @@ def _check_layerwise(strategy: Any, trainer: pl.Trainer, optimizers: Sequence[Op
 
 
 def _drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]:
-    """Weights whose smaller side is <= rank would store more than dense AdamW; train them densely."""
+    """Weights whose smaller side is <= rank would store more than their dense optimizer; train them densely."""
     full = {p: name for p, name in selected.items() if rank >= min(p.shape)}
     if full:
         shown = ", ".join(f"{name} {tuple(p.shape)}" for p, name in list(full.items())[:8])
         rank_zero_warn(
             f"rank={rank} is not below the smaller side of {len(full)} selected weight(s): {shown}"
             f"{' ...' if len(full) > 8 else ''}. A projection would save nothing there, so they stay dense "
-            "(plain AdamW); lower `rank` to project them."
+            "(the module's own optimizer); lower `rank` to project them."
         )
     return {p: name for p, name in selected.items() if p not in full}
