@@ -36,7 +36,8 @@ Rows (reference -> ours):
   before the update. DCTAdamW counts the step it is taking, so it refreshes one step earlier in each cycle
   (``refresh_lag`` in peers.py): ours is driven through ``request_refresh`` on the same steps. Its matmul path runs
   with Q set, before its first step, to the DCT-II basis computed in float64 (``dct_basis``; its own ``dct3_matrix``
-  is computed in float32 arithmetic, and its default matmul Q has DCT-III columns); its Makhoul path with its own.
+  is computed in float32 arithmetic), or to its transpose, the DCT-III columns its default matmul path multiplies by
+  (ours ``dct_type=3``); its Makhoul path with its own.
   Rows with moments kept and rotated (``rotate_subspace`` / ``moments="rotate"``).
 * sophia-opt ``SophiaG`` -> ``preconditioner="lazy_hessian"``, ``hessian_bias_correction=False``. Sophia is
   elementwise in the weight's coordinates, ours in P's, so the two agree exactly only where P is a full-rank basis
@@ -69,8 +70,8 @@ Two comparisons are not of parameters:
 * DCT column selection: the indices ``FFTLowRankProjector.change_subspace`` picks against ours (``dct_norm`` "l1" and
   "l2", ``dct_scorer`` "matmul" and "fft", the indices read from ``ProjectedOptimizer`` state) over many random
   gradients of tall, wide, square and odd shapes; the figure is the number of differing index sets. Its default
-  matmul basis ``dct3_matrix`` has DCT-III vectors as columns, so that row is a documented deviation; the rows with
-  its DCT-II basis (the transposed matrix, which its Makhoul path uses) are the parity checks.
+  matmul basis ``dct3_matrix`` has DCT-III vectors as columns: ours ``dct_type=3`` (matmul scorer) against it, and
+  ``dct_type=2`` against its DCT-II basis (the transposed matrix, which its Makhoul path uses).
 """
 
 from __future__ import annotations

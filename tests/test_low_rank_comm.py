@@ -93,6 +93,8 @@ def test_low_rank_comm_refuses_options_that_need_the_full_gradient():
         LowRankDDPStrategy(rank=4, projector="online_pca", low_rank_comm=True)
     with pytest.raises(ValueError, match="projector_bits=8"):
         LowRankDDPStrategy(rank=4, projector_bits=8, low_rank_comm=True)
+    with pytest.raises(ValueError, match="projector='gaussian'.*not orthonormal"):  # APOLLO's P
+        LowRankDDPStrategy(rank=4, projector="gaussian", low_rank_comm=True)
     with pytest.raises(ValueError, match="drop ddp_comm_hook"):
         LowRankDDPStrategy(rank=4, low_rank_comm=True, ddp_comm_hook=lambda state, bucket: None)
 

@@ -175,3 +175,8 @@ def test_rule_and_similarity_defaults_and_a_checkpoint_of_another_measure():
     with pytest.warns(UserWarning, match="queues start over"):
         other.load_state_dict(state)
     assert other.schedule.layers["attn"].history == [] and other.schedule.layers["attn"].refreshes == 2
+
+
+def test_rotating_moments_on_apollos_gaussian_basis_is_refused_at_fit_start():
+    with pytest.raises(ValueError, match="moments='rotate'.*gaussian.*not orthonormal"):
+        _fit(LowRankStrategy(rank=4, residual="apollo"), [SubspaceRefresh(every=3, moments="rotate")], max_steps=2)

@@ -93,6 +93,14 @@ class SubspaceRefresh(Callback):
                 "SubspaceRefresh needs a low-rank optimizer: use strategy='lowrank' / 'lowrank_ddp' (or "
                 "LowRankStrategy(...)), or return a lightning_lowrank.ProjectedOptimizer from configure_optimizers."
             )
+        if self.moments == "rotate" and any(
+            g["projector"] == "gaussian" and any(opt._mask(g)) for opt in optimizers for g in opt.param_groups
+        ):
+            raise ValueError(
+                "SubspaceRefresh(moments='rotate') maps moments through P_old^T P_new, which needs orthonormal bases, "
+                "and projector='gaussian' (APOLLO's, the default with residual='apollo') is not orthonormal; use "
+                "moments='keep' (APOLLO's) or 'reset', or an orthonormal projector"
+            )
         names = getattr(trainer.strategy, "lowrank_layer_names", None)
         by_param = names() if callable(names) else {}
         param_names = {p: n for n, p in pl_module.named_parameters()}
