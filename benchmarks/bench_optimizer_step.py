@@ -23,18 +23,12 @@ torch AdamW (foreach) measured in the same run. A peer that cannot run here is a
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.metadata
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -230,45 +224,12 @@ def format_table(preset: dict[str, Any], amortise_gap: int) -> str:
     return "\n".join(lines)
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    versions = {}
-    for pkg in PEER_PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "peer_versions": versions,
-        "git": _git_state(),
-    }
-
-
-def _git_state() -> str | None:
-    """The commit measured, with "+dirty" when the working tree had changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        run = partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
-        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
     gap = cycle_length(args.reps, args.refreshes)
     result: dict[str, Any] = {
-        "machine": machine_info(device),
+        "machine": peers.machine_info(PEER_PACKAGES, device),
         "config": {
             "reps": args.reps,
             "refreshes": args.refreshes,

@@ -78,14 +78,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib
 import importlib.metadata
 import importlib.util
 import json
 import math
-import os
-import platform
 import sys
 import traceback
 import types
@@ -777,24 +774,6 @@ def format_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    versions = {}
-    for pkg in PEER_PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "peer_versions": versions,
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 steps, shorter streams, fewer DCT gradients")
@@ -811,7 +790,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stream_steps = QUICK_STREAM_STEPS if args.quick else STREAM_STEPS
     count = QUICK_DCT_GRADIENTS if args.quick else DCT_GRADIENTS
     result: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": peers.machine_info(PEER_PACKAGES),
         "config": {
             "steps": steps,
             "gap": GAP,

@@ -13,14 +13,20 @@ builder runs, never when ``lightning_lowrank`` is imported.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
+import importlib.metadata
 import importlib.util
 import io
+import os
+import platform
+import subprocess
 import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,3 +271,41 @@ def projector_fingerprint(optimizer: Optimizer) -> float:
                 if t.numel():
                     total += (i + 1) * float(t.double().abs().sum() + t.reshape(-1)[0].double())
     return total
+
+
+# -- where a benchmark ran ----------------------------------------------------------------------------------------
+
+
+def machine_info(packages: tuple[str, ...], device: torch.device | None = None) -> dict[str, Any]:
+    """Where a benchmark ran: platform, torch, the peers' installed versions and the commit measured."""
+    device = device or torch.device("cpu")
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "peer_versions": versions,
+        "git": _git_state(),
+    }
+
+
+def _git_state() -> str | None:
+    """The commit measured, with "+dirty" when the working tree had changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
+        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")

@@ -19,6 +19,7 @@ from lightning_lowrank import LowRankStrategy, ProjectedOptimizer
 from lightning_lowrank.memory import account_memory, plan
 from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.projection import projected_shape
+from tests.test_strategy import QUIET
 
 SHAPES = {"tall": (24, 16), "wide": (16, 24), "square": (16, 16)}
 POLICIES = ("keep", "reset", "rotate")
@@ -313,16 +314,7 @@ def _fit(**options):
     torch.manual_seed(0)
     model = ThreeShapes()
     strategy = LowRankStrategy(target_modules=("tall", "wide", "square"), update_gap=3, memory_report=False, **options)
-    trainer = L.Trainer(
-        strategy=strategy,
-        max_steps=10,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = L.Trainer(strategy=strategy, max_steps=10, **QUIET)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model)
