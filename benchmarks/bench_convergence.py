@@ -82,6 +82,13 @@ RUNS: dict[str, Run] = {
     "ours-dct-fira": Run("ours", 1e-2, 0.25, {"projector": "dct", "residual": "fira"}, "Fira recipe: lr 0.01, 0.25"),
     "ours-svd-8bit": Run("ours", 1e-2, 0.25, {"projector": "svd", "state_bits": 8}, "GaLore recipe, 8-bit moments"),
     "ours-svd-fira": Run("ours", 1e-2, 0.25, {"projector": "svd", "residual": "fira"}, "Fira recipe, as the peer"),
+    "ours-svd-fira-torch": Run(
+        "ours",
+        1e-2,
+        0.25,
+        {"projector": "svd", "residual": "fira", "adam_form": "torch"},
+        "Fira recipe, adam_form='torch' (torch's AdamW form)",
+    ),
     "ours-apollo": Run(
         "ours",
         1e-2,
