@@ -89,6 +89,27 @@ RUNS: dict[str, Run] = {
         {"projector": "svd", "residual": "fira", "adam_form": "torch"},
         "Fira recipe, adam_form='torch' (torch's AdamW form)",
     ),
+    "ours-svd-fira-exact": Run(
+        "ours",
+        1e-2,
+        0.25,
+        {"projector": "svd", "residual": "fira", "fira_complement": "exact"},
+        "Fira recipe, fira_complement='exact' (G - P P^T G)",
+    ),
+    "ours-svd-fira-torch-exact": Run(
+        "ours",
+        1e-2,
+        0.25,
+        {"projector": "svd", "residual": "fira", "adam_form": "torch", "fira_complement": "exact"},
+        "Fira recipe, adam_form='torch', fira_complement='exact' (our earlier rule)",
+    ),
+    "ours-dct-fira-torch-exact": Run(
+        "ours",
+        1e-2,
+        0.25,
+        {"projector": "dct", "residual": "fira", "adam_form": "torch", "fira_complement": "exact"},
+        "Fira recipe, DCT, adam_form='torch', fira_complement='exact' (our earlier rule)",
+    ),
     "ours-apollo": Run(
         "ours",
         1e-2,

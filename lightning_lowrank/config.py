@@ -35,6 +35,7 @@ class LowRankConfig:
     frugal_rule: str = "signsgd"
     residual_lr_scale: float = 1.0
     limiter_gamma: float = 1.01
+    fira_complement: str = "scaled"
     apollo_scale_type: str = "channel"
     state_bits: int | None = None
     state_block_size: int = 256

@@ -88,7 +88,7 @@ def _limit(S, st):
     return S
 
 
-def reference_step(kind, W, G, st, alpha, scale_type="channel"):
+def reference_step(kind, W, G, st, alpha, scale_type="channel", exact_complement=False):
     """One step of GaLoreAdamW / FiraAdamW / APOLLOAdamW on one projected weight."""
     st.setdefault("step", 0)
     if "P" not in st or st["step"] % GAP == 0:
@@ -109,7 +109,8 @@ def reference_step(kind, W, G, st, alpha, scale_type="channel"):
         dim = 0 if N.shape[0] < N.shape[1] else 1
         phi = N.norm(dim=dim) / (R.norm(dim=dim) + 1e-8)
         phi = phi.unsqueeze(1) if dim == 1 else phi
-        S = _limit((G - alpha * _project_back(R, P, G.shape)) * phi, st)
+        inside = _project_back(R, P, G.shape) * (1.0 if exact_complement else alpha)
+        S = _limit((G - inside) * phi, st)
         update = alpha * _project_back(N, P, G.shape) + S
     else:  # apollo
         dim = 0 if G.shape[0] < G.shape[1] else 1
@@ -126,7 +127,9 @@ def reference_step(kind, W, G, st, alpha, scale_type="channel"):
 # -- the comparison --------------------------------------------------------------------------------------------------
 
 
-def _run_both(kind, alpha, rank=RANK, **options):
+def _run_both(kind, alpha, rank=RANK, reference_exact=None, **options):
+    """Ours with ``options`` against the reference (with the true complement when ``fira_complement="exact"``, unless
+    ``reference_exact`` says otherwise): the relative difference after each step."""
     ref_w = _mlp_weights()
     ours_w = [torch.nn.Parameter(w.clone()) for w in _mlp_weights()]
     ref_states = [{"rank": min(rank, *w.shape), "seed": i + 1} for i, w in enumerate(ref_w)]
@@ -141,7 +144,8 @@ def _run_both(kind, alpha, rank=RANK, **options):
             w.grad = g
         opt.step()
         for w, g, st in zip(ref_w, _grads(ref_w, step), ref_states):
-            reference_step(kind, w, g, st, alpha, options.get("apollo_scale_type", "channel"))
+            exact = options.get("fira_complement") == "exact" if reference_exact is None else reference_exact
+            reference_step(kind, w, g, st, alpha, options.get("apollo_scale_type", "channel"), exact)
         worst.append(max(((a.detach() - b).norm() / b.norm()).item() for a, b in zip(ours_w, ref_w)))
     return worst, ref_w, opt
 
@@ -152,6 +156,7 @@ def _run_both(kind, alpha, rank=RANK, **options):
         ("galore", 0.25, dict(adam_form="hf")),
         ("fira", 0.5, {}),
         ("fira", 1.0, {}),
+        ("fira", 0.5, dict(fira_complement="exact")),  # our option: the true complement G - P P^T G
         ("apollo", 1.0, {}),
         ("apollo", 4.0, {}),
     ],
@@ -182,9 +187,11 @@ def test_the_limiter_acts_in_the_compared_runs():
     assert clipped >= STEPS // 2
 
 
-def test_torch_form_differs_from_the_reference_where_documented():
-    """``adam_form="torch"`` is our documented deviation: same method, eps after the bias correction."""
-    worst, _, _ = _run_both("fira", 0.5, adam_form="torch")
+@pytest.mark.parametrize("options", [dict(adam_form="torch"), dict(fira_complement="exact")])
+def test_the_documented_deviations_differ_from_the_reference(options):
+    """``adam_form="torch"`` (eps after the bias correction, the limiter on the corrected direction) and
+    ``fira_complement="exact"`` are our options, one flag away from Fira's code; each changes the result."""
+    worst, _, _ = _run_both("fira", 0.5, reference_exact=False, **options)
     assert max(worst) > 1e-8
 
 

@@ -46,7 +46,13 @@ from lightning_lowrank.optim.projection import (
 )
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
 from lightning_lowrank.optim.ranks import LayerCost, allocate_ranks, min_budget
-from lightning_lowrank.optim.residuals import APOLLO_SCALE_TYPES, FRUGAL_RULES, RESIDUALS, residual_update
+from lightning_lowrank.optim.residuals import (
+    APOLLO_SCALE_TYPES,
+    FIRA_COMPLEMENTS,
+    FRUGAL_RULES,
+    RESIDUALS,
+    residual_update,
+)
 
 # The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
 SUPPORTED_OPTIMIZERS: dict[type[Optimizer], tuple[str, bool | None]] = {
@@ -91,7 +97,7 @@ class ProjectedOptimizer(Optimizer):
             Subset-Norm step sizes: momentum in the subspace, SGD on the complement, AdaGrad-Norm step per
             channel). None: ``rule``.
         residual: ``none``, ``frugal``, ``fira`` or ``apollo`` (see ``residuals.py``), with ``frugal_rule``,
-            ``residual_lr_scale``, ``limiter_gamma``, ``apollo_scale_type``.
+            ``residual_lr_scale``, ``limiter_gamma``, ``fira_complement``, ``apollo_scale_type``.
         adam_form: ``torch`` (torch.optim.AdamW) or ``hf`` (transformers' AdamW, which the GaLore, Fira and APOLLO
             code use: eps on sqrt(v), bias corrections in the step size, decay after the update); None: ``hf`` with
             ``residual="fira"``/``"apollo"`` (so they match their reference code), else ``torch``.
@@ -164,6 +170,7 @@ class ProjectedOptimizer(Optimizer):
         frugal_rule: str = "signsgd",
         residual_lr_scale: float = 1.0,
         limiter_gamma: float = 1.01,
+        fira_complement: str = "scaled",
         apollo_scale_type: str = "channel",
         state_bits: int | None = None,
         state_block_size: int = 256,
@@ -192,6 +199,7 @@ class ProjectedOptimizer(Optimizer):
             frugal_rule=frugal_rule,
             residual_lr_scale=residual_lr_scale,
             limiter_gamma=limiter_gamma,
+            fira_complement=fira_complement,
             apollo_scale_type=apollo_scale_type,
             state_bits=state_bits,
             state_block_size=state_block_size,
@@ -1001,6 +1009,7 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check_choice("residual", group["residual"], RESIDUALS)
     _check_choice("frugal_rule", group["frugal_rule"], FRUGAL_RULES)
     _check_choice("apollo_scale_type", group["apollo_scale_type"], APOLLO_SCALE_TYPES)
+    _check_choice("fira_complement", group["fira_complement"], FIRA_COMPLEMENTS)
     _check_choice("state_bits", group["state_bits"], (None, 8))
     if group["projected_rule"] == "subset_norm" and group["residual"] != "none":
         raise ValueError("projected_rule='subset_norm' updates the complement itself; use residual='none' with it")

@@ -10,7 +10,8 @@ projection keeps; norms over the rank axis give one factor per channel.
 * ``fira`` (Fira, Chen et al.; matches fira 1.0.2 ``FiraAdamW``): the residual G - alpha P P^T G times
   phi = ||D||_channel / (||R||_channel + 1e-8) (how much the inner rule rescaled that channel), then the norm-growth
   limiter (below), added to alpha P D; both parts take the bias-corrected step size. As in Fira's code, alpha
-  (``scale``) multiplies the projected part, also inside the residual, which is the true complement only at alpha=1.
+  (``scale``) multiplies the projected part, also inside the residual, which is the true complement only at alpha=1
+  (``fira_complement="exact"`` subtracts P P^T G instead).
 * ``apollo`` (APOLLO, Zhu et al. 2025; matches apollo-torch 1.0.3 ``APOLLOAdamW``): the subspace only estimates
   scales; the update is the raw full gradient times phi per channel (``apollo_scale_type="channel"``) or one factor
   ||D||_F / (||R||_F + 1e-8) (``"tensor"``, APOLLO-Mini, meant for rank 1), with the same limiter, multiplied by
@@ -35,6 +36,8 @@ from lightning_lowrank.optim.projection import is_left
 RESIDUALS = ("none", "frugal", "fira", "apollo")
 FRUGAL_RULES = ("signsgd", "sgd")
 APOLLO_SCALE_TYPES = ("channel", "tensor")
+# Fira's residual: "scaled" is its code's G - scale P P^T G; "exact" the complement G - P P^T G (the same at scale 1).
+FIRA_COMPLEMENTS = ("scaled", "exact")
 
 
 def channel_ratio(direction: Tensor, low_rank: Tensor, full_shape: torch.Size, tensor_wise: bool = False) -> Tensor:
@@ -82,7 +85,8 @@ def residual_update(
     tensor_wise = kind == "apollo" and group["apollo_scale_type"] == "tensor"
     phi = channel_ratio(direction, low_rank, grad.shape, tensor_wise=tensor_wise)
     if kind == "fira":
-        return limit_growth((grad - group["scale"] * back) * phi, state, group["limiter_gamma"]), 1.0
+        alpha = group["scale"] if group["fira_complement"] == "scaled" else 1.0
+        return limit_growth((grad - alpha * back) * phi, state, group["limiter_gamma"]), 1.0
     if kind == "apollo":
         return limit_growth(grad * phi, state, group["limiter_gamma"]), 1.0
     raise ValueError(f"Unknown residual {kind!r}; choose one of {', '.join(RESIDUALS)}")

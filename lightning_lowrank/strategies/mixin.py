@@ -41,8 +41,8 @@ class LowRankMixin:
         update_gap: optimizer steps between subspace refreshes (a ``SubspaceRefresh`` callback overrides it).
         scale: multiplies the projected-back update (GaLore's alpha).
         moments, projector_bits, proj_group_size, seed, rsvd_oversample, rsvd_niter, dct_scorer, pca_lr,
-        residual, frugal_rule, residual_lr_scale, limiter_gamma, apollo_scale_type, adam_form, dct_norm, state_bits,
-        state_block_size, hessian_bias_correction:
+        residual, frugal_rule, residual_lr_scale, limiter_gamma, fira_complement, apollo_scale_type, adam_form,
+        dct_norm, dct_type, state_bits, state_block_size, hessian_bias_correction:
             as in ``ProjectedOptimizer``.
         preconditioner, rho, hessian_beta: ``preconditioner="lazy_hessian"`` runs Sophia's clipped step in each
             subspace with the curvature diagonal a ``CurvatureProbe(estimators=(..., "subspace_diagonal"))`` measures
