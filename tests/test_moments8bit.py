@@ -232,13 +232,15 @@ def test_requires_grad_input_is_fine():
     assert not q["codes"].requires_grad and not q["absmax"].requires_grad
 
 
-def test_negative_input_to_unsigned_raises():
+def test_negative_input_to_unsigned_is_stored_as_zero():
+    """A variance is >= 0 by construction; a negative entry (rounding) is stored as 0, not as its magnitude, and
+    without a check that would read the device at every step."""
     x = torch.rand(300)
-    x[299] = -1e-8
-    with pytest.raises(ValueError, match="negative"):
-        quantize_moment(x, signed=False)
-    quantize_moment(-x, signed=True)  # fine when signed
-    quantize_moment(torch.tensor([-0.0, 1.0]), signed=False)  # -0.0 is not negative
+    x[299] = -1e-3
+    q = quantize_moment(x, signed=False, block_size=256)
+    back = dequantize_moment(q, x.shape, torch.float32, block_size=256)
+    assert back[299] == 0
+    torch.testing.assert_close(back[:299], x[:299], atol=0.05 * float(x.max()), rtol=0)
 
 
 @pytest.mark.parametrize("block_size", [0, -1, 2.5, 16.0, True, "16", None])

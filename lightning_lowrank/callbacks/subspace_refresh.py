@@ -134,7 +134,7 @@ class SubspaceRefresh(Callback):
             due = [
                 p
                 for p in opt.projected_params()
-                if "step" in opt.state[p] and self.schedule.is_due(self._names[p], int(opt.state[p]["step"]))
+                if "step" in opt.state[p] and self.schedule.is_due(self._names[p], opt.completed_steps(p))
             ]
             opt.request_refresh(due)
 
@@ -154,7 +154,7 @@ class SubspaceRefresh(Callback):
     def layer_stats(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
         """Per layer name: refreshes done, refreshes the adaptive rule skipped, seconds refreshing, current gap."""
         steps = {
-            self._names[p]: int(opt.state[p]["step"])
+            self._names[p]: opt.completed_steps(p)
             for opt in self._optimizers(trainer)
             for p in opt.projected_params()
             if "step" in opt.state[p]

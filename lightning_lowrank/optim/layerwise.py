@@ -180,7 +180,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
                 self._init_projected_state(p, group)
             ctx = self._context(index, p, group)
             if low_rank is None:  # the full gradient of the whole window: exactly what step() would see
-                if self._is_due(p, state, group):
+                if self._is_due(p, state, group, ctx.step):
                     self._refresh([(p, group, ctx)], slots=[self._slot[p]])  # refresh work spread over ranks
                 self._projected_step(p, group, ctx)
                 self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)

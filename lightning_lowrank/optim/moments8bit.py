@@ -42,8 +42,8 @@ def quantize_moment(x: Tensor, *, signed: bool, block_size: int = 256) -> dict[s
 
     Returns ``{"codes": int8 (signed) or uint8 (unsigned), flat with x.numel() elements,
     "absmax": float32 (n_blocks,)}``, both on ``x``'s device. ``signed=False`` is for non-negative
-    tensors (the second moment) and raises ValueError on a negative entry, which would otherwise be
-    silently clamped to zero. Inputs are assumed finite.
+    tensors (the second moment): a negative entry, which only rounding could produce, is stored as zero. Inputs are
+    assumed finite.
     """
     _check_block_size(block_size)
     if not x.is_floating_point():
@@ -58,8 +58,8 @@ def quantize_moment(x: Tensor, *, signed: bool, block_size: int = 256) -> dict[s
         }
 
     flat = x.detach().reshape(-1).to(torch.float32)
-    if not signed and bool((flat < 0).any()):
-        raise ValueError("unsigned moment quantization needs x >= 0 (got a negative entry)")
+    if not signed:  # a variance is >= 0 by construction; checking that would read the device at every step
+        flat = flat.clamp(min=0)
 
     # A block never exceeds the tensor, so tiny tensors are not padded up to block_size internally.
     bs = min(block_size, n)

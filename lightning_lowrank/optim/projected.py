@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim import rules
+from lightning_lowrank.optim.host_ints import advance, read_int
 from lightning_lowrank.optim.moments8bit import dequantize_moment, quantize_moment
 from lightning_lowrank.optim.projection import (
     PROJECTORS,
@@ -367,11 +368,16 @@ class ProjectedOptimizer(Optimizer):
             if self.state[p]:
                 self.state[p]["curvature_trace"] = torch.tensor(float(trace))
 
+    def completed_steps(self, param: Tensor) -> int:
+        """Updates ``param`` has taken (0 before its first), without a host read after the first time."""
+        state = self.state[param]
+        return read_int(state["step"]) if "step" in state else 0
+
     def layer_rank(self, param: Tensor) -> int:
         """The rank ``param`` is updated in now (its own under ``memory_budget``, else the group's, clamped)."""
         state = self.state[param]
         if "rank" in state:
-            return int(state["rank"])
+            return read_int(state["rank"])
         return effective_rank(param.shape, self._locate(param)[1]["rank"])
 
     def budget_bytes(self) -> tuple[int, dict[Tensor, LayerCost]]:
@@ -488,21 +494,25 @@ class ProjectedOptimizer(Optimizer):
 
     def _context(self, index: int, param: Tensor, group: dict[str, Any]) -> LayerContext:
         state = self.state[param]
-        step = int(state["step"]) if "step" in state else 0
-        rank = int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
+        step = read_int(state["step"]) if "step" in state else 0
+        rank = read_int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
         return LayerContext(index, step, rank, group, self._basis)
 
-    def _is_due(self, param: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
+    def _is_due(self, param: Tensor, state: dict[str, Tensor], group: dict[str, Any], step: int | None = None) -> bool:
+        """Whether ``param`` refreshes before its next update; ``step`` is its completed updates when the caller has
+        already read them (one read of the counter per layer and step)."""
         if not any(k.startswith("proj") for k in state):
             return True
         if self._refresh_requests is None:
-            return int(state["step"]) % group["update_gap"] == 0
+            return (read_int(state["step"]) if step is None else step) % group["update_gap"] == 0
         return param in self._refresh_requests
 
     def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]], slots: list[int] | None = None) -> None:
         """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments.
 
         Sharded, the layer in slot i (by default its place in ``due``) is computed on rank i % world."""
+        if not due:  # an ordinary step: nothing to refresh, no ranks to reallocate
+            return
         rank, world = (self._shard[0], self._shard[1]) if self._shard else (0, 1)
         owners = [i % world for i in (slots if slots is not None else range(len(due)))]
         old = {
@@ -576,7 +586,7 @@ class ProjectedOptimizer(Optimizer):
         even = allocate_ranks([1.0] * len(layers), cost_list, room)
         floors = [max(1, int(RANK_FLOOR * r)) for r in even]
         targets = dict(zip(layers, allocate_ranks(weights, cost_list, room, floors)))
-        current = {p: int(self.state[p]["rank"]) if "rank" in self.state[p] else 1 for p in layers}
+        current = {p: read_int(self.state[p]["rank"]) if "rank" in self.state[p] else 1 for p in layers}
         free = self.memory_budget - other - sum(costs[p].bytes(current[p]) for p in layers)
         for p, group, ctx in sorted(due, key=lambda item: targets[item[0]] - current[item[0]]):
             cost = costs[p]
@@ -641,7 +651,7 @@ class ProjectedOptimizer(Optimizer):
                     projected.append((p, group, self._context(index, p, group)))
                 else:
                     self._dense_step(p, group)
-        self._refresh([(p, g, ctx) for p, g, ctx in projected if self._is_due(p, self.state[p], g)])
+        self._refresh([(p, g, ctx) for p, g, ctx in projected if self._is_due(p, self.state[p], g, ctx.step)])
         for p, group, ctx in projected:
             self._projected_step(p, group, ctx)
             self._projectors[group["projector"]].after_update(p, p.grad, self.state[p], ctx)
@@ -654,27 +664,27 @@ class ProjectedOptimizer(Optimizer):
         grad = _decay_before(p, p.grad, rule, group)
         P = self._projectors[group["projector"]].matrix(p, state, ctx)
         low_rank = project(grad, P)
-        state["step"] += 1
+        advance(state["step"])
         with self._moments(p, rule, group) as moments:
             direction, step_size = rules.direction(
-                rule, low_rank, moments, int(state["step"]), group, param_rms, full_grad=grad
+                rule, low_rank, moments, ctx.step + 1, group, param_rms, full_grad=grad
             )
             if rule == "subset_norm":  # Subspace-Momentum: the complement takes an SGD step at the subset's rate
                 back = project_back(low_rank, P, p.shape)
                 complement = (grad - back) * rules.subset_norm_scale(moments, group["eps"])
-                p.add_(project_back(direction, P, p.shape) + complement, alpha=-step_size * scale)
+                _add_scaled(p, project_back(direction, P, p.shape) + complement, step_size, -scale)
                 return
         kind = group["residual"]
         back = project_back(low_rank, P, p.shape) if kind in ("frugal", "fira") else None  # apollo never reads it
         extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group)
         if kind == "apollo":  # the scaled raw gradient replaces the projected update
-            p.add_(extra, alpha=-step_size * math.sqrt(scale))
+            _add_scaled(p, extra, step_size, -math.sqrt(scale))
         else:
-            p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
+            _add_scaled(p, project_back(direction, P, p.shape), step_size, -scale)
         if kind == "frugal":  # state-free: plain lr, no bias correction
             p.add_(extra, alpha=-lr * factor)
         elif kind == "fira":  # as in Fira's code: the bias-corrected step size, and scale only on the projected part
-            p.add_(extra, alpha=-step_size)
+            _add_scaled(p, extra, step_size, -1.0)
         _decay_after(p, rule, group)
 
     def _projected_step_low_rank(self, p: Tensor, group: dict[str, Any], ctx: LayerContext, low_rank: Tensor) -> None:
@@ -693,10 +703,10 @@ class ProjectedOptimizer(Optimizer):
             low_rank = low_rank.add(project(p, P), alpha=wd)
         else:
             _decay_before(p, low_rank, rule, group)  # decoupled: shrinks p (unless it decays after the update)
-        state["step"] += 1
+        advance(state["step"])
         with self._moments(p, rule, group) as moments:
-            direction, step_size = rules.direction(rule, low_rank, moments, int(state["step"]), group, param_rms)
-        p.add_(project_back(direction, P, p.shape), alpha=-step_size * scale)
+            direction, step_size = rules.direction(rule, low_rank, moments, ctx.step + 1, group, param_rms)
+        _add_scaled(p, project_back(direction, P, p.shape), step_size, -scale)
         _decay_after(p, rule, group)
 
     def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
@@ -728,10 +738,10 @@ class ProjectedOptimizer(Optimizer):
             self._init_rule_state(p, rule, tuple(p.shape), group)
         param_rms = _rms(p) if rule == "adafactor" else 0.0
         grad = _decay_before(p, p.grad, rule, group)
-        state["step"] += 1
+        step = advance(state["step"])
         with self._moments(p, rule, group) as moments:
-            direction, step_size = rules.direction(rule, grad, moments, int(state["step"]), group, param_rms)
-        p.add_(direction, alpha=-step_size)
+            direction, step_size = rules.direction(rule, grad, moments, step, group, param_rms)
+        _add_scaled(p, direction, step_size, -1.0)
         _decay_after(p, rule, group)
 
     @contextmanager
@@ -956,8 +966,18 @@ def _decay_after(p: Tensor, rule: str, group: dict[str, Any]) -> None:
         p.add_(p, alpha=-float(group["lr"]) * group["weight_decay"])
 
 
-def _rms(t: Tensor) -> float:
-    return t.norm(2).item() / math.sqrt(t.numel())
+def _rms(t: Tensor) -> Tensor:
+    """RMS of a weight as a 0-d tensor on its device (Adafactor's relative step; no host read)."""
+    return t.norm(2) / math.sqrt(t.numel())
+
+
+def _add_scaled(p: Tensor, update: Tensor, step_size: float | Tensor, factor: float) -> None:
+    """p += factor * step_size * update, with a step size that is a Python number or a 0-d device tensor
+    (Adafactor's, computed without reading the device)."""
+    if isinstance(step_size, Tensor):
+        p.addcmul_(update, (step_size * factor).to(update.dtype))
+    else:
+        p.add_(update, alpha=step_size * factor)
 
 
 def _q(state: dict[str, Tensor], key: str) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim.dct_fft import dct_scores_fft
+from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.projection import (
     apollo_next_seed,
     dct_columns,
@@ -161,7 +162,8 @@ class RandomProjector(Projector):
         state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
 
     def matrix(self, param, state, ctx):
-        return random_orthonormal(min(param.shape), ctx.rank, int(state["proj_seed"]), param.dtype, param.device)
+        seed = read_int(state["proj_seed"])
+        return random_orthonormal(min(param.shape), ctx.rank, seed, param.dtype, param.device)
 
 
 class GaussianProjector(Projector):
@@ -177,11 +179,11 @@ class GaussianProjector(Projector):
 
     def refresh(self, param, grad, state, ctx):
         first = ctx.group["seed"] + ctx.index + 1
-        seed = apollo_next_seed(int(state["proj_seed"])) if "proj_seed" in state else first
+        seed = apollo_next_seed(read_int(state["proj_seed"])) if "proj_seed" in state else first
         state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
 
     def matrix(self, param, state, ctx):
-        return gaussian_projection(param.shape, ctx.rank, int(state["proj_seed"]), param.dtype, param.device)
+        return gaussian_projection(param.shape, ctx.rank, read_int(state["proj_seed"]), param.dtype, param.device)
 
 
 class OnlinePCAProjector(Projector):

@@ -99,10 +99,11 @@ def direction(
     state: dict[str, Tensor],
     step: int,
     group: dict[str, Any],
-    param_rms: float = 0.0,
+    param_rms: float | Tensor = 0.0,
     full_grad: Tensor | None = None,
-) -> tuple[Tensor, float]:
-    """Update ``state`` with ``grad`` (the step-th update, from 1) and return (direction, step size).
+) -> tuple[Tensor, float | Tensor]:
+    """Update ``state`` with ``grad`` (the step-th update, from 1) and return (direction, step size); the step size is
+    a Python number, or for Adafactor a 0-d device tensor.
 
     ``param_rms`` (RMS of the full weight before weight decay) is only used by Adafactor's relative step;
     ``full_grad`` (the unprojected gradient) by Subset-Norm, whose step sizes follow the full gradient's norms.
@@ -171,14 +172,17 @@ def subset_norm_scale(state: dict[str, Tensor], eps: float) -> Tensor:
 
 
 def _adafactor(
-    grad: Tensor, state: dict[str, Tensor], step: int, group: dict[str, Any], lr: float, param_rms: float
-) -> tuple[Tensor, float]:
+    grad: Tensor, state: dict[str, Tensor], step: int, group: dict[str, Any], lr: float, param_rms: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """torch.optim.Adafactor's rule: factored second moment (row and column means of G^2), relative step size."""
     eps1, eps2 = group["eps"] if isinstance(group["eps"], (tuple, list)) else (None, 1e-3)
     if eps1 is None:
         eps1 = torch.finfo(grad.dtype).eps
     one_minus_beta2 = step ** group["beta2_decay"]
-    alpha = max(eps2, param_rms) * min(lr, 1 / math.sqrt(step))
+    # As torch's Adafactor, but without its two host reads: the relative step and the update's RMS clip stay 0-d
+    # tensors on the device, so the step size is one (torch computes the same in float64 on the host).
+    wide = torch.float32 if grad.device.type == "mps" else torch.float64  # MPS has no float64
+    alpha = torch.as_tensor(param_rms, dtype=wide, device=grad.device).clamp(min=eps2) * min(lr, 1 / math.sqrt(step))
     if grad.dim() > 1:
         row_var, col_var = state["row_var"], state["col_var"]
         row_var.lerp_(grad.norm(dim=-1, keepdim=True).square_().div_(grad.size(-1)), one_minus_beta2)
@@ -188,5 +192,5 @@ def _adafactor(
         state["variance"].lerp_(grad * grad, one_minus_beta2)
         var = state["variance"].clone()
     update = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
-    denom = max(1.0, update.norm(2).item() / (math.sqrt(update.numel()) * group["d"]))
+    denom = (update.norm(2, dtype=wide) / (math.sqrt(update.numel()) * group["d"])).clamp(min=1.0)
     return update, alpha / denom
