@@ -36,9 +36,10 @@ from lightning_lowrank.strategies.comm import (
     check_optimizers,
     low_rank_allreduce_hook,
 )
-from lightning_lowrank.strategies.mixin import LowRankMixin
+from lightning_lowrank.strategies.mixin import LowRankMixin, declare_signature
 
 
+@declare_signature
 class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
     """``DDPStrategy`` with projected optimizer state: ``Trainer(strategy="lowrank_ddp", devices=N)``.
 
@@ -95,13 +96,27 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
                 "layerwise=True averages gradients in its own hooks, without a DistributedDataParallel wrapper, so a "
                 "ddp_comm_hook would never run. Drop ddp_comm_hook, or use layerwise=False."
             )
-        ignored = sorted(set(self._ddp_kwargs) - {"broadcast_buffers"})
+        # LightningCLI passes every DDP keyword with its default; only a keyword set to something else would be lost.
+        defaults = {k: p.default for k, p in inspect.signature(DistributedDataParallel.__init__).parameters.items()}
+        ignored = sorted(
+            k for k, v in self._ddp_kwargs.items() if k not in _BUFFER_SYNC_KEYS and v is not defaults.get(k, object())
+        )
         if ignored:
             raise ValueError(
                 f"layerwise=True does not wrap the module in DistributedDataParallel, so {ignored} would do nothing. "
-                "Of DDP's options only broadcast_buffers applies; every rank must give every trainable parameter "
+                "Of DDP's options only broadcast_buffers / forward_sync_buffers apply; every rank must give every "
+                "trainable parameter "
                 "a gradient (find_unused_parameters is not available). Drop them, or use layerwise=False."
             )
+
+    def _syncs_buffers(self) -> bool:
+        """DDP's buffer sync before each forward: ``forward_sync_buffers``, else the deprecated ``broadcast_buffers``,
+        else on (None is torch's default for both)."""
+        for key in ("forward_sync_buffers", "broadcast_buffers"):
+            value = self._ddp_kwargs.get(key)
+            if value is not None:
+                return bool(value)
+        return True
 
     def configure_ddp(self) -> None:
         if not self.layerwise:
@@ -111,7 +126,7 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
         _sync_module_states(self.model)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.layerwise and self._ddp_kwargs.get("broadcast_buffers", True) and _world_size() > 1:
+        if self.layerwise and self._syncs_buffers() and _world_size() > 1:
             # DDP's broadcast_buffers: every forward uses rank 0's buffers (BatchNorm statistics, for one).
             for buffer in self.lightning_module.buffers():
                 dist.broadcast(buffer, src=0)
@@ -162,6 +177,9 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
             strategy_registry.register(
                 name, cls, description=f"DDP ({start_method}) with low-rank optimizer state", start_method=start_method
             )
+
+
+_BUFFER_SYNC_KEYS = frozenset({"broadcast_buffers", "forward_sync_buffers"})  # the DDP keywords layer-wise honours
 
 
 def _world_size() -> int:

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, get_type_hints
 
 import lightning.pytorch as pl
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
@@ -292,3 +294,35 @@ def _drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]
             "(the module's own optimizer); lower `rank` to project them."
         )
     return {p: name for p, name in selected.items() if p not in full}
+
+
+def _named(params: Any) -> list[inspect.Parameter]:
+    """The named parameters of a signature, without ``self``, ``*args`` and ``**kwargs``."""
+    return [p for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def declare_signature(cls: type) -> type:
+    """Give ``cls.__init__`` a signature that names every option with its type and default, so LightningCLI
+    (``--trainer.strategy.rank=8``, YAML ``init_args``), IDEs and ``help()`` see them.
+
+    The strategies take the low-rank options through ``**kwargs`` so that each option is defined once, as a
+    ``LowRankConfig`` field; this builds the signature from those fields, the mixin's own keywords, the class's own
+    and its Lightning base's (whose ``**kwargs``, DDP's, is kept last).
+    """
+    own = inspect.signature(cls.__init__).parameters.values()
+    base = next(b for b in cls.__mro__ if b is not cls and not issubclass(b, LowRankMixin))
+    ours = {p.name: p for p in _named(own)}
+    base_params = list(inspect.signature(base.__init__).parameters.values())
+    leading = [ours.pop(p.name, p) for p in _named(base_params)]
+    leading = [p.replace(kind=p.POSITIONAL_OR_KEYWORD) for p in leading]
+    mixin = _named(inspect.signature(LowRankMixin.__init__).parameters.values())
+    hints = get_type_hints(LowRankConfig)
+    fields_ = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in dataclasses.fields(LowRankConfig)
+    ]
+    keyword_only = [p.replace(kind=p.KEYWORD_ONLY) for p in (*ours.values(), *mixin)] + fields_
+    var_kw = [p for p in base_params if p.kind is p.VAR_KEYWORD]
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *leading, *keyword_only, *var_kw]
+    cls.__init__.__signature__ = inspect.Signature(params)
+    return cls

@@ -6,9 +6,10 @@ import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from lightning_lowrank.strategies.mixin import LowRankMixin
+from lightning_lowrank.strategies.mixin import LowRankMixin, declare_signature
 
 
+@declare_signature
 class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
     """``SingleDeviceStrategy`` with projected optimizer state: ``Trainer(strategy="lowrank")``.
 
