@@ -94,7 +94,7 @@ class SubspaceRefresh(Callback):
                 "LowRankStrategy(...)), or return a lightning_lowrank.ProjectedOptimizer from configure_optimizers."
             )
         if self.moments == "rotate" and any(
-            g["projector"] == "gaussian" and any(opt._mask(g)) for opt in optimizers for g in opt.param_groups
+            g["projector"] == "gaussian" and any(opt.projection_mask(g)) for opt in optimizers for g in opt.param_groups
         ):
             raise ValueError(
                 "SubspaceRefresh(moments='rotate') maps moments through P_old^T P_new, which needs orthonormal bases, "

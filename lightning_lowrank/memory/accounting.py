@@ -556,4 +556,4 @@ def _opt_int(value: float | None) -> int | None:
 def _projected(opt: Optimizer) -> dict[Tensor, dict]:
     if not isinstance(opt, ProjectedOptimizer):
         return {}
-    return {p: group for group in opt.param_groups for p, on in zip(group["params"], opt._mask(group)) if on}
+    return {p: group for group in opt.param_groups for p, on in zip(group["params"], opt.projection_mask(group)) if on}

@@ -44,7 +44,6 @@ from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.accounting import MemoryReport, account_memory
 from lightning_lowrank.memory.report import format_bytes, render_memory_report
 from lightning_lowrank.optim.projected import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
-from lightning_lowrank.optim.projectors import RandomProjector
 from lightning_lowrank.selection import select_lowrank_params
 
 GIB = 1024**3
@@ -243,7 +242,6 @@ def plan(
     for opt in _base_optimizers(twin, optimizer, lr, optimizer_options or {}):
         if not isinstance(opt, ProjectedOptimizer):
             opt = ProjectedOptimizer.from_optimizer(opt, selected, **cfg.optimizer_options())
-        opt._projectors["random"] = _MetaRandomProjector()  # same stored state, without a QR per layer and step
         optimizers.append(opt)
     for p in twin.parameters():
         if p.requires_grad:
@@ -311,17 +309,6 @@ def _base_optimizers(model: nn.Module, optimizer: Any, lr: float, options: Mappi
     if callable(optimizer):
         return [optimizer(model.parameters())]
     raise TypeError(f"optimizer must be a name, an Optimizer class or a callable, got {optimizer!r}")
-
-
-class _MetaRandomProjector(RandomProjector):
-    """The random projector with the same refresh (it stores a seed), whose P for a meta weight is an empty meta
-    tensor of P's shape: rebuilding P from the seed is a QR on the CPU, which for a 7B model takes longer than
-    everything else in the plan and gives values the plan never reads."""
-
-    def matrix(self, param, state, ctx):
-        if param.is_meta:
-            return torch.empty(min(param.shape), ctx.rank, dtype=param.dtype, device=param.device)
-        return super().matrix(param, state, ctx)
 
 
 class _MetaValues(TorchDispatchMode):

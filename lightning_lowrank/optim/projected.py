@@ -226,6 +226,7 @@ class ProjectedOptimizer(Optimizer):
             lowrank_mask=None,
         )
         self._dct_bases: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._slots: dict[Tensor, tuple[int, int, int]] = {}  # param -> (index, group, place in group); _locate
         self._projectors = {name: cls() for name, cls in PROJECTOR_CLASSES.items()}
         self._refresh_requests: set[Tensor] | None = None  # None: fixed update_gap
         self._shard: tuple[int, int, Any] | None = None  # (rank, world_size, process group)
@@ -368,6 +369,16 @@ class ProjectedOptimizer(Optimizer):
             if self.state[p]:
                 self.state[p]["curvature_trace"] = torch.tensor(float(trace))
 
+    def projection_mask(self, group: dict[str, Any]) -> list[bool]:
+        """Which of ``group["params"]`` are projected (in order)."""
+        return self._mask(group)
+
+    def refreshes_at_next_step(self, param: Tensor) -> bool:
+        """Whether the next ``step()`` refreshes ``param``'s subspace (read before the step: the counter has not moved,
+        and a scheduler's requests for this step are in)."""
+        _, group = self._locate(param)
+        return self.is_projected(param) and self._is_due(param, self.state[param], group)
+
     def completed_steps(self, param: Tensor) -> int:
         """Updates ``param`` has taken (0 before its first), without a host read after the first time."""
         state = self.state[param]
@@ -403,11 +414,8 @@ class ProjectedOptimizer(Optimizer):
 
     def is_projected(self, param: Tensor) -> bool:
         """Whether ``param`` is updated in a low-rank subspace."""
-        for group in self.param_groups:
-            for p, projected in zip(group["params"], self._mask(group)):
-                if p is param:
-                    return projected
-        raise KeyError("parameter is not managed by this optimizer")
+        _, group = self._locate(param)
+        return self._mask(group)[self._slots[param][2]]
 
     def dct_bases(self) -> dict[tuple[int, torch.dtype, torch.device], Tensor]:
         """The shared DCT bases built so far (one per size, dtype and device); rebuilt on demand, not saved."""
@@ -481,9 +489,23 @@ class ProjectedOptimizer(Optimizer):
         return [c[1] for c in kept]
 
     def _locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
-        for index, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
-            if p is param:
-                return index, group
+        """(position among all parameters, its group) in O(1): a map rebuilt when the groups changed under it
+        (a new group, or ``load_state_dict``, which installs new group dicts)."""
+        for attempt in range(2):
+            slot = self._slots.get(param)
+            if slot is not None:
+                index, g, i = slot
+                if g < len(self.param_groups) and i < len(self.param_groups[g]["params"]):
+                    group = self.param_groups[g]
+                    if group["params"][i] is param:
+                        return index, group
+            if attempt == 0:
+                self._slots = {
+                    p: (index, g, i)
+                    for index, (p, g, i) in enumerate(
+                        (p, g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])
+                    )
+                }
         raise KeyError("parameter is not managed by this optimizer")
 
     def _basis(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -156,6 +156,8 @@ def random_orthonormal(
     """A (size, rank) matrix with orthonormal columns: QR of a Gaussian drawn from ``seed`` (on CPU, so any device
     regenerates the same basis). Drawn and factored in float32 unless the weight is float64: the basis is rebuilt
     at every step, and float64 made that several times slower for the same float32 result."""
+    if device is not None and torch.device(device).type == "meta":  # the planner: a shape, not a QR on the CPU
+        return torch.empty(size, rank, dtype=dtype, device=device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     gaussian = torch.randn(size, rank, generator=torch.Generator().manual_seed(seed), dtype=work)
     return torch.linalg.qr(gaussian).Q.to(dtype=dtype, device=device)

@@ -60,14 +60,8 @@ def check_optimizers(optimizers: Iterable[Optimizer]) -> None:
     for opt in optimizers:
         if isinstance(opt, ProjectedOptimizer):
             for group in opt.param_groups:
-                if any(opt._mask(group)):
+                if any(opt.projection_mask(group)):
                     check_low_rank_comm_options(group, "a param group of the projected optimizer")
-
-
-def is_due(opt: ProjectedOptimizer, param: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
-    """Whether ``opt.step()`` will refresh ``param``'s subspace: the condition of ``ProjectedOptimizer._is_due``,
-    read before the step (the step counter has not moved, and SubspaceRefresh requests come at batch start)."""
-    return opt._is_due(param, state, group)
 
 
 @dataclass
@@ -91,7 +85,7 @@ class LowRankCommState:
             for opt in self.optimizers()
             if isinstance(opt, ProjectedOptimizer)
             for group in opt.param_groups
-            for p, on in zip(group["params"], opt._mask(group))
+            for p, on in zip(group["params"], opt.projection_mask(group))
             if on
         }
 
@@ -100,9 +94,8 @@ class LowRankCommState:
         owner = self._owners.get(param)
         if owner is None:
             return None
-        opt, group = owner
-        state = opt.state[param]
-        if not any(k.startswith("proj") for k in state) or is_due(opt, param, state, group):
+        opt, _ = owner
+        if opt.refreshes_at_next_step(param):  # a refresh (or a first subspace) needs the full averaged gradient
             return None
         return opt.projection_matrix(param)
 

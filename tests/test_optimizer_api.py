@@ -1,0 +1,68 @@
+"""The optimizer's public query API, and that nothing outside optim/ reaches into its private parts."""
+
+import re
+from pathlib import Path
+
+import torch
+
+from lightning_lowrank.optim import ProjectedOptimizer
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_lowrank"
+
+
+def _opt():
+    w, v, b = (
+        torch.nn.Parameter(torch.randn(8, 12)),
+        torch.nn.Parameter(torch.randn(12, 6)),
+        torch.nn.Parameter(torch.zeros(6)),
+    )
+    return [w, v, b], ProjectedOptimizer([{"params": [w, v]}, {"params": [b], "rank": None}], rank=2, update_gap=3)
+
+
+def _step(params, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+
+
+def test_queries_answer_per_parameter_and_follow_the_schedule():
+    params, opt = _opt()
+    w, v, b = params
+    assert [opt.is_projected(p) for p in params] == [True, True, False]
+    assert opt.projection_mask(opt.param_groups[0]) == [True, True] and opt.projection_mask(opt.param_groups[1]) == [
+        False
+    ]
+    due = []
+    for step in range(7):
+        due.append(opt.refreshes_at_next_step(w))
+        assert not opt.refreshes_at_next_step(b)
+        _step(params, opt, step)
+        assert opt.completed_steps(w) == step + 1
+    assert due == [True, False, False, True, False, False, True]  # the first subspace, then every update_gap
+    assert opt.projection_matrix(w).shape == (8, 2) and opt.projection_matrix(v).shape == (6, 2)
+
+
+def test_queries_survive_a_state_dict_round_trip_and_new_groups():
+    params, opt = _opt()
+    _step(params, opt, 0)
+    fresh_params, fresh = _opt()
+    fresh.load_state_dict(opt.state_dict())  # installs new group dicts: the parameter map is rebuilt
+    w = fresh_params[0]
+    torch.testing.assert_close(fresh.projection_matrix(w), opt.projection_matrix(params[0]))
+    assert fresh.completed_steps(w) == 1 and fresh.is_projected(w)
+    extra = torch.nn.Parameter(torch.randn(4, 9))
+    fresh.add_param_group({"params": [extra]})
+    assert fresh.is_projected(extra) and fresh.completed_steps(extra) == 0
+
+
+def test_nothing_outside_optim_uses_a_private_name_of_the_optimizer():
+    private = re.compile(r"\b(?:opt|optimizer|self\.optimizer|trainer\.optimizers\[\d\])\._(?!_)\w+")
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
+        for path in PACKAGE.rglob("*.py")
+        if "optim" not in path.relative_to(PACKAGE).parts[:1]
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not offenders, offenders
