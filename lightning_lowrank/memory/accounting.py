@@ -489,7 +489,7 @@ def warn_negative_saving(report: MemoryReport) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     base = report.baseline
-    total = f"in total it saves {_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"
+    total = f"in total it saves {format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"
     if costly:
         by_name = {layer.name: layer for layer in report.layers}
         shown = []
@@ -507,7 +507,7 @@ def warn_negative_saving(report: MemoryReport) -> None:
     elif report.shared_basis_bytes:
         message = (
             f"The low-rank state holds more than dense {base} would: every layer saves, but the shared DCT bases "
-            f"({_bytes(report.shared_basis_bytes)}) outweigh it; {total}. dct_scorer='fft' keeps no d x d basis."
+            f"({format_bytes(report.shared_basis_bytes)}) outweigh it; {total}. dct_scorer='fft' keeps no d x d basis."
         )
     else:
         message = (
@@ -517,10 +517,17 @@ def warn_negative_saving(report: MemoryReport) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _bytes(n: int) -> str:
-    from lightning_lowrank.memory.report import format_bytes  # local: report.py imports this module
-
-    return format_bytes(n)
+def format_bytes(n: float) -> str:
+    """Binary units, two decimals below 100 and none above: 0 B, 812 B, 1.50 KiB, 23.45 MiB, 1000 MiB."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    if unit == "B":
+        return f"{sign}{int(n)} B"
+    return f"{sign}{n:.0f} {unit}" if n >= 100 else f"{sign}{n:.2f} {unit}"
 
 
 UNNAMED = "(unnamed)"

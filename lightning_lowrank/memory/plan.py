@@ -44,7 +44,7 @@ from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.accounting import MemoryReport, account_memory
 from lightning_lowrank.memory.report import format_bytes, render_memory_report
 from lightning_lowrank.optim.projected import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
-from lightning_lowrank.selection import select_lowrank_params
+from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
 
 GIB = 1024**3
 OPTIMIZERS: dict[str, type[Optimizer]] = {
@@ -235,9 +235,7 @@ def plan(
         optimizer = optimizer or "adamw"
     else:
         twin = meta_twin(model, dtype)
-    from lightning_lowrank.strategies.mixin import _drop_full_rank  # local: the strategies import this package
-
-    selected = _drop_full_rank(select_lowrank_params(twin, cfg.target_modules, cfg.exclude), cfg.rank)
+    selected = drop_full_rank(select_lowrank_params(twin, cfg.target_modules, cfg.exclude), cfg.rank)
     optimizers = []
     for opt in _base_optimizers(twin, optimizer, lr, optimizer_options or {}):
         if not isinstance(opt, ProjectedOptimizer):

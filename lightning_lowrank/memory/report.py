@@ -9,7 +9,7 @@ from rich import box, get_console
 from rich.console import Console
 from rich.table import Table
 
-from lightning_lowrank.memory.accounting import GROUP_LABELS, KIND_LABELS, MemoryReport
+from lightning_lowrank.memory.accounting import GROUP_LABELS, KIND_LABELS, MemoryReport, format_bytes
 
 MAX_LAYER_ROWS = 40  # more layers than this: the per-layer table is collapsed to module groups
 BAR_WIDTH = 10
@@ -19,19 +19,6 @@ PHASE_LABELS = {
     "optimizer_step": "optimizer step + refresh",
     "batch_end": "batch end (probe, callbacks)",
 }
-
-
-def format_bytes(n: float) -> str:
-    """Binary units, two decimals below 100 and none above: 0 B, 812 B, 1.50 KiB, 23.45 MiB, 1000 MiB."""
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            break
-        n /= 1024
-    if unit == "B":
-        return f"{sign}{int(n)} B"
-    return f"{sign}{n:.0f} {unit}" if n >= 100 else f"{sign}{n:.2f} {unit}"
 
 
 def _or_dash(value: int | None) -> str:

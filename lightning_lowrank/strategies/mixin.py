@@ -28,7 +28,7 @@ from lightning_lowrank.memory.accounting import max_rss_bytes
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import supported_names
-from lightning_lowrank.selection import select_lowrank_params
+from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
 
 
 class LowRankMixin:
@@ -105,7 +105,7 @@ class LowRankMixin:
         super().setup_optimizers(trainer)  # type: ignore[misc]
         cfg = self.lowrank_config
         selected = select_lowrank_params(self.lightning_module, cfg.target_modules, cfg.exclude)
-        selected = _drop_full_rank(selected, cfg.rank)
+        selected = drop_full_rank(selected, cfg.rank)
         swapped = []
         for old in self.optimizers:
             if isinstance(old, ProjectedOptimizer):
@@ -281,19 +281,6 @@ def _check_layerwise(strategy: Any, trainer: pl.Trainer, optimizers: Sequence[Op
                 "layerwise=True needs to build the optimizer itself, but configure_optimizers returned a "
                 f"{type(opt).__name__}; return the torch optimizer (AdamW, Adam, SGD, Adafactor) instead."
             )
-
-
-def _drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]:
-    """Weights whose smaller side is <= rank would store more than their dense optimizer; train them densely."""
-    full = {p: name for p, name in selected.items() if rank >= min(p.shape)}
-    if full:
-        shown = ", ".join(f"{name} {tuple(p.shape)}" for p, name in list(full.items())[:8])
-        rank_zero_warn(
-            f"rank={rank} is not below the smaller side of {len(full)} selected weight(s): {shown}"
-            f"{' ...' if len(full) > 8 else ''}. A projection would save nothing there, so they stay dense "
-            "(the module's own optimizer); lower `rank` to project them."
-        )
-    return {p: name for p, name in selected.items() if p not in full}
 
 
 def _named(params: Any) -> list[inspect.Parameter]:

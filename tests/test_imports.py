@@ -1,0 +1,70 @@
+"""The package's import graph: no cycle, and the tensor math in optim/ does not need Lightning."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lightning_lowrank"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere (``from pkg import sub`` counts as ``pkg.sub``)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):  # also imports inside functions (deferred cycles)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lightning_lowrank"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    graph[name].add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name in modules)
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # The root package imports its parts to register the strategies; parts never import the root back.
+    cycles = [c for c in cycles if "lightning_lowrank" not in c]
+    assert not cycles, cycles
+
+
+def test_the_optimizer_core_imports_no_lightning_of_its_own():
+    """optim/ modules import torch only (importing them still runs the package __init__, which registers the
+    strategies with Lightning: that is the one place Lightning comes in)."""
+    graph = _graph()
+    offenders = []
+    for path in (PACKAGE / "optim").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning")]
+        name = _module_name(path)
+        offenders += [f"{name} -> {m}" for m in graph[name] if not m.startswith("lightning_lowrank.optim")]
+    assert not offenders, offenders
+
+
+def test_the_package_imports_in_a_fresh_interpreter():
+    code = "import lightning_lowrank.memory.plan, lightning_lowrank.optim, lightning_lowrank.strategies"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
