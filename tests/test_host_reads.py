@@ -2,8 +2,9 @@
 
 Every read of a tensor's value from Python (``.item()``, ``int()``, ``bool()``, ``max(t, x)``) dispatches
 ``aten._local_scalar_dense``; on a GPU each one that touches device memory waits for the device. torch keeps its step
-counters on the CPU and reads each once per parameter and step (Adafactor reads more); ours reads none: its integers
-(step counters, seeds, ranks) are read once per tensor (``optim/host_ints.py``). Counted on the CPU, where every read
+counters on the CPU and reads each once per parameter and step (Adafactor reads more). Ours reads nothing for a
+projected layer (its step counter, seed and rank are read once per tensor, ``optim/host_ints.py``); dense parameters
+go through torch's own Adam, which reads their CPU step counters as torch does. Counted on the CPU, where every read
 shows up the same way, in a steady-state step (no refresh, no first step).
 """
 
@@ -92,7 +93,10 @@ def test_no_more_host_reads_than_torchs_own_optimizer(name):
     assert opt.projected_params(), "the case must project something"
     assert not opt.last_refreshes, "a steady-state step, not a refresh"
     assert ours_reads <= torch_reads, (ours_reads, torch_reads)
-    assert ours_reads == 0  # stronger than the bound: counters, seeds and ranks are read once per tensor
+    # Stronger than the bound: projected layers read nothing (counters, seeds and ranks are read once per tensor);
+    # dense parameters at most their step counter, which torch's own Adam reads on the CPU.
+    dense = sum(1 for p in opt.param_groups[0]["params"] if not opt.is_projected(p))
+    assert ours_reads <= dense
 
 
 def test_step_counters_stay_on_the_cpu_after_a_resume():

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.adam import adam
 
 from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.host_ints import advance, read_int
@@ -380,9 +381,12 @@ class ProjectedOptimizer(Optimizer):
         return self.is_projected(param) and self._is_due(param, self.state[param], group)
 
     def completed_steps(self, param: Tensor) -> int:
-        """Updates ``param`` has taken (0 before its first), without a host read after the first time."""
+        """Updates ``param`` has taken (0 before its first); for a projected weight without a host read after the
+        first time (a dense parameter's counter is advanced by torch's own Adam, so it is read each time)."""
         state = self.state[param]
-        return read_int(state["step"]) if "step" in state else 0
+        if "step" not in state:
+            return 0
+        return read_int(state["step"]) if self.is_projected(param) else int(state["step"])
 
     def layer_rank(self, param: Tensor) -> int:
         """The rank ``param`` is updated in now (its own under ``memory_budget``, else the group's, clamped)."""
@@ -661,6 +665,7 @@ class ProjectedOptimizer(Optimizer):
         projected: list[tuple[Tensor, dict[str, Any], LayerContext]] = []
         index = -1
         for group in self.param_groups:
+            dense = []
             for p, on in zip(group["params"], self._mask(group)):
                 index += 1
                 if p.grad is None:
@@ -672,7 +677,8 @@ class ProjectedOptimizer(Optimizer):
                         self._init_projected_state(p, group)
                     projected.append((p, group, self._context(index, p, group)))
                 else:
-                    self._dense_step(p, group)
+                    dense.append(p)
+            self._dense_steps(dense, group)
         self._refresh([(p, g, ctx) for p, g, ctx in projected if self._is_due(p, self.state[p], g, ctx.step)])
         for p, group, ctx in projected:
             self._projected_step(p, group, ctx)
@@ -753,6 +759,38 @@ class ProjectedOptimizer(Optimizer):
         else:
             for key, tensor in buffers.items():
                 self._store_moment(state, key, tensor, rules.MOMENT_KEYS[rule][key], group)
+
+    def _dense_steps(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """A group's dense parameters: torch's own Adam(W) over the whole list (its foreach kernels on CUDA) where the
+        rule is torch's AdamW/Adam in full precision, else one ``_dense_step`` each."""
+        if not (group["rule"] == "adamw" and rules.adam_form(group) == "torch" and group["state_bits"] is None):
+            for p in params:
+                self._dense_step(p, group)
+            return
+        for p in params:
+            if not self.state[p]:
+                self._init_rule_state(p, "adamw", tuple(p.shape), group)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adam(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],  # float CPU tensors, advanced in place by torch
+            foreach=group.get("foreach"),  # the user's AdamW/Adam choices (None: torch's default for the device)
+            fused=group.get("fused"),
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
     def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
         state, rule = self.state[p], group["rule"]
