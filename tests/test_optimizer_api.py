@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightning_lowrank.optim import ProjectedOptimizer
@@ -66,3 +67,21 @@ def test_nothing_outside_optim_uses_a_private_name_of_the_optimizer():
         if private.search(line)
     ]
     assert not offenders, offenders
+
+
+def test_a_refresh_is_timed_on_this_rank():
+    params, opt = _opt()
+    _step(params, opt, 0)
+    info = opt.last_refreshes[params[0]]
+    assert info.computed_here and info.timer is not None and info.seconds > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_refresh_is_timed_with_events_read_only_when_asked():
+    w = torch.nn.Parameter(torch.randn(64, 96, device="cuda"))
+    opt = ProjectedOptimizer([w], rank=8)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    info = opt.last_refreshes[w]
+    assert info.timer._seconds is None  # nothing waited for the device during the step
+    assert info.seconds > 0

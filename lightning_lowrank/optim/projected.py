@@ -73,16 +73,48 @@ DCT_NORMS = ("l2", "l1")
 HOST_KEYS = frozenset({"proj_seed"})  # state read on the host at every step: kept on the CPU
 
 
+class RefreshTimer:
+    """Times one layer's refresh without stopping the device: wall clock on the CPU, a pair of CUDA events on a GPU,
+    read (and so waited for) only when ``seconds`` is asked for, after the step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._start, self._seconds = time.perf_counter(), None
+
+    def stop(self) -> RefreshTimer:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._seconds = time.perf_counter() - self._start
+        return self
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            self._events[1].synchronize()
+            self._seconds = self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._seconds
+
+
 @dataclass(frozen=True)
 class RefreshInfo:
     """What one refresh of one layer did (kept until the next ``step()``)."""
 
     step: int  # the layer's update count when it refreshed (0 = first subspace)
-    seconds: float  # wall time of this layer's refresh on this rank (0 where another rank computed it)
+    timer: RefreshTimer | None  # this layer's refresh on this rank (None where another rank computed it)
     similarity: float | None  # mean squared cosine of principal angles to the previous subspace
     leading_similarity: float | None  # |cos| between the previous and new leading directions
     computed_here: bool  # False when DDP sharding gave the work to another rank
     leading_cosine: float | None = None  # the same cosine signed, as Q-GaLore queues it
+
+    @property
+    def seconds(self) -> float:
+        """Time of this layer's refresh on this rank (0 where another rank computed it); on a GPU, reading it waits
+        for the refresh to finish."""
+        return 0.0 if self.timer is None else self.timer.seconds
 
 
 class ProjectedOptimizer(Optimizer):
@@ -548,16 +580,14 @@ class ProjectedOptimizer(Optimizer):
         }
         if self.memory_budget is not None:
             self._reallocate(due, old)
-        seconds = {}
+        timers = {}
         for owner, (p, group, ctx) in zip(owners, due):
             state = self.state[p]
             projector = self._projectors[group["projector"]]
             if owner == rank:
-                start = time.perf_counter()
+                timer = RefreshTimer(p.device)
                 projector.refresh(p, p.grad, state, ctx)
-                if p.is_cuda:
-                    torch.cuda.synchronize(p.device)
-                seconds[p] = time.perf_counter() - start
+                timers[p] = timer.stop()
         if self._shard:
             for owner, (p, _, _) in zip(owners, due):
                 self._broadcast_projector_state(p, src_index=owner)
@@ -579,7 +609,7 @@ class ProjectedOptimizer(Optimizer):
                     state["hessian_updates"].zero_()
             leading = None if cosine is None else abs(cosine)
             self.last_refreshes[p] = RefreshInfo(
-                ctx.step, seconds.get(p, 0.0), similarity, leading, p in seconds, leading_cosine=cosine
+                ctx.step, timers.get(p), similarity, leading, p in timers, leading_cosine=cosine
             )
             if self._refresh_requests is not None:
                 self._refresh_requests.discard(p)
