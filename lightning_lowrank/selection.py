@@ -9,12 +9,12 @@ whole name or of a substring, so ``"attn"`` selects ``blocks.0.attn.q_proj`` as 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from lightning_lowrank.optim.rank_zero import warn_rank_zero
 
 HEAD_NAMES = frozenset({"lm_head", "head", "output", "output_layer", "classifier", "fc_out", "out_head"})
 
@@ -73,9 +73,9 @@ def _check_patterns(kind: str, patterns: Sequence[str], names: dict[str, nn.Modu
 def drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]:
     """Weights whose smaller side is <= rank would store more than their dense optimizer; train them densely."""
     full = {p: name for p, name in selected.items() if rank >= min(p.shape)}
-    if full and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0):
+    if full:
         shown = ", ".join(f"{name} {tuple(p.shape)}" for p, name in list(full.items())[:8])
-        warnings.warn(
+        warn_rank_zero(
             f"rank={rank} is not below the smaller side of {len(full)} selected weight(s): {shown}"
             f"{' ...' if len(full) > 8 else ''}. A projection would save nothing there, so they stay dense "
             "(the module's own optimizer); lower `rank` to project them.",

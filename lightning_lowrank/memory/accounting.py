@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import resource
 import sys
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim.projected import ProjectedOptimizer
+from lightning_lowrank.optim.rank_zero import warn_rank_zero
 
 PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
 _STEP_BYTES = torch.tensor(0.0).element_size()  # torch's optimizers keep ``step`` as a float32 scalar tensor
@@ -486,8 +485,6 @@ def warn_negative_saving(report: MemoryReport) -> None:
     costly = report.costly_layers()
     if not costly and report.saving_bytes >= 0:
         return
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return
     base = report.baseline
     total = f"in total it saves {format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"
     if costly:
@@ -514,7 +511,7 @@ def warn_negative_saving(report: MemoryReport) -> None:
             f"The low-rank state holds more than dense {base} would: no projected layer costs more, but the step "
             f"counters {base} does not keep outweigh the saving; {total}."
         )
-    warnings.warn(message, stacklevel=3)
+    warn_rank_zero(message, stacklevel=3)
 
 
 def format_bytes(n: float) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from lightning_lowrank.optim.projection import (
     subspace_similarity,
 )
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
+from lightning_lowrank.optim.rank_zero import warn_rank_zero
 from lightning_lowrank.optim.ranks import LayerCost, allocate_ranks, min_budget
 from lightning_lowrank.optim.residuals import (
     APOLLO_SCALE_TYPES,
@@ -513,15 +513,14 @@ class ProjectedOptimizer(Optimizer):
         labels = [f"{names[p]} {tuple(p.shape)}" if p in names else f"#{i} {tuple(p.shape)}" for i, p, _, _ in kept]
         shown = ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
         projectors = ", ".join(sorted({repr(c[2]["projector"]) for c in kept}))
-        if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
-            warnings.warn(
-                f"Adafactor's factored second moment holds only m + n numbers per weight, and projecting "
-                f"{len(kept)} of {len(candidates)} Adafactor weight(s) with projector={projectors} would hold more "
-                f"optimizer state than that (the projected state plus P, its indices or a shared d x d DCT basis): "
-                f"{shown}. They are trained with dense Adafactor instead. An SVD P (d x r) always costs more; a seed "
-                "(projector='random') or a DCT index set (projector='dct', dct_scorer='fft') at a small rank can save.",
-                stacklevel=3,
-            )
+        warn_rank_zero(
+            f"Adafactor's factored second moment holds only m + n numbers per weight, and projecting "
+            f"{len(kept)} of {len(candidates)} Adafactor weight(s) with projector={projectors} would hold more "
+            f"optimizer state than that (the projected state plus P, its indices or a shared d x d DCT basis): "
+            f"{shown}. They are trained with dense Adafactor instead. An SVD P (d x r) always costs more; a seed "
+            "(projector='random') or a DCT index set (projector='dct', dct_scorer='fft') at a small rank can save.",
+            stacklevel=3,
+        )
         return [c[1] for c in kept]
 
     def _locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
