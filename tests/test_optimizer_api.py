@@ -1,5 +1,6 @@
 """The optimizer's public query API, and that nothing outside optim/ reaches into its private parts."""
 
+import copy
 import re
 from pathlib import Path
 
@@ -85,3 +86,23 @@ def test_a_cuda_refresh_is_timed_with_events_read_only_when_asked():
     info = opt.last_refreshes[w]
     assert info.timer._seconds is None  # nothing waited for the device during the step
     assert info.seconds > 0
+
+
+def test_a_checkpoint_from_before_the_newer_options_resumes_with_their_defaults():
+    params, opt = _opt()
+    _step(params, opt, 0)
+    saved = copy.deepcopy(opt.state_dict())  # as from a file: torch's state_dict shares the live step tensors
+    newer = ("adam_form", "dct_norm", "dct_type", "fira_complement", "hessian_bias_correction")
+    for group in saved["param_groups"]:
+        for key in newer:
+            del group[key]
+    fresh_params, fresh = _opt()
+    with torch.no_grad():
+        for a, b in zip(params, fresh_params):
+            b.copy_(a)
+    fresh.load_state_dict(saved)
+    assert all(g[k] == fresh.defaults[k] for g in fresh.param_groups for k in newer)
+    _step(params, opt, 1)
+    _step(fresh_params, fresh, 1)
+    for a, b in zip(params, fresh_params):
+        assert torch.equal(a, b)

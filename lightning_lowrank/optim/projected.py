@@ -317,13 +317,17 @@ class ProjectedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but integer state (projector indices, seeds, 8-bit codes) stays integer: torch casts every
-        state tensor to the param's dtype, and bf16 would round DCT indices above 256."""
+        state tensor to the param's dtype, and bf16 would round DCT indices above 256. Groups saved before an option
+        existed get its default (torch installs the saved group dicts as they are)."""
         ints = {
             k: {n: t for n, t in v.items() if not t.is_floating_point() and n != "step"}
             for k, v in state_dict["state"].items()
         }
         state = {k: {n: t for n, t in v.items() if n not in ints[k]} for k, v in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": state})
+        for group in self.param_groups:  # options added since the checkpoint was written take their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for key, tensors in ints.items():
@@ -390,7 +394,7 @@ class ProjectedOptimizer(Optimizer):
                     estimate,
                     int(state["hessian_updates"]),
                     group["hessian_beta"],
-                    group.get("hessian_bias_correction", True),
+                    group["hessian_bias_correction"],
                 )
 
     def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
