@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,16 +25,11 @@ from torch import nn
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.plan import DTYPES, OPTIMIZERS, PRESETS, Plan, plan
 
-# LowRankConfig fields whose default is None: the type of a value given on the command line.
-_NONE_DEFAULT_TYPES = {
-    "projector": str,
-    "projector_bits": int,
-    "inner": str,
-    "adam_form": str,
-    "state_bits": int,
-    "preconditioner": str,
-    "memory_budget": int,
-}
+
+def _value_type(hint: Any) -> type:
+    """The type a command-line value is parsed as: ``int | None`` -> int (the field's hint, without None)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def _parse_bool(text: str) -> bool:
@@ -70,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=float, default=None, metavar="GIB", help="GPU memory in GiB: say whether it fits")
     p.add_argument("--all-layers", action="store_true", help="one table row per layer even for large models")
     lowrank = p.add_argument_group("low-rank options (LowRankConfig fields; defaults as the strategy's)")
+    hints = typing.get_type_hints(LowRankConfig)
     for f in fields(LowRankConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("target_modules", "exclude"):
             lowrank.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="PATTERN")
         else:
-            kind = _NONE_DEFAULT_TYPES.get(f.name, type(f.default))
+            kind = _value_type(hints[f.name])
             kind = _parse_bool if kind is bool else kind
             lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return parser

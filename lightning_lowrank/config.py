@@ -5,55 +5,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-from lightning_lowrank.optim.projected import validate_options
+from lightning_lowrank.optim.options import LowRankOptions
 
 
 @dataclass(frozen=True)
-class LowRankConfig:
-    """What the strategy applies to every projected weight (see ``ProjectedOptimizer`` for each option).
+class LowRankConfig(LowRankOptions):
+    """What the strategy applies to every projected weight: every ``LowRankOptions`` field (defined, documented
+    and checked in ``lightning_lowrank.optim.options``), plus which modules to project.
 
     A weight whose smaller side is <= ``rank`` stays dense (with a warning at setup): projecting it saves nothing.
+
+    inner: the strategy's name for ``projected_rule`` (``"subset_norm"``); give one or the other.
+    target_modules: module-name globs to project (default: every ``nn.Linear`` but output heads).
+    exclude: module-name globs never to project.
     """
 
-    rank: int = 128
-    projector: str | None = None  # None: "gaussian" with residual="apollo", else "svd"
-    update_gap: int = 200
-    scale: float = 1.0
-    moments: str = "keep"
-    projector_bits: int | None = None
-    proj_group_size: int = 256
-    seed: int = 0
-    rsvd_oversample: int = 8
-    rsvd_niter: int = 2
-    dct_scorer: str = "matmul"
-    dct_norm: str = "l2"
-    dct_type: int = 2
-    pca_lr: float = 0.1
-    inner: str | None = None  # ProjectedOptimizer's projected_rule
-    adam_form: str | None = None
-    residual: str = "none"
-    frugal_rule: str = "signsgd"
-    residual_lr_scale: float = 1.0
-    limiter_gamma: float = 1.01
-    fira_complement: str = "scaled"
-    apollo_scale_type: str = "channel"
-    state_bits: int | None = None
-    state_block_size: int = 256
-    preconditioner: str | None = None
-    rho: float = 0.04
-    hessian_beta: float = 0.99
-    hessian_bias_correction: bool = True
-    memory_budget: int | None = None
-    rank_by: str = "curvature"
+    rank: int = 128  # a strategy always projects: no None here
+    inner: str | None = None
     target_modules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
-            raise ValueError(f"scale must be a number > 0, got {self.scale!r}")
-        validate_options(**self.optimizer_options())
+        if self.inner is not None:
+            if self.projected_rule not in (None, self.inner):
+                raise ValueError(
+                    f"inner={self.inner!r} and projected_rule={self.projected_rule!r} name the same option; give one"
+                )
+            object.__setattr__(self, "projected_rule", self.inner)
+        super().__post_init__()
         object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude) or ())
 
@@ -64,8 +45,7 @@ class LowRankConfig:
     def optimizer_options(self) -> dict:
         """The keyword arguments for ``ProjectedOptimizer``."""
         options = asdict(self)
-        del options["target_modules"], options["exclude"]
-        options["projected_rule"] = options.pop("inner")
+        del options["target_modules"], options["exclude"], options["inner"]
         return options
 
 

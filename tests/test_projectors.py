@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_lowrank.optim import ProjectedAdamW, rules
-from lightning_lowrank.optim.projected import _move_moments
+from lightning_lowrank.optim.basis_change import move_moments as _move_moments
 from lightning_lowrank.optim.projection import online_pca_gradient, orthonormalize
 from tests.roundtrip import assert_resumes_bit_for_bit
 

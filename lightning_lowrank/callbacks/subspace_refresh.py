@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.projected import MOMENT_POLICIES
+from lightning_lowrank.optim.options import MOMENT_POLICIES
 from lightning_lowrank.schedule import RefreshPolicy, RefreshSchedule
 from lightning_lowrank.selection import matches
 

@@ -43,7 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.accounting import MemoryReport, account_memory
 from lightning_lowrank.memory.report import format_bytes, render_memory_report
-from lightning_lowrank.optim.projected import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
+from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS
+from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
 
 GIB = 1024**3

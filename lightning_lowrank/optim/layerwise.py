@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lowrank.optim.projected import ProjectedOptimizer, _projected_rule
+from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.projection import project
 
 LOWRANK_GRAD = "lowrank_grad"  # the state key of a projected layer's accumulated projected gradient
@@ -121,7 +122,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
 
     def _needs_full_gradient(self, p: Tensor, group: dict[str, Any]) -> bool:
         state = self.state[p]
-        if group["residual"] != "none" or _projected_rule(group) == "subset_norm" or group["projector"] == "online_pca":
+        if group["residual"] != "none" or projected_rule(group) == "subset_norm" or group["projector"] == "online_pca":
             return True
         return not state or self._is_due(p, state, group)
 
@@ -185,7 +186,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
                 self._projected_step(p, group, ctx)
                 self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
             else:
-                self._projected_step_low_rank(p, group, ctx, low_rank)
+                self._projected_step(p, group, ctx, low_rank)
         p.grad = None
 
     # -- DDP: all-reduce in the hooks ---------------------------------------------------------------------------

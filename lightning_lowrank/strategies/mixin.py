@@ -27,7 +27,7 @@ from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, r
 from lightning_lowrank.memory.accounting import max_rss_bytes
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
-from lightning_lowrank.optim.projected import supported_names
+from lightning_lowrank.optim.options import supported_names
 from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
 
 

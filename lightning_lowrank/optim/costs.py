@@ -1,0 +1,95 @@
+"""What a layer's optimizer state costs in bytes: the model behind ``memory_budget`` and the Adafactor check.
+
+Bytes are counted from the buffers the rule itself creates (built on the meta device), so a new rule or buffer is
+counted without being named here. The report measures the real state; these functions predict it before it exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lowrank.optim import rules
+from lightning_lowrank.optim.projection import projected_shape
+from lightning_lowrank.optim.ranks import LayerCost
+
+META = torch.device("meta")
+SCALAR_BYTES = 64  # bound on a projected layer's scalar state (step, rank, counters, weights) for the budget
+
+# Bytes per unit of rank of each projector's storage, for a weight of smaller side d and element size es.
+PROJECTOR_BYTES_PER_RANK = {
+    "svd": lambda d, es: d * es,
+    "rsvd": lambda d, es: d * es,
+    "online_pca": lambda d, es: d * es,
+    "dct": lambda d, es: 8,  # int64 indices
+    "random": lambda d, es: 0,  # a seed
+    "gaussian": lambda d, es: 0,  # a seed
+}
+
+
+def projected_rule(group: Mapping[str, Any]) -> str:
+    """The inner rule of a group's projected weights."""
+    if group["preconditioner"] == "lazy_hessian":
+        return "sophia"
+    return group["projected_rule"] or group["rule"]
+
+
+def meta_bytes(buffers: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in buffers.values())
+
+
+def dense_state_bytes(param: Tensor, group: Mapping[str, Any]) -> int:
+    """A dense parameter's rule buffers plus its step counter."""
+    return meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, META)) + 4
+
+
+def layer_cost(param: Tensor, group: Mapping[str, Any]) -> LayerCost:
+    """A projected layer's state bytes as a function of its rank (moments, P or its indices, scalars)."""
+    rule = projected_rule(group)
+
+    def moments(rank: int) -> int:
+        return meta_bytes(rules.init_state(rule, projected_shape(param.shape, rank), param.dtype, META))
+
+    d, es = min(param.shape), param.element_size()
+    fixed = moments(0) + SCALAR_BYTES
+    per_rank = moments(1) - moments(0) + PROJECTOR_BYTES_PER_RANK[group["projector"]](d, es)
+    dense = meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, META))
+    worth = (dense - fixed) // per_rank if per_rank else d  # above this the layer would hold more than dense state
+    return LayerCost(fixed, per_rank, max(1, min(group["rank"], d, worth)))
+
+
+def state_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> int:
+    """Bytes of the rule's buffers for a gradient of ``shape``: as is, or (``state_bits=8``) one byte per element
+    with a float32 absmax per block and the int64 shape."""
+    buffers = rules.init_state(rule, shape, dtype, META)
+    if group["state_bits"] is None:
+        return meta_bytes(buffers)
+    block = group["state_block_size"]
+    sizes = [t for t in buffers.values() if t.numel()]
+    return sum(t.numel() + 4 * -(-t.numel() // min(block, t.numel())) + 8 * t.dim() for t in sizes)
+
+
+def projector_bytes(param: Tensor, group: Mapping[str, Any], rank: int) -> int:
+    """Bytes of one layer's projector at ``rank``: P (d x r, or its 8/4-bit codes with a float32 scale and zero per
+    group), DCT indices, or a seed. A DCT basis shared by ``dct_scorer="matmul"`` is not in it."""
+    d, es, kind, bits = min(param.shape), param.element_size(), group["projector"], group["projector_bits"]
+    if kind in ("random", "gaussian"):
+        return 8  # an int64 seed
+    if bits is None or kind == "dct":
+        return PROJECTOR_BYTES_PER_RANK[kind](d, es) * rank
+    n = d * rank
+    return -(-n * bits // 8) + 8 * -(-n // min(group["proj_group_size"], n))
+
+
+def projection_saving(param: Tensor, group: Mapping[str, Any], rank: int, memory_budget: int | None = None) -> int:
+    """Optimizer-state bytes that projecting ``param`` at ``rank`` saves against training it densely in the same
+    optimizer (same rule, same ``state_bits``); negative where the projection costs. The step counter is on both
+    sides; a projected layer's own scalars (Fira's and APOLLO's last norm, the budget's rank and energy) count."""
+    dense = state_bytes(group["rule"], tuple(param.shape), param.dtype, group)
+    rule, shape = projected_rule(group), projected_shape(param.shape, rank)
+    projected = state_bytes(rule, shape, param.dtype, group) + projector_bytes(param, group, rank)
+    projected += (4 if group["residual"] in ("fira", "apollo") else 0) + (12 if memory_budget is not None else 0)
+    return dense - projected

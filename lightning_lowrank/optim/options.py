@@ -1,0 +1,317 @@
+"""Every low-rank option, defined once: typed dataclasses, each section validating its own fields.
+
+``OptimizerOptions`` is the flat union of the sections, the keywords ``ProjectedOptimizer`` accepts; the strategy's
+``LowRankConfig`` adds what only a strategy decides (which modules to project). Each param group carries these
+options as keys (torch's convention); ``validate_group`` checks a group by building the sections from it, so an
+option's name, type, default and rule live here and nowhere else.
+
+Plain torch: this module builds no optimizer and imports nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.optim
+
+from lightning_lowrank.optim.projection import PROJECTORS
+from lightning_lowrank.optim.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
+from lightning_lowrank.optim.rules import ADAM_FORMS, RULES
+
+# The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
+SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]] = {
+    torch.optim.AdamW: ("adamw", True),
+    torch.optim.Adam: ("adamw", None),
+    torch.optim.SGD: ("sgd", False),
+    torch.optim.Adafactor: ("adafactor", True),
+}
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+RANK_BY = ("curvature", "residual")
+DCT_SCORERS = ("matmul", "fft")
+DCT_NORMS = ("l2", "l1")
+
+
+def supported_names() -> str:
+    return ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {key} {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _check_int(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {key}: {value!r} (must be an int >= {low})")
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"Invalid {key}: {value!r} (must be a number > 0)")
+
+
+def _check_fraction(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {key}: {value!r} (must be in [0, 1))")
+
+
+@dataclass(frozen=True)
+class ProjectionOptions:
+    """Which subspace each projected weight's state lives in, and when it changes.
+
+    rank: subspace rank r; None makes a group dense. Clamped per layer to min(m, n).
+    projector: ``svd``, ``rsvd``, ``dct``, ``random``, ``gaussian`` (APOLLO's) or ``online_pca`` (``projectors.py``);
+        None: ``gaussian`` with ``residual="apollo"``, else ``svd``.
+    update_gap: refresh every this many updates of a layer (unless a scheduler owns the schedule).
+    scale: multiplies the projected-back update (GaLore's alpha).
+    moments: at a refresh ``keep`` the moments (GaLore), ``reset`` them, or ``rotate`` them into the new basis.
+    projector_bits: store P quantized to 8 or 4 bits (group-wise, Q-GaLore); None keeps it in full precision.
+    proj_group_size: elements per quantization group of P.
+    seed: base seed for random sketches and stochastic rounding (mixed with layer index and step).
+    rsvd_oversample, rsvd_niter: randomized SVD's extra sketch columns and power iterations.
+    dct_scorer: ``matmul`` (shared d x d basis) or ``fft`` (Makhoul's FFT, no basis kept).
+    dct_norm: ``l2`` ranks DCT columns by the energy they capture; ``l1`` as DCT-AdamW's code.
+    dct_type: 2 (DCT-II columns) or 3 (DCT-AdamW's matmul basis, whose columns are DCT-III vectors).
+    pca_lr: online PCA's step size on P.
+    """
+
+    rank: int | None = 128
+    projector: str | None = None
+    update_gap: int = 200
+    scale: float = 1.0
+    moments: str = "keep"
+    projector_bits: int | None = None
+    proj_group_size: int = 256
+    seed: int = 0
+    rsvd_oversample: int = 8
+    rsvd_niter: int = 2
+    dct_scorer: str = "matmul"
+    dct_norm: str = "l2"
+    dct_type: int = 2
+    pca_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        rank = self.rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+            raise ValueError(f"Invalid rank: {rank!r}: rank must be a positive int, or None for a dense group")
+        if self.projector is not None:  # None: chosen by the residual (ProjectedOptimizer.add_param_group)
+            check_choice("projector", self.projector, PROJECTORS)
+        check_choice("moments", self.moments, MOMENT_POLICIES)
+        if self.moments == "rotate" and self.projector == "gaussian":
+            raise ValueError(
+                "moments='rotate' maps moments through P_old^T P_new, which needs orthonormal bases, and "
+                "projector='gaussian' (APOLLO's) is not orthonormal; use moments='keep' (APOLLO's) or 'reset'"
+            )
+        check_choice("projector_bits", self.projector_bits, (None, 4, 8))
+        check_choice("dct_scorer", self.dct_scorer, DCT_SCORERS)
+        check_choice("dct_norm", self.dct_norm, DCT_NORMS)
+        check_choice("dct_type", self.dct_type, (2, 3))
+        if self.dct_type == 3 and self.dct_scorer != "matmul":
+            raise ValueError(
+                "dct_type=3 (DCT-AdamW's matmul basis) scores with the shared basis: use dct_scorer='matmul'"
+            )
+        for key, low in (("update_gap", 1), ("proj_group_size", 1), ("rsvd_oversample", 0), ("rsvd_niter", 0)):
+            _check_int(key, getattr(self, key), low)
+        _check_int("seed", self.seed, 0)
+        _check_positive("scale", self.scale)
+        _check_positive("pca_lr", self.pca_lr)
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """The inner update that runs in the subspace (its base rule is the module's optimizer: AdamW/Adam, SGD,
+    Adafactor).
+
+    adam_form: ``torch`` (torch.optim.AdamW) or ``hf`` (transformers' AdamW, which the GaLore, Fira and APOLLO code
+        use: eps on sqrt(v), bias corrections in the step size, decay after the update); None: ``hf`` with
+        ``residual="fira"``/``"apollo"`` (so they match their reference code), else ``torch``.
+    projected_rule: a different rule for projected weights only: ``subset_norm`` (Subspace-Momentum with Subset-Norm
+        step sizes: momentum in the subspace, SGD on the complement, AdaGrad-Norm step per channel). None: the rule
+        of the module's optimizer. The strategies call it ``inner``.
+    preconditioner: ``"lazy_hessian"`` replaces the projected rule by Sophia's clipped Newton step in the subspace,
+        clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe folds in
+        through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected unless
+        ``hessian_bias_correction=False``, Sophia's own plain EMA from zero), reused between probes.
+    """
+
+    adam_form: str | None = None
+    projected_rule: str | None = None
+    preconditioner: str | None = None
+    rho: float = 0.04
+    hessian_beta: float = 0.99
+    hessian_bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("adam_form", self.adam_form, (None, *ADAM_FORMS))
+        check_choice("projected_rule", self.projected_rule, (None, "subset_norm"))
+        check_choice("preconditioner", self.preconditioner, (None, "lazy_hessian"))
+        if self.preconditioner and self.projected_rule:
+            raise ValueError(
+                f"preconditioner={self.preconditioner!r} is itself the projected rule; drop "
+                f"projected_rule={self.projected_rule!r} (the strategy's `inner`) or the preconditioner"
+            )
+        check_choice("hessian_bias_correction", self.hessian_bias_correction, (True, False))
+        _check_fraction("hessian_beta", self.hessian_beta)
+        _check_positive("rho", self.rho)
+
+
+@dataclass(frozen=True)
+class TorchRuleOptions:
+    """Hyperparameters of the torch optimizer a rule reproduces. A strategy takes them from the module's optimizer
+    (its param groups); they are options only of a ``ProjectedOptimizer`` built directly.
+
+    momentum, dampening, nesterov: as torch.optim.SGD (the ``sgd`` rule).
+    beta2_decay, d: as torch.optim.Adafactor (the ``adafactor`` rule).
+    """
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta2_decay: float = -0.8
+    d: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("nesterov", self.nesterov, (True, False))
+        _check_fraction("momentum", self.momentum)
+        _check_positive("d", self.d)
+
+
+@dataclass(frozen=True)
+class ResidualOptions:
+    """What happens to the gradient outside the subspace (``residuals.py``).
+
+    residual: ``none`` (GaLore), ``frugal`` (state-free ``frugal_rule`` step, FRUGAL), ``fira`` (Fira's scaled
+        residual with its norm-growth limiter ``limiter_gamma``; ``fira_complement``) or ``apollo`` (APOLLO's scaled
+        raw gradient, ``apollo_scale_type`` channel or tensor).
+    residual_lr_scale: multiplies the residual's step.
+    """
+
+    residual: str = "none"
+    frugal_rule: str = "signsgd"
+    residual_lr_scale: float = 1.0
+    limiter_gamma: float = 1.01
+    fira_complement: str = "scaled"
+    apollo_scale_type: str = "channel"
+
+    def __post_init__(self) -> None:
+        check_choice("residual", self.residual, RESIDUALS)
+        check_choice("frugal_rule", self.frugal_rule, FRUGAL_RULES)
+        check_choice("fira_complement", self.fira_complement, FIRA_COMPLEMENTS)
+        check_choice("apollo_scale_type", self.apollo_scale_type, APOLLO_SCALE_TYPES)
+        _check_positive("residual_lr_scale", self.residual_lr_scale)
+        _check_positive("limiter_gamma", self.limiter_gamma)
+
+
+@dataclass(frozen=True)
+class StateOptions:
+    """How the optimizer state is stored.
+
+    state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block).
+    """
+
+    state_bits: int | None = None
+    state_block_size: int = 256
+
+    def __post_init__(self) -> None:
+        check_choice("state_bits", self.state_bits, (None, 8))
+        _check_int("state_block_size", self.state_block_size, 1)
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """One memory budget for the whole optimizer (not per group).
+
+    memory_budget: bytes for this optimizer's whole state (dense part, projected moments, projectors). Each projected
+        layer then gets its own rank, at most ``rank``, chosen at its refreshes (``ranks.py``): in proportion to its
+        curvature trace (``rank_by="curvature"``, fed by ``set_layer_curvature``; until the first one arrives, as for
+        ``"residual"``) or to its gradient energy outside the current subspace (``rank_by="residual"``). A layer grows
+        only into bytes free at that moment, so the state never exceeds the budget. Needs full-precision state and P.
+    """
+
+    memory_budget: int | None = None
+    rank_by: str = "curvature"
+
+    def __post_init__(self) -> None:
+        budget = self.memory_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"Invalid memory_budget: {budget!r} (must be a positive int of bytes, or None)")
+        check_choice("rank_by", self.rank_by, RANK_BY)
+
+
+GROUP_SECTIONS = (ProjectionOptions, RuleOptions, TorchRuleOptions, ResidualOptions, StateOptions)
+
+
+@dataclass(frozen=True)
+class LowRankOptions(BudgetOptions, StateOptions, ResidualOptions, RuleOptions, ProjectionOptions):
+    """The low-rank options a strategy sets (flat: ``rank=``, ``projector=``, ...), checked together."""
+
+    def __post_init__(self) -> None:
+        for section in (ProjectionOptions, RuleOptions, ResidualOptions, StateOptions, BudgetOptions):
+            section.__post_init__(self)
+        check_cross_options(self)
+
+
+@dataclass(frozen=True)
+class OptimizerOptions(TorchRuleOptions, LowRankOptions):
+    """Every keyword of ``ProjectedOptimizer`` besides torch's own: the low-rank options and the rule's."""
+
+    def __post_init__(self) -> None:
+        LowRankOptions.__post_init__(self)
+        TorchRuleOptions.__post_init__(self)
+
+    def group_options(self) -> dict[str, Any]:
+        """The per-group keys (every section's field but the budget's), with their values."""
+        return {name: getattr(self, name) for name in group_option_names()}
+
+
+def check_cross_options(o: Any) -> None:
+    """Rules that span sections (``o``: an ``OptimizerOptions`` or anything with its attributes)."""
+    if o.projected_rule == "subset_norm" and o.residual != "none":
+        raise ValueError("projected_rule='subset_norm' updates the complement itself; use residual='none' with it")
+
+
+def group_option_names() -> tuple[str, ...]:
+    return tuple(f.name for section in GROUP_SECTIONS for f in fields(section))
+
+
+def option_names() -> frozenset[str]:
+    return frozenset(f.name for f in fields(OptimizerOptions))
+
+
+def validate_group(group: Mapping[str, Any]) -> None:
+    """Check one param group: torch's own hyperparameters, every section's options, the lowrank mask."""
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    if not 0.0 <= float(lr):
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    for value in eps if isinstance(eps, (tuple, list)) else (eps,):  # Adafactor's eps is a pair
+        if value is not None and not 0.0 <= value:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    for i, beta in enumerate(group["betas"]):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd} (must be >= 0)")
+    check_choice("rule", group["rule"], RULES[:3])
+    for section in GROUP_SECTIONS:
+        section(**{f.name: group[f.name] for f in fields(section)})
+    check_cross_options(_Attrs(group))
+    mask = group["lowrank_mask"]
+    if mask is not None:
+        if len(mask) != len(group["params"]):
+            raise ValueError(f"lowrank_mask has {len(mask)} entries for {len(group['params'])} params")
+        for p, projected in zip(group["params"], mask):
+            if projected and p.ndim != 2:
+                raise ValueError(f"lowrank_mask selects shape {tuple(p.shape)}; only 2-D weights project")
+
+
+class _Attrs:
+    """A group dict read as attributes (for ``check_cross_options``)."""
+
+    def __init__(self, group: Mapping[str, Any]) -> None:
+        self._group = group
+
+    def __getattr__(self, name: str) -> Any:
+        return self._group[name]

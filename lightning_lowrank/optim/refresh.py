@@ -1,0 +1,187 @@
+"""When a projected layer's subspace is refreshed, and the refresh itself (``RefreshMixin`` of the optimizer).
+
+By default a layer refreshes every ``update_gap`` of its own updates. A scheduler (the ``SubspaceRefresh`` callback)
+can take that decision over with ``external_schedule()`` and ``request_refresh(params)``; the refresh itself always
+runs inside ``step()``, on the final gradient. Under DDP each due layer is computed on one rank and broadcast.
+After a refresh the moments are carried into the new basis (``basis_change.py``).
+
+Host reads: a refresh reads the similarity of the old and new subspace (two scalars per layer, for the scheduler and
+the report); an ordinary step reads nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_lowrank.optim import rules
+from lightning_lowrank.optim.basis_change import move_moments, rank_axis_keys
+from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim.host_ints import read_int
+from lightning_lowrank.optim.projection import is_left, subspace_similarity
+from lightning_lowrank.optim.projectors import LayerContext
+
+HOST_KEYS = frozenset({"proj_seed"})  # state read on the host at every step: kept on the CPU
+PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
+
+
+def has_subspace(state: dict[str, Tensor]) -> bool:
+    return any(k.startswith(PROJECTOR_PREFIX) for k in state)
+
+
+class RefreshTimer:
+    """Times one layer's refresh without stopping the device: wall clock on the CPU, a pair of CUDA events on a GPU,
+    read (and so waited for) only when ``seconds`` is asked for, after the step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._start, self._seconds = time.perf_counter(), None
+
+    def stop(self) -> RefreshTimer:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._seconds = time.perf_counter() - self._start
+        return self
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            self._events[1].synchronize()
+            self._seconds = self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._seconds
+
+
+@dataclass(frozen=True)
+class RefreshInfo:
+    """What one refresh of one layer did (kept until the next ``step()``)."""
+
+    step: int  # the layer's update count when it refreshed (0 = first subspace)
+    timer: RefreshTimer | None  # this layer's refresh on this rank (None where another rank computed it)
+    similarity: float | None  # mean squared cosine of principal angles to the previous subspace
+    leading_similarity: float | None  # |cos| between the previous and new leading directions
+    computed_here: bool  # False when DDP sharding gave the work to another rank
+    leading_cosine: float | None = None  # the same cosine signed, as Q-GaLore queues it
+
+    @property
+    def seconds(self) -> float:
+        """Time of this layer's refresh on this rank (0 where another rank computed it); on a GPU, reading it waits
+        for the refresh to finish."""
+        return 0.0 if self.timer is None else self.timer.seconds
+
+
+class RefreshMixin:
+    """The refresh schedule and the refresh, for ``ProjectedOptimizer`` (which owns ``state`` and the projectors)."""
+
+    _refresh_requests: set[Tensor] | None  # None: fixed update_gap
+    _shard: tuple[int, int, Any] | None  # (rank, world_size, process group)
+    last_refreshes: dict[Tensor, RefreshInfo]
+
+    def external_schedule(self) -> None:
+        """Refresh only layers passed to ``request_refresh`` (and layers without a subspace yet)."""
+        self._refresh_requests = set()
+
+    def request_refresh(self, params: Iterable[Tensor]) -> None:
+        """Refresh these layers at their next update (a skipped AMP step leaves the request pending)."""
+        if self._refresh_requests is None:
+            self.external_schedule()
+        self._refresh_requests.update(params)
+
+    def shard_refreshes(self, group: Any = None) -> None:
+        """Under torch.distributed: compute each due refresh on one rank (layer i on rank i % world), broadcast it."""
+        self._shard = (dist.get_rank(group), dist.get_world_size(group), group)
+
+    def refreshes_at_next_step(self, param: Tensor) -> bool:
+        """Whether the next ``step()`` refreshes ``param``'s subspace (read before the step: the counter has not moved,
+        and a scheduler's requests for this step are in)."""
+        _, group = self._locate(param)
+        return self.is_projected(param) and self._is_due(param, self.state[param], group)
+
+    def _is_due(self, param: Tensor, state: dict[str, Tensor], group: dict[str, Any], step: int | None = None) -> bool:
+        """Whether ``param`` refreshes before its next update; ``step`` is its completed updates when the caller has
+        already read them (one read of the counter per layer and step)."""
+        if not has_subspace(state):
+            return True
+        if self._refresh_requests is None:
+            return (read_int(state["step"]) if step is None else step) % group["update_gap"] == 0
+        return param in self._refresh_requests
+
+    def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]], slots: list[int] | None = None) -> None:
+        """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments.
+
+        Sharded, the layer in slot i (by default its place in ``due``) is computed on rank i % world."""
+        if not due:  # an ordinary step: nothing to refresh, no ranks to reallocate
+            return
+        rank, world = (self._shard[0], self._shard[1]) if self._shard else (0, 1)
+        owners = [i % world for i in (slots if slots is not None else range(len(due)))]
+        old = {
+            p: self._projectors[group["projector"]].matrix(p, self.state[p], ctx)
+            for p, group, ctx in due
+            if has_subspace(self.state[p])
+        }
+        if self.memory_budget is not None:
+            self._reallocate(due, old)
+        timers = {}
+        for owner, (p, group, ctx) in zip(owners, due):
+            if owner == rank:
+                timer = RefreshTimer(p.device)
+                self._projectors[group["projector"]].refresh(p, p.grad, self.state[p], ctx)
+                timers[p] = timer.stop()
+        if self._shard:
+            for owner, (p, _, _) in zip(owners, due):
+                self._broadcast_projector_state(p, src_index=owner)
+        for p, group, ctx in due:
+            similarity, cosine = self._change_basis(p, group, ctx, old.get(p))
+            leading = None if cosine is None else abs(cosine)
+            self.last_refreshes[p] = RefreshInfo(
+                ctx.step, timers.get(p), similarity, leading, p in timers, leading_cosine=cosine
+            )
+            if self._refresh_requests is not None:
+                self._refresh_requests.discard(p)
+
+    def _change_basis(
+        self, p: Tensor, group: dict[str, Any], ctx: LayerContext, P_old: Tensor | None
+    ) -> tuple[float | None, float | None]:
+        """Carry the moments into the new subspace; the subspace's similarity to the old one (None: first one)."""
+        if P_old is None:
+            return None, None
+        state = self.state[p]
+        P_new = self._projectors[group["projector"]].matrix(p, state, ctx)
+        # Dequantized and online-PCA matrices are only nearly orthonormal: those get orthonormalized.
+        exact = group["projector"] not in ("online_pca", "gaussian") and group["projector_bits"] is None
+        similarity, cosine = subspace_similarity(P_old, P_new, orthonormal=exact)
+        rule = projected_rule(group)
+        with self._moments(p, rule, group) as moments:
+            left = is_left(p.shape)
+            keys, rank_keys = rules.MOMENT_KEYS[rule], rank_axis_keys(rule, left)
+            move_moments(moments, keys, rank_keys, P_old, P_new, group["moments"], left)
+        if group["moments"] == "reset" and "hessian_updates" in state:
+            # h restarts: the next probe's diagonal is taken whole (bias-corrected) or as (1 - beta) of it
+            state["hessian_updates"].zero_()
+        return similarity, cosine
+
+    def _broadcast_projector_state(self, param: Tensor, src_index: int) -> None:
+        state = self.state[param]
+        group = self._shard[2]
+        src = dist.get_global_rank(group, src_index) if group is not None else src_index
+        keys = [k for k in state if k.startswith(PROJECTOR_PREFIX)]
+        meta = [[(k, tuple(state[k].shape), state[k].dtype) for k in sorted(keys)]]
+        dist.broadcast_object_list(meta, src=src, group=group)
+        device = param.device
+        is_src = dist.get_rank() == src
+        for key, shape, dtype in meta[0]:
+            # Receivers fill a fresh tensor: the old one may still be referenced (the previous P, kept to compare).
+            tensor = state[key].to(device) if is_src else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(tensor, src=src, group=group)
+            state[key] = tensor.cpu() if key in HOST_KEYS else tensor
+        for key in [k for k in state if k.startswith(PROJECTOR_PREFIX) and k not in {m[0] for m in meta[0]}]:
+            del state[key]

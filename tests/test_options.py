@@ -1,0 +1,91 @@
+"""The options tree: each option defined once (options.py), checked at construction, the same for every user."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lightning_lowrank import LowRankConfig, ProjectedOptimizer
+from lightning_lowrank.optim.options import (
+    GROUP_SECTIONS,
+    BudgetOptions,
+    LowRankOptions,
+    OptimizerOptions,
+    ProjectionOptions,
+    ResidualOptions,
+    RuleOptions,
+    StateOptions,
+    TorchRuleOptions,
+    group_option_names,
+)
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def test_each_option_belongs_to_exactly_one_section():
+    sections = (ProjectionOptions, RuleOptions, TorchRuleOptions, ResidualOptions, StateOptions, BudgetOptions)
+    names = [n for s in sections for n in _names(s)]
+    assert len(names) == len(set(names))
+    assert sorted(names) == sorted(_names(OptimizerOptions))
+    # a strategy sets every option but the torch optimizer's own hyperparameters, which it takes from the module's
+    assert set(_names(LowRankOptions)) == set(names) - set(_names(TorchRuleOptions))
+    assert set(_names(LowRankConfig)) == set(_names(LowRankOptions)) | {"inner", "target_modules", "exclude"}
+
+
+def test_a_param_group_carries_exactly_the_group_options():
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    opt = ProjectedOptimizer([w], rank=2)
+    group = opt.param_groups[0]
+    torch_keys = {"params", "lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "rule", "lowrank_mask"}
+    assert set(group) == torch_keys | set(group_option_names())
+    assert not set(group) & set(_names(BudgetOptions))  # one budget per optimizer, not per group
+    assert len(GROUP_SECTIONS) == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(rank=0), "rank must be a positive int"),
+        (dict(projector="pca"), "Unknown projector 'pca'; choose one of 'svd'"),
+        (dict(update_gap=0), "update_gap.*int >= 1"),
+        (dict(residual="fira", projected_rule="subset_norm"), "subset_norm.*residual='none'"),
+        (dict(preconditioner="lazy_hessian", projected_rule="subset_norm"), "itself the projected rule"),
+        (dict(memory_budget=-1), "memory_budget"),
+        (dict(rank_by="size"), "Unknown rank_by"),
+        (dict(state_bits=4), "Unknown state_bits 4"),
+        (dict(momentum=1.0), "momentum.*\\[0, 1\\)"),
+    ],
+)
+def test_bad_values_fail_at_construction_everywhere(options, match):
+    """The optimizer, the options tree and (where the option is the strategy's) the config give the same error."""
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=match):
+        ProjectedOptimizer([w], **options)
+    with pytest.raises(ValueError, match=match):
+        OptimizerOptions(**options)
+    if set(options) <= set(_names(LowRankConfig)) and options.get("rank", 1) != 0:
+        with pytest.raises(ValueError, match=match):
+            LowRankConfig(**options)
+
+
+def test_an_unknown_keyword_is_refused_by_name():
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    with pytest.raises(TypeError, match="rnak"):
+        ProjectedOptimizer([w], rnak=2)
+
+
+def test_a_bad_group_override_is_refused_when_the_group_is_added():
+    a, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4))
+    with pytest.raises(ValueError, match="Unknown residual 'fria'"):
+        ProjectedOptimizer([{"params": [a]}, {"params": [b], "residual": "fria"}], rank=2)
+
+
+def test_inner_is_the_strategy_name_of_projected_rule():
+    assert LowRankConfig(inner="subset_norm").optimizer_options()["projected_rule"] == "subset_norm"
+    assert "inner" not in LowRankConfig().optimizer_options()
+    with pytest.raises(ValueError, match="name the same option"):
+        LowRankConfig(inner="subset_norm", projected_rule="adamw")
