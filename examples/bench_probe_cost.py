@@ -23,7 +23,7 @@ from byte_lm import ByteLM, ByteLMConfig
 from stdlib_data import StdlibDataModule
 
 import lightning_lowrank
-from lightning_lowrank.memory.report import format_bytes
+from lightning_lowrank.memory.figures import format_bytes
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")

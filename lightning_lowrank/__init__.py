@@ -1,28 +1,48 @@
 """Memory-efficient low-rank gradient optimization for PyTorch Lightning.
 
-``import lightning_lowrank`` registers the strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...).
+The strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...) are registered with Lightning as soon as both this package
+and ``lightning.pytorch`` are imported, in either order. Names are loaded on first use, so ``import
+lightning_lowrank.optim`` (plain torch) does not load Lightning.
 """
 
-from lightning_lowrank.callbacks import CurvatureProbe, MemoryPhases, SubspaceRefresh
-from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
-from lightning_lowrank.optim import ProjectedAdamW, ProjectedOptimizer
-from lightning_lowrank.strategies import LowRankDDPStrategy, LowRankStrategy
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from lightning_lowrank._registration import register_when_lightning_loads
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CurvatureProbe",
-    "LowRankConfig",
-    "LowRankDDPStrategy",
-    "LowRankStrategy",
-    "MemoryPhases",
-    "MemoryReport",
-    "Plan",
-    "ProjectedAdamW",
-    "ProjectedOptimizer",
-    "SubspaceRefresh",
-    "account_memory",
-    "plan",
-    "render_memory_report",
-]
+_EXPORTS = {
+    "CurvatureProbe": "lightning_lowrank.callbacks",
+    "MemoryPhases": "lightning_lowrank.callbacks",
+    "SubspaceRefresh": "lightning_lowrank.callbacks",
+    "LowRankConfig": "lightning_lowrank.config",
+    "MemoryReport": "lightning_lowrank.memory",
+    "Plan": "lightning_lowrank.memory",
+    "account_memory": "lightning_lowrank.memory",
+    "plan": "lightning_lowrank.memory",
+    "render_memory_report": "lightning_lowrank.memory",
+    "ProjectedAdamW": "lightning_lowrank.optim",
+    "ProjectedOptimizer": "lightning_lowrank.optim",
+    "LowRankDDPStrategy": "lightning_lowrank.strategies",
+    "LowRankStrategy": "lightning_lowrank.strategies",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_lowrank' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    setattr(sys.modules[__name__], name, value)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+register_when_lightning_loads()

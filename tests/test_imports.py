@@ -50,8 +50,7 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_the_optimizer_core_imports_no_lightning_of_its_own():
-    """optim/ modules import torch only (importing them still runs the package __init__, which registers the
-    strategies with Lightning: that is the one place Lightning comes in)."""
+    """optim/ modules import torch only (and the package __init__ does not load Lightning: see the next tests)."""
     graph = _graph()
     offenders = []
     for path in (PACKAGE / "optim").rglob("*.py"):
@@ -68,3 +67,29 @@ def test_the_optimizer_core_imports_no_lightning_of_its_own():
 def test_the_package_imports_in_a_fresh_interpreter():
     code = "import lightning_lowrank.memory.plan, lightning_lowrank.optim, lightning_lowrank.strategies"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def test_importing_the_optimizer_core_or_the_planner_does_not_load_lightning():
+    out = _run(
+        "import sys, lightning_lowrank.optim, lightning_lowrank.memory\n"
+        "from lightning_lowrank import ProjectedOptimizer, plan\n"
+        "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')))"
+    )
+    assert out.strip() == "[]"
+
+
+def test_strategy_names_are_registered_whichever_is_imported_first():
+    """The names must be in Lightning's registry once both packages are imported, in either order, also when the
+    first use of the package is one of its Lightning names."""
+    check = "from lightning.pytorch.strategies import StrategyRegistry\nprint('lowrank' in StrategyRegistry)"
+    for first in (
+        "import lightning_lowrank\nimport lightning as L",
+        "import lightning as L\nimport lightning_lowrank",
+        "import lightning_lowrank.optim\nimport lightning.pytorch",
+        "from lightning_lowrank import LowRankStrategy, SubspaceRefresh",
+    ):
+        assert _run(f"{first}\n{check}").strip() == "True", first

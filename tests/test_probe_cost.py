@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 from lightning_lowrank import CurvatureProbe, LowRankStrategy
-from lightning_lowrank.callbacks.curvature_probe import _ExtraMemory
+from lightning_lowrank.callbacks.probe_rerun import ExtraMemory
 from lightning_lowrank.memory import format_bytes, render_memory_report
 from tests.models import SmallMLP, TinyNet
 from tests.test_strategy import QUIET, RecordingLogger
@@ -124,7 +124,7 @@ class FakeAllocator:
 def test_cuda_extra_is_the_peak_rise_and_the_run_peak_survives_the_reset(monkeypatch):
     allocator = FakeAllocator(allocated=500, peak=1000)  # training already peaked at 1000 before the probe
     allocator.install(monkeypatch)
-    with _ExtraMemory(torch.device("cuda", 0), []) as cost:
+    with ExtraMemory(torch.device("cuda", 0), []) as cost:
         allocator.allocate(300)
         allocator.allocate(-200)
     assert cost.bytes == 300 and cost.run_peak == 1000

@@ -16,26 +16,34 @@ descent (lr * top eigenvalue of the group's Hessian block > 2) and warns once pe
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.optim import Optimizer
-from torchmetrics import MeanMetric
 
-from lightning_lowrank.curvature import hutchinson, subspace_diagonal, top_eigenvalues
+from lightning_lowrank.callbacks.edge_of_stability import (
+    EDGE_OF_STABILITY,
+    ParamBlock,
+    edge_of_stability_message,
+    eigenvalue_figures,
+)
+from lightning_lowrank.callbacks.probe_rerun import (
+    ExtraMemory,
+    mean_over_ranks,
+    rerun_gradients,
+    silenced_logging,
+    synchronize,
+    tensors_in,
+)
+from lightning_lowrank.curvature import hutchinson, subspace_diagonal
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.projection import derive_seed
 
 ESTIMATORS = ("trace", "top_eigenvalues", "diagonal", "subspace_diagonal")
-EDGE_OF_STABILITY = 2.0  # gradient descent on a quadratic diverges along directions with lr * eigenvalue > 2
 
 
 class CurvatureProbe(Callback):
@@ -124,7 +132,7 @@ class CurvatureProbe(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self._mark, self._batches = time.perf_counter(), 0
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,14 +152,14 @@ class CurvatureProbe(Callback):
         if step == self._last_step or step % self.every != 0:
             return  # not an optimizer-step boundary of ours (or an accumulation micro-batch)
         self._last_step = step
-        _synchronize(pl_module.device)  # the batches' kernels are done: neither they nor the probe gets the other's
+        synchronize(pl_module.device)  # the batches' kernels are done: neither they nor the probe gets the other's
         start = time.perf_counter()
         if self._mark is not None:
             self._steps += self._batches
             self._step_seconds += start - self._mark
         figures, blocks = self._probe(trainer, pl_module, batch, batch_idx, step)
         figures["probe_seconds"] = time.perf_counter() - start
-        figures = {k: _mean_over_ranks(v, pl_module.device) for k, v in figures.items()}
+        figures = {k: mean_over_ranks(v, pl_module.device) for k, v in figures.items()}
         self._calls += 1
         self._probe_seconds += figures["probe_seconds"]
         self._max_extra_bytes = max(self._max_extra_bytes, figures["probe_extra_bytes"])
@@ -168,21 +176,15 @@ class CurvatureProbe(Callback):
     ) -> tuple[dict[str, float], list[ParamBlock]]:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         names, params = [n for n, _ in named], [p for _, p in named]
-        held = [*pl_module.parameters(), *pl_module.buffers(), *_tensors_in(batch)]
+        held = [*pl_module.parameters(), *pl_module.buffers(), *tensors_in(batch)]
         devices = [params[0].device] if params and params[0].is_cuda else []
         figures: dict[str, float] = {}
         blocks: list[ParamBlock] = []
-        with _ExtraMemory(pl_module.device, held) as cost:
+        with ExtraMemory(pl_module.device, held) as cost:
             buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
             cost.keep(buffers.values())
-            with torch.random.fork_rng(devices=devices), _silenced_logging(pl_module), torch.enable_grad():
-                # Fused attention kernels (flash, memory-efficient) have no double backward: attention in the
-                # probe's forward runs on the math kernel, which is the same function, twice differentiable.
-                with trainer.precision_plugin.forward_context(), sdpa_kernel([SDPBackend.MATH]):
-                    out = pl_module.training_step(batch, batch_idx)
-                loss = out["loss"] if isinstance(out, dict) else out
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            with torch.random.fork_rng(devices=devices), silenced_logging(pl_module), torch.enable_grad():
+                grads = rerun_gradients(trainer, pl_module, batch, batch_idx, params)
                 cost.keep(grads)
                 generator = torch.Generator().manual_seed(derive_seed(self.seed, step))
                 if "trace" in self.estimators or "diagonal" in self.estimators:
@@ -196,19 +198,9 @@ class CurvatureProbe(Callback):
                 if "subspace_diagonal" in self.estimators:
                     self._feed_subspace_diagonals(trainer, grads, params, generator)
                 if "top_eigenvalues" in self.estimators:
-                    eig = top_eigenvalues(grads, params, self.top_k, generator, self.max_iter, self.tol)
-                    cost.keep(t for v in eig.eigenvectors for t in v)
-                    figures.update({f"eigenvalue_{i}": v for i, v in enumerate(eig.eigenvalues)})
-                    blocks = param_blocks(trainer.strategy.optimizers, params)
-                    for block in blocks:
-                        if len(block.indices) == len(params):  # the group is the whole probed model
-                            top = max(eig.eigenvalues)
-                        else:  # H restricted to the group: differentiate its gradients w.r.t. its params only
-                            sub = [grads[i] for i in block.indices], [params[i] for i in block.indices]
-                            block_eig = top_eigenvalues(*sub, 1, generator, self.max_iter, self.tol)
-                            cost.keep(block_eig.eigenvectors[0])
-                            top = block_eig.eigenvalues[0]
-                        figures[f"lr_x_eigenvalue/{block.label}"] = block.lr * top
+                    search = (self.top_k, generator, self.max_iter, self.tol, cost.keep)
+                    found, blocks = eigenvalue_figures(trainer.strategy.optimizers, grads, params, *search)
+                    figures.update(found)
         with torch.no_grad():
             for n, b in pl_module.named_buffers():
                 b.copy_(buffers[n])
@@ -300,129 +292,3 @@ class CurvatureProbe(Callback):
         self._step_seconds = state_dict.get("train_total_seconds", 0.0)
         self._warned = set(state_dict.get("eos_warned", ()))
         self.diagonal = dict(state_dict.get("diagonal", {}))  # moved to the params' device at the next fold
-
-
-@dataclass(frozen=True)
-class ParamBlock:
-    """Param group ``group`` of optimizer ``optimizer``, restricted to the probed params (``indices`` into them)."""
-
-    optimizer: int
-    group: int
-    lr: float
-    indices: tuple[int, ...]
-    numel: int
-    several_optimizers: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"optimizer{self.optimizer}/group{self.group}" if self.several_optimizers else f"group{self.group}"
-
-
-def param_blocks(optimizers: Sequence[Optimizer], params: Sequence[Tensor]) -> list[ParamBlock]:
-    """Each param group that holds probed params; its Hessian block is the curvature its own learning rate meets."""
-    position = {id(p): i for i, p in enumerate(params)}
-    blocks = []
-    for j, opt in enumerate(optimizers):
-        for i, group in enumerate(opt.param_groups):
-            indices = tuple(position[id(p)] for p in group["params"] if id(p) in position)
-            if indices:
-                numel = sum(params[k].numel() for k in indices)
-                blocks.append(ParamBlock(j, i, float(group["lr"]), indices, numel, len(optimizers) > 1))
-    return blocks
-
-
-def edge_of_stability_message(block: ParamBlock, product: float) -> str:
-    """The warning text: the figures first, then what they mean."""
-    eigenvalue = product / block.lr
-    where = f"param group {block.group}" + (f" of optimizer {block.optimizer}" if block.several_optimizers else "")
-    return (
-        f"lr * top eigenvalue = {product:.4g} > {EDGE_OF_STABILITY:g} for {where} (lr={block.lr:.4g}, top Hessian "
-        f"eigenvalue={eigenvalue:.4g}, {len(block.indices)} param tensors, {block.numel} elements): plain gradient "
-        "descent at this lr is past the edge of stability; expect the loss to oscillate or spike unless the "
-        f"curvature comes down, or keep lr below 2 / eigenvalue = {EDGE_OF_STABILITY / eigenvalue:.4g}. For "
-        "Adam-like optimizers the threshold is on the preconditioned Hessian, so there this is only a hint."
-    )
-
-
-class _ExtraMemory:
-    """What a probe holds beyond training: the allocator's peak rise on CUDA, a byte count elsewhere.
-
-    See ``CurvatureProbe``'s docstring for what the count covers. Counted storages are held until the probe ends so
-    that a freed storage's address cannot be reused by another and be taken for the same one.
-    """
-
-    def __init__(self, device: torch.device, already_held: Iterable[Tensor]) -> None:
-        self.device, self.cuda = device, device.type == "cuda"
-        self.bytes = 0
-        self.run_peak: int | None = None
-        self._excluded = {t.untyped_storage().data_ptr() for t in already_held}
-        self._held: dict[int, torch.UntypedStorage] = {}
-
-    def __enter__(self) -> _ExtraMemory:
-        if self.cuda:
-            # Resetting the peak loses the run's peak so far: keep it (see CurvatureProbe.run_peak_allocated_bytes).
-            self.run_peak = torch.cuda.max_memory_allocated(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-            self._hooks.__enter__()
-        return self
-
-    def _pack(self, t: Tensor) -> Tensor:
-        self.keep((t,))
-        return t
-
-    def keep(self, tensors: Iterable[Tensor]) -> None:
-        """Count these tensors' storages (no-op on CUDA, where the allocator measures)."""
-        if self.cuda:
-            return
-        for t in tensors:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self._excluded:
-                self._held[storage.data_ptr()] = storage
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._before
-        else:
-            self._hooks.__exit__(*exc)
-            self.bytes = sum(s.nbytes() for s in self._held.values())
-            self._held.clear()
-
-
-def _unpack(t: Tensor) -> Tensor:
-    return t
-
-
-def _tensors_in(batch: Any) -> list[Tensor]:
-    found: list[Tensor] = []
-    apply_to_collection(batch, Tensor, found.append)
-    return found
-
-
-def _synchronize(device: torch.device) -> None:
-    """CUDA runs asynchronously: without this, wall time would measure kernel launches, not the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _silenced_logging:
-    """``self.log`` inside the re-run training_step must not record the probe's forward as a training metric."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-        self.module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-
-    def __exit__(self, *exc: object) -> None:
-        del self.module.log, self.module.log_dict  # back to the class's methods
-
-
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    """A torchmetrics mean: synchronised over DDP ranks (each probed its own batch), a no-op on one process."""
-    metric = MeanMetric().to(device)
-    metric.update(torch.tensor(float(value), dtype=torch.float64, device=device))
-    return float(metric.compute())

@@ -1,8 +1,9 @@
 """Memory accounting (computes), the rich report (draws) and the planner (the report before training)."""
 
-from lightning_lowrank.memory.accounting import LayerMemory, MemoryReport, account_memory
+from lightning_lowrank.memory.accounting import account_memory
+from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, format_bytes
 from lightning_lowrank.memory.plan import PRESETS, Plan, llama_preset, plan
-from lightning_lowrank.memory.report import format_bytes, render_memory_report
+from lightning_lowrank.memory.report import render_memory_report
 
 __all__ = [
     "PRESETS",

@@ -41,8 +41,9 @@ from torch.optim import Optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.memory.accounting import MemoryReport, account_memory
-from lightning_lowrank.memory.report import format_bytes, render_memory_report
+from lightning_lowrank.memory.accounting import account_memory
+from lightning_lowrank.memory.figures import MemoryReport, format_bytes
+from lightning_lowrank.memory.report import render_memory_report
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.selection import drop_full_rank, select_lowrank_params

@@ -9,7 +9,8 @@ from rich import box, get_console
 from rich.console import Console
 from rich.table import Table
 
-from lightning_lowrank.memory.accounting import GROUP_LABELS, KIND_LABELS, MemoryReport, format_bytes
+from lightning_lowrank.memory.figures import KIND_LABELS, MemoryReport, format_bytes
+from lightning_lowrank.memory.groups import GROUP_LABELS
 
 MAX_LAYER_ROWS = 40  # more layers than this: the per-layer table is collapsed to module groups
 BAR_WIDTH = 10

@@ -14,12 +14,16 @@ from torch import Tensor
 
 from lightning_lowrank.optim.costs import dense_state_bytes, layer_cost, projected_rule, projection_saving
 from lightning_lowrank.optim.host_ints import read_int
+from lightning_lowrank.optim.options import state_dtype
 from lightning_lowrank.optim.projection import effective_rank, project
 from lightning_lowrank.optim.projectors import LayerContext
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
 from lightning_lowrank.optim.ranks import LayerCost, allocate_ranks, min_budget
 
 RANK_FLOOR = 0.5  # under memory_budget, the share of an even split's rank that every layer keeps
+# A projected layer's state for the budget, by the memory report's kind (``state_layout``): its rank and gradient
+# energy (``_reallocate``, under memory_budget) and its Hessian trace (``ProjectedOptimizer.set_layer_curvature``).
+KEY_KINDS = {"rank": "scalars", "residual_energy": "curvature", "curvature_trace": "curvature"}
 
 
 class BudgetMixin:
@@ -37,7 +41,7 @@ class BudgetMixin:
                 if not on and p.requires_grad:
                     other += dense_state_bytes(p, group)
         dct = {
-            (min(p.shape), p.dtype)
+            (min(p.shape), state_dtype(g, p.dtype))  # the basis is built in the layers' state dtype
             for g in self.param_groups
             if g["projector"] == "dct" and g["dct_scorer"] == "matmul"
             for p, on in zip(g["params"], self._mask(g))
@@ -66,12 +70,12 @@ class BudgetMixin:
                     rank = 1 if self.memory_budget is not None else effective_rank(p.shape, group["rank"])
                     candidates.append((index, p, group, projection_saving(p, group, rank, self.memory_budget)))
                 elif on and shared:
-                    bases_in_use.add((min(p.shape), p.dtype))
+                    bases_in_use.add((min(p.shape), state_dtype(group, p.dtype)))
         kept = [c for c in candidates if c[3] <= 0]
         per_basis: dict[tuple[int, torch.dtype], list] = {}
         for c in candidates:
             if c[3] > 0 and c[2]["projector"] == "dct" and c[2]["dct_scorer"] == "matmul":
-                per_basis.setdefault((min(c[1].shape), c[1].dtype), []).append(c)
+                per_basis.setdefault((min(c[1].shape), state_dtype(c[2], c[1].dtype)), []).append(c)
         for (d, dtype), members in per_basis.items():
             if (d, dtype) not in bases_in_use and sum(c[3] for c in members) <= d * d * dtype.itemsize:
                 kept += members

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
+from lightning_lowrank.optim import rules, storage
+from lightning_lowrank.optim.options import state_dtype
 from lightning_lowrank.optim.projection import projected_shape
 from lightning_lowrank.optim.ranks import LayerCost
 
@@ -47,13 +48,14 @@ def dense_state_bytes(param: Tensor, group: Mapping[str, Any]) -> int:
 
 
 def layer_cost(param: Tensor, group: Mapping[str, Any]) -> LayerCost:
-    """A projected layer's state bytes as a function of its rank (moments, P or its indices, scalars)."""
-    rule = projected_rule(group)
+    """A projected layer's state bytes as a function of its rank (moments, P or its indices, scalars), its moments
+    and P in the state dtype (``options.state_dtype``); the dense alternative in the weight's."""
+    rule, dtype = projected_rule(group), state_dtype(group, param.dtype)
 
     def moments(rank: int) -> int:
-        return meta_bytes(rules.init_state(rule, projected_shape(param.shape, rank), param.dtype, META))
+        return meta_bytes(rules.init_state(rule, projected_shape(param.shape, rank), dtype, META))
 
-    d, es = min(param.shape), param.element_size()
+    d, es = min(param.shape), dtype.itemsize
     fixed = moments(0) + SCALAR_BYTES
     per_rank = moments(1) - moments(0) + PROJECTOR_BYTES_PER_RANK[group["projector"]](d, es)
     dense = meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, META))
@@ -63,19 +65,22 @@ def layer_cost(param: Tensor, group: Mapping[str, Any]) -> LayerCost:
 
 def state_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> int:
     """Bytes of the rule's buffers for a gradient of ``shape``: as is, or (``state_bits=8``) one byte per element
-    with a float32 absmax per block and the int64 shape."""
+    with a float32 absmax per block and the int64 shape, for the buffers ``storage`` quantizes (the small ones stay
+    as they are: ``storage.MIN_QUANTIZED_NUMEL``)."""
     buffers = rules.init_state(rule, shape, dtype, META)
-    if group["state_bits"] is None:
-        return meta_bytes(buffers)
-    block = group["state_block_size"]
-    sizes = [t for t in buffers.values() if t.numel()]
-    return sum(t.numel() + 4 * -(-t.numel() // min(block, t.numel())) + 8 * t.dim() for t in sizes)
+    block, total = group["state_block_size"], 0
+    for t in buffers.values():
+        n = t.numel()
+        total += n + 4 * -(-n // min(block, n)) + 8 * t.dim() if storage.quantizes(n, group) else n * t.element_size()
+    return total
 
 
 def projector_bytes(param: Tensor, group: Mapping[str, Any], rank: int) -> int:
     """Bytes of one layer's projector at ``rank``: P (d x r, or its 8/4-bit codes with a float32 scale and zero per
-    group), DCT indices, or a seed. A DCT basis shared by ``dct_scorer="matmul"`` is not in it."""
-    d, es, kind, bits = min(param.shape), param.element_size(), group["projector"], group["projector_bits"]
+    group), DCT indices, or a seed. A DCT basis shared by ``dct_scorer="matmul"`` is not in it. P is in the state
+    dtype (``options.state_dtype``)."""
+    d, kind, bits = min(param.shape), group["projector"], group["projector_bits"]
+    es = state_dtype(group, param.dtype).itemsize
     if kind in ("random", "gaussian"):
         return 8  # an int64 seed
     if bits is None or kind == "dct":
@@ -90,6 +95,6 @@ def projection_saving(param: Tensor, group: Mapping[str, Any], rank: int, memory
     sides; a projected layer's own scalars (Fira's and APOLLO's last norm, the budget's rank and energy) count."""
     dense = state_bytes(group["rule"], tuple(param.shape), param.dtype, group)
     rule, shape = projected_rule(group), projected_shape(param.shape, rank)
-    projected = state_bytes(rule, shape, param.dtype, group) + projector_bytes(param, group, rank)
+    projected = state_bytes(rule, shape, state_dtype(group, param.dtype), group) + projector_bytes(param, group, rank)
     projected += (4 if group["residual"] in ("fira", "apollo") else 0) + (12 if memory_budget is not None else 0)
     return dense - projected

@@ -3,6 +3,14 @@
 The optimizer (``projected.py``), its layer-wise twin (``layerwise.py``) and so the DDP comm hook all update a layer
 through these. ``moments`` is the rule's buffers (updated in place), ``state`` the layer's other tensors (the
 residual's last norm), ``step`` the update's 1-based count, known on the host. Nothing here reads a device value.
+
+P and the moments are in the layer's state dtype, which may differ from the weight's (bf16 weights keep float32 state
+by default, ``options.state_dtype``): the gradient is projected into the state dtype (``project_gradient``), the rule
+runs there, and the update is projected back in it and rounded once into the weight (``add_projected_back``); neither
+holds a float32 copy of a whole bf16 gradient. Residuals (``frugal``/``fira``/``apollo``) and Subset-Norm's complement
+work on the full gradient by type promotion, so with a wider state they hold full-size transients in it (their
+complement G - P P^T G is a difference of nearly equal numbers, which bf16 would cancel away), and each of their adds
+rounds into the weight on its own, as before.
 """
 
 from __future__ import annotations
@@ -16,8 +24,12 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.projection import project, project_back
+from lightning_lowrank.optim.projection import is_left, project, project_back
 from lightning_lowrank.optim.residuals import residual_update
+
+# The most elements of a weight-sized tensor cast to a wider state dtype at once (``project_gradient``,
+# ``add_projected_back``): 2^24, a 64 MiB float32 slice (a float32 copy of a 4096 x 11008 gradient is 180 MiB).
+UPCAST_ELEMENTS = 1 << 24
 
 
 def projected_update(
@@ -34,7 +46,7 @@ def projected_update(
     lr, scale = float(group["lr"]), group["scale"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
-    low_rank = project(grad, P)
+    low_rank = project_gradient(grad, P)
     direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms, full_grad=grad)
     if rule == "subset_norm":  # Subspace-Momentum: the complement takes an SGD step at the subset's rate
         complement = (grad - project_back(low_rank, P, p.shape)) * rules.subset_norm_scale(moments, group["eps"])
@@ -46,7 +58,7 @@ def projected_update(
     if kind == "apollo":  # the scaled raw gradient replaces the projected update
         add_scaled(p, extra, step_size, -math.sqrt(scale))
     else:
-        add_scaled(p, project_back(direction, P, p.shape), step_size, -scale)
+        add_projected_back(p, direction, P, step_size, -scale)
     if kind == "frugal":  # state-free: plain lr, no bias correction
         p.add_(extra, alpha=-lr * factor)
     elif kind == "fira":  # as in Fira's code: the bias-corrected step size, and scale only on the projected part
@@ -59,19 +71,64 @@ def low_rank_update(
 ) -> None:
     """``projected_update`` for a gradient that arrives already projected (layer-wise accumulation, low-rank DDP).
 
-    ``low_rank`` is P^T G (or G P): only for rules that need nothing of the full gradient at the update
-    (``residual="none"``, no Subset-Norm). Adam's L2 penalty is projected on its own (P^T (G + wd W) = P^T G +
-    wd P^T W).
+    ``low_rank`` is P^T G (or G P), in any dtype (the DDP hook sends it in the gradient's): the rule reads it in the
+    state dtype. Only for rules that need nothing of the full gradient at the update (``residual="none"``, no
+    Subset-Norm). Adam's L2 penalty is projected on its own (P^T (G + wd W) = P^T G + wd P^T W).
     """
     scale, wd = group["scale"], group["weight_decay"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
+    low_rank = low_rank.to(P.dtype)
     if wd != 0 and not group["decoupled_weight_decay"]:
-        low_rank = low_rank.add(project(p, P), alpha=wd)
+        low_rank = low_rank.add(project_gradient(p, P), alpha=wd)
     else:
         decay_before(p, low_rank, rule, group)  # decoupled: shrinks p (unless it decays after the update)
     direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms)
-    add_scaled(p, project_back(direction, P, p.shape), step_size, -scale)
+    add_projected_back(p, direction, P, step_size, -scale)
     decay_after(p, rule, group)
+
+
+def project_gradient(grad: Tensor, P: Tensor) -> Tensor:
+    """``project(grad, P)`` in P's dtype (the layer's state dtype), computed in the wider of the two dtypes.
+
+    Same dtypes (every float32 or float64 run): ``project`` itself. A state narrower than the gradient: P (d x r) is
+    cast up and the small result down. A wider state (bf16 weight, float32 state: the default): the gradient is cast
+    up one slice of at most ``UPCAST_ELEMENTS`` at a time along the axis the projection keeps, so the result is the
+    float32 product of the bf16 values (exact inputs, float32 sums) while the transient is that slice, not a float32
+    copy of the whole gradient. Casting P down instead would save the slices but round P and then every entry of
+    the result to bf16's 8 bits before the moments see it.
+    """
+    if grad.dtype == P.dtype:
+        return project(grad, P)
+    work = torch.promote_types(grad.dtype, P.dtype)
+    if work == grad.dtype:
+        return project(grad, P.to(work)).to(P.dtype)
+    left, wide = is_left(grad.shape), P.to(work)
+    parts = [(wide.T @ g.to(work) if left else g.to(work) @ wide).to(P.dtype) for g in _slices(grad, grad.shape)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1 if left else 0)
+
+
+def add_projected_back(p: Tensor, direction: Tensor, P: Tensor, step_size: float | Tensor, factor: float) -> None:
+    """p += factor * step_size * project_back(direction, P), computed in the state dtype and rounded once into the
+    weight's. With a state wider than the weight, slice by slice as ``project_gradient``: the (m, n) update is never
+    held whole in float32 (as a bf16 update it would be half that size, but would round the update before the add).
+    """
+    if p.dtype == P.dtype == direction.dtype:
+        add_scaled(p, project_back(direction, P, p.shape), step_size, factor)
+        return
+    work = torch.promote_types(p.dtype, P.dtype)
+    if work == p.dtype:  # a state narrower than the weight: the update in the weight's dtype
+        add_scaled(p, project_back(direction.to(work), P.to(work), p.shape), step_size, factor)
+        return
+    left, P, direction = is_left(p.shape), P.to(work), direction.to(work)
+    for w, d in zip(_slices(p, p.shape), _slices(direction, p.shape)):
+        add_scaled(w, P @ d if left else d @ P.T, step_size, factor)
+
+
+def _slices(t: Tensor, full_shape: torch.Size) -> tuple[Tensor, ...]:
+    """Views of ``t`` (a weight-shaped or projected tensor of a weight of ``full_shape``) along the axis a projection
+    keeps (columns on the left, rows on the right), each at most ``UPCAST_ELEMENTS`` elements of the full weight."""
+    size = max(1, UPCAST_ELEMENTS // min(full_shape))
+    return t.split(size, dim=1 if is_left(full_shape) else 0)
 
 
 def dense_update(

@@ -9,17 +9,38 @@ A tensor changed in place by anything else would go stale: only this module chan
 
 from __future__ import annotations
 
-from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
+import weakref
 
-_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+import torch
+from torch import Tensor
+
+# id(tensor) -> [weak reference to it, its value]; an entry leaves when its tensor dies, and is checked for identity
+# on every read (a plain dict: this is read for every layer at every step, and torch's WeakIdKeyDictionary costs
+# several Python calls per lookup).
+_VALUES: dict[int, list] = {}
+
+
+def _entry(t: Tensor) -> list | None:
+    entry = _VALUES.get(id(t))
+    return entry if entry is not None and entry[0]() is t else None
+
+
+def _store(t: Tensor, value: int) -> None:
+    entry = _entry(t)
+    if entry is not None:
+        entry[1] = value
+        return
+    key = id(t)
+    _VALUES[key] = [weakref.ref(t, lambda _, key=key: _VALUES.pop(key, None)), value]
 
 
 def read_int(t: Tensor) -> int:
     """The integer ``t`` holds, read from the tensor only the first time it is asked for."""
-    value = _VALUES.get(t)
-    if value is None:
-        value = _VALUES[t] = int(t)
+    entry = _entry(t)
+    if entry is not None:
+        return entry[1]
+    value = int(t)
+    _store(t, value)
     return value
 
 
@@ -27,5 +48,14 @@ def advance(t: Tensor) -> int:
     """``t += 1`` in place (the same tensor, as torch's step counters) and the new value, without a read."""
     value = read_int(t) + 1
     t += 1
-    _VALUES[t] = value
+    _store(t, value)
     return value
+
+
+def advance_all(tensors: list[Tensor]) -> list[int]:
+    """``advance`` for many counters: one in-place add over the list (``torch._foreach_add_``)."""
+    values = [read_int(t) + 1 for t in tensors]
+    torch._foreach_add_(tensors, 1.0)
+    for t, value in zip(tensors, values):
+        _store(t, value)
+    return values

@@ -52,10 +52,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim.functional import project_gradient
 from lightning_lowrank.optim.projected import ProjectedOptimizer
-from lightning_lowrank.optim.projection import project
+from lightning_lowrank.optim.state_layout import state_kinds
 
 LOWRANK_GRAD = "lowrank_grad"  # the state key of a projected layer's accumulated projected gradient
+# What this class keeps in a projected layer's state itself, by the memory report's kind (``state_layout``): the
+# window's gradient is an (r, n) or (m, r) buffer like the projected moments.
+KEY_KINDS = {LOWRANK_GRAD: "projected_moments"}
 
 
 class LayerwiseProjectedOptimizer(ProjectedOptimizer):
@@ -82,6 +86,12 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._sent = 0  # gradients all-reduced in this window
         self._bytes = [0, 0]  # sent, and what sending every window gradient in full would have
         self.comm_history: list[tuple[int, int]] = []  # per step: (bytes sent, bytes in full), this rank's payload
+
+    def state_kinds(self, param: Tensor) -> dict[str, str]:
+        """As ``ProjectedOptimizer.state_kinds``, with the window's projected gradient (``KEY_KINDS``)."""
+        _, group = self._locate(param)
+        projected = self.is_projected(param)
+        return state_kinds(self.state[param], group, projected, KEY_KINDS if projected else None)
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
@@ -138,7 +148,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             return
         state = self.state[p]
         P = self._projectors[group["projector"]].matrix(p, state, self._context(index, p, group))
-        low_rank = project(p.grad, P)
+        low_rank = project_gradient(p.grad, P)  # in the state dtype: the window sums in it
         if LOWRANK_GRAD in state:
             state[LOWRANK_GRAD].add_(low_rank)
         else:
@@ -161,7 +171,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         in_subspace = low_rank is not None or (self._distributed and on and not self._needs_full_gradient(p, group))
         if in_subspace and p.grad is not None:
             P = self._projectors[group["projector"]].matrix(p, state, self._context(index, p, group))
-            last = project(p.grad, P)
+            last = project_gradient(p.grad, P)
             low_rank = last if low_rank is None else low_rank.add_(last)
             p.grad = None  # the full gradient is not needed any more
         if self._distributed:

@@ -122,6 +122,58 @@ def dequantize_moment(
     return values.reshape(shape).to(dtype)
 
 
+def zeros_moment(
+    n: int, *, signed: bool, block_size: int = 256, device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """What :func:`quantize_moment` returns for ``n`` zeros, without building them in full precision first."""
+    _check_block_size(block_size)
+    n_blocks = math.ceil(n / min(block_size, n)) if n else 0
+    return {
+        "codes": torch.zeros(n, dtype=torch.int8 if signed else torch.uint8, device=device),
+        "absmax": torch.zeros(n_blocks, dtype=torch.float32, device=device),
+    }
+
+
+def chunk_ranges(n: int, block_size: int, chunk: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` ranges covering ``n`` elements, each a whole number of blocks (the last may end
+    in the short block) and at most ``max(chunk, block)`` long: the pieces :func:`dequantize_range` and
+    :func:`quantize_range_` work on."""
+    _check_block_size(block_size)
+    if n == 0:
+        return []
+    block = min(block_size, n)
+    step = max(1, chunk // block) * block
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _block_range(q: dict[str, Tensor], start: int, stop: int, block_size: int) -> tuple[int, int]:
+    """The blocks that elements ``[start, stop)`` of ``q`` fill exactly; ValueError unless both ends are boundaries."""
+    n = q["codes"].numel()
+    block = min(block_size, n) if n else 1
+    if not 0 <= start <= stop <= n or start % block or (stop % block and stop != n):
+        raise ValueError(f"[{start}, {stop}) is not a whole number of {block}-element blocks of {n} codes")
+    return start // block, -(-stop // block)
+
+
+def dequantize_range(
+    q: dict[str, Tensor], start: int, stop: int, dtype: torch.dtype, *, block_size: int = 256
+) -> Tensor:
+    """Elements ``[start, stop)`` of a flattened quantized moment, decoded to a 1-D tensor of ``dtype``: exactly what
+    the same elements of :func:`dequantize_moment` are, with a transient the size of the range, not the tensor."""
+    first, last = _block_range(q, start, stop, block_size)
+    part = {"codes": q["codes"][start:stop], "absmax": q["absmax"][first:last]}
+    return dequantize_moment(part, (stop - start,), dtype, block_size=block_size)
+
+
+def quantize_range_(x: Tensor, q: dict[str, Tensor], start: int, *, block_size: int = 256) -> None:
+    """Encode ``x`` (flattened) as elements ``[start, start + x.numel())`` of ``q`` in place, signed as its codes:
+    the codes and absmax :func:`quantize_moment` gives the whole tensor there, as a block's codes depend on it alone."""
+    first, last = _block_range(q, start, start + x.numel(), block_size)
+    part = quantize_moment(x, signed=q["codes"].dtype == torch.int8, block_size=block_size)
+    q["codes"][start : start + x.numel()].copy_(part["codes"])
+    q["absmax"][first:last].copy_(part["absmax"])
+
+
 def moment_bytes(q: dict[str, Tensor]) -> int:
     """Storage of a quantized moment in bytes (codes + absmax), for memory accounting."""
     return sum(q[k].numel() * q[k].element_size() for k in ("codes", "absmax"))

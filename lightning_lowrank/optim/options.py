@@ -32,6 +32,13 @@ MOMENT_POLICIES = ("keep", "reset", "rotate")
 RANK_BY = ("curvature", "residual")
 DCT_SCORERS = ("matmul", "fft")
 DCT_NORMS = ("l2", "l1")
+STATE_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def supported_names() -> str:
@@ -41,6 +48,15 @@ def supported_names() -> str:
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Unknown {key} {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def state_dtype(group: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a projected weight's moments and P: the group's ``state_dtype``, else float32 for a half-precision
+    weight and the weight's own dtype otherwise (so float32 and float64 runs are unchanged)."""
+    name = group.get("state_dtype")
+    if name is not None:
+        return STATE_DTYPES[name]
+    return torch.float32 if param_dtype in HALF_DTYPES else param_dtype
 
 
 def _check_int(key: str, value: Any, low: int) -> None:
@@ -209,15 +225,22 @@ class ResidualOptions:
 class StateOptions:
     """How the optimizer state is stored.
 
-    state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block).
+    state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block); buffers of
+        fewer than 4096 elements stay in full precision (``storage.MIN_QUANTIZED_NUMEL``).
+    state_dtype: dtype of a *projected* weight's moments and P (``float32``, ``float64``, ``bfloat16``, ``float16``).
+        None: float32 for bf16/fp16 weights (an EMA with beta2 = 0.999 stalls in bf16's 8 bits; GaLore's SVD runs in
+        float too), the weight's dtype otherwise. Dense parameters keep their state in their own dtype, as the torch
+        optimizer they reproduce does.
     """
 
     state_bits: int | None = None
     state_block_size: int = 256
+    state_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("state_bits", self.state_bits, (None, 8))
         _check_int("state_block_size", self.state_block_size, 1)
+        check_choice("state_dtype", self.state_dtype, (None, *STATE_DTYPES))
 
 
 @dataclass(frozen=True)

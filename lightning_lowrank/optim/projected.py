@@ -13,8 +13,7 @@ to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from itertools import chain
 from typing import Any
@@ -23,28 +22,31 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim import functional, rules
+from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.budget import BudgetMixin
 from lightning_lowrank.optim.costs import projected_rule
-from lightning_lowrank.optim.host_ints import advance, read_int
+from lightning_lowrank.optim.host_ints import read_int
+from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
 from lightning_lowrank.optim.options import (
     SUPPORTED_OPTIMIZERS,
     BudgetOptions,
     OptimizerOptions,
+    state_dtype,
     supported_names,
     validate_group,
 )
-from lightning_lowrank.optim.projection import dct_basis, effective_rank, projected_shape
+from lightning_lowrank.optim.projection import dct_basis, effective_rank
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
 from lightning_lowrank.optim.refresh import HOST_KEYS, RefreshInfo, RefreshMixin, RefreshTimer
-from lightning_lowrank.optim.storage import init_rule_state, moment_view
+from lightning_lowrank.optim.state_layout import state_kinds
+from lightning_lowrank.optim.stepping import StepMixin
 
 __all__ = ["ProjectedAdamW", "ProjectedOptimizer", "RefreshInfo", "RefreshTimer"]
 
 BUDGET_OPTIONS = tuple(f.name for f in fields(BudgetOptions))  # options of the whole optimizer, not of a group
 
 
-class ProjectedOptimizer(RefreshMixin, BudgetMixin, Optimizer):
+class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin, Optimizer):
     """Low-rank optimizer state (GaLore and its successors) for selected 2-D weights; the rest is dense.
 
     Args:
@@ -147,81 +149,37 @@ class ProjectedOptimizer(RefreshMixin, BudgetMixin, Optimizer):
         validate_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but integer state (projector indices, seeds, 8-bit codes) stays integer: torch casts every
-        state tensor to the param's dtype, and bf16 would round DCT indices above 256. Groups saved before an option
-        existed get its default (torch installs the saved group dicts as they are)."""
-        ints = {
-            k: {n: t for n, t in v.items() if not t.is_floating_point() and n != "step"}
+        """As torch's, but without its cast of every floating state tensor to the param's dtype, which would round
+        integer state (projector indices, seeds, 8-bit codes: bf16 holds integers up to 256) and drop a bf16 weight's
+        float32 moments and P (``state_dtype``) to bf16. Here integer tensors and a projected weight's scales, norms
+        and counters keep their saved dtype; the rule's buffers (and a stored P) take the dtype the optimizer
+        computes in: the state dtype for a projected weight (so a checkpoint written with bf16 moments resumes in
+        float32), the param's for a dense one (as torch). Groups saved before an option existed get its default
+        (torch installs the saved group dicts as they are)."""
+        held = {
+            k: {n: t for n, t in v.items() if isinstance(t, Tensor) and n != "step"}
             for k, v in state_dict["state"].items()
         }
-        state = {k: {n: t for n, t in v.items() if n not in ints[k]} for k, v in state_dict["state"].items()}
+        state = {k: {n: t for n, t in v.items() if n not in held[k]} for k, v in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": state})
         for group in self.param_groups:  # options added since the checkpoint was written take their defaults
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
-        for key, tensors in ints.items():
+        for key, tensors in held.items():
+            p = params[key]
+            _, group = self._locate(p)
+            projected = self.is_projected(p)
+            buffers = set(rules.MOMENT_KEYS[projected_rule(group) if projected else group["rule"]]) | {"proj"}
+            dtype = state_dtype(group, p.dtype) if projected else p.dtype
             for name, t in tensors.items():
                 # A seed stays on the CPU: P is rebuilt from it at every step, and reading it there costs no sync.
-                device = "cpu" if name in HOST_KEYS else params[key].device
-                self.state[params[key]][name] = t.to(device=device)
+                device = "cpu" if name in HOST_KEYS else p.device
+                floating = t.is_floating_point() and (name in buffers or not projected)
+                self.state[p][name] = t.to(device=device, dtype=dtype if floating else t.dtype)
 
     # -- what a scheduler, a strategy or a report may ask of it ------------------------------------------------
-
-    def wants_curvature(self) -> bool:
-        """Whether some group uses ``preconditioner="lazy_hessian"`` and so waits for ``update_curvature``."""
-        return any(g["preconditioner"] == "lazy_hessian" and any(self._mask(g)) for g in self.param_groups)
-
-    def curvature_params(self) -> list[Tensor]:
-        """The projected weights whose lazy Hessian ``update_curvature`` refreshes (those that have stepped)."""
-        return [
-            p
-            for g in self.param_groups
-            if g["preconditioner"] == "lazy_hessian"
-            for p, on in zip(g["params"], self._mask(g))
-            if on and "hessian_updates" in self.state[p]
-        ]
-
-    @torch.no_grad()
-    def update_curvature(self, diagonals: Mapping[Tensor, Tensor]) -> None:
-        """Fold fresh curvature diagonals into the lazy Hessians, reused until the next call.
-
-        Each diagonal is in the layer's current subspace coordinates, shaped like its projected gradient: what
-        ``lightning_lowrank.curvature.subspace_diagonal`` returns for ``projection_matrix(param)``.
-        """
-        for p, estimate in diagonals.items():
-            index, group = self._locate(p)
-            state = self.state[p]
-            if "hessian_updates" not in state:
-                raise ValueError(
-                    "update_curvature got a parameter without a lazy Hessian: it must be projected, in a group "
-                    "with preconditioner='lazy_hessian', and have taken a step (see curvature_params())"
-                )
-            expected = self._projected_shape(p, group)
-            if tuple(estimate.shape) != expected:
-                raise ValueError(
-                    f"curvature diagonal for {tuple(p.shape)} must have shape {expected} (P's coordinates), "
-                    f"got {tuple(estimate.shape)}"
-                )
-            state["hessian_updates"] += 1
-            with self._moments(p, "sophia", group) as moments:
-                rules.fold_curvature_(
-                    moments["hessian"],
-                    estimate,
-                    int(state["hessian_updates"]),
-                    group["hessian_beta"],
-                    group["hessian_bias_correction"],
-                )
-
-    def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
-        """Record each projected layer's Hessian trace; with ``memory_budget`` and ``rank_by="curvature"`` the next
-        refreshes give rank in proportion to it. Layers that have not stepped yet are skipped."""
-        for p, trace in traces.items():
-            if not self.is_projected(p):
-                raise ValueError(f"set_layer_curvature got a parameter of shape {tuple(p.shape)} that is not projected")
-            if self.state[p]:
-                self.state[p]["curvature_trace"] = torch.tensor(float(trace))
 
     def projection_mask(self, group: dict[str, Any]) -> list[bool]:
         """Which of ``group["params"]`` are projected (in order)."""
@@ -241,6 +199,12 @@ class ProjectedOptimizer(RefreshMixin, BudgetMixin, Optimizer):
         if "rank" in state:
             return read_int(state["rank"])
         return effective_rank(param.shape, self._locate(param)[1]["rank"])
+
+    def state_kinds(self, param: Tensor) -> dict[str, str]:
+        """The kind (``state_layout.STATE_KINDS``) of every key of ``param``'s state, from what the components that
+        keep it declare: the memory report's split. Raises ``UndeclaredStateError`` on a key none declares."""
+        _, group = self._locate(param)
+        return state_kinds(self.state[param], group, self.is_projected(param))
 
     def projected_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p, on in zip(g["params"], self._mask(g)) if on]
@@ -299,81 +263,7 @@ class ProjectedOptimizer(RefreshMixin, BudgetMixin, Optimizer):
         state = self.state[param]
         step = read_int(state["step"]) if "step" in state else 0
         rank = read_int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
-        return LayerContext(index, step, rank, group, self._basis)
-
-    @torch.no_grad()
-    def _update(self) -> None:
-        self.last_refreshes = {}
-        projected: list[tuple[Tensor, dict[str, Any], LayerContext]] = []
-        index = -1
-        for group in self.param_groups:
-            dense = []
-            for p, on in zip(group["params"], self._mask(group)):
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
-                if on:
-                    if not self.state[p] and self.memory_budget is None:
-                        self._init_projected_state(p, group)
-                    projected.append((p, group, self._context(index, p, group)))
-                else:
-                    dense.append(p)
-            self._dense_steps(dense, group)
-        self._refresh([(p, g, ctx) for p, g, ctx in projected if self._is_due(p, self.state[p], g, ctx.step)])
-        for p, group, ctx in projected:
-            self._projected_step(p, group, ctx)
-            self._projectors[group["projector"]].after_update(p, p.grad, self.state[p], ctx)
-
-    def _projected_step(
-        self, p: Tensor, group: dict[str, Any], ctx: LayerContext, low_rank: Tensor | None = None
-    ) -> None:
-        """Update a projected weight from its full gradient, or from ``low_rank`` when it arrives already projected
-        (layer-wise accumulation, see ``functional.low_rank_update``)."""
-        state, rule = self.state[p], projected_rule(group)
-        P = self._projectors[group["projector"]].matrix(p, state, ctx)
-        step = advance(state["step"])
-        with self._moments(p, rule, group) as moments:
-            if low_rank is None:
-                functional.projected_update(p, p.grad, P, moments, state, group, rule, step)
-            else:
-                functional.low_rank_update(p, low_rank, P, moments, group, rule, step)
-
-    def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
-        """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one)."""
-        shape = projected_shape(param.shape, rank or group["rank"])
-        init_rule_state(self.state[param], projected_rule(group), shape, param.dtype, param.device, group)
-        if rank is not None:
-            self.state[param]["rank"] = torch.tensor(rank, dtype=torch.int64)
-
-    def _projected_shape(self, param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
-        return projected_shape(param.shape, self.layer_rank(param) if self.state[param] else group["rank"])
-
-    def _dense_steps(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """A group's dense parameters: torch's own Adam(W) over the whole list (its foreach kernels on CUDA) where the
-        rule is torch's AdamW/Adam in full precision, else one ``_dense_step`` each."""
-        if not (group["rule"] == "adamw" and rules.adam_form(group) == "torch" and group["state_bits"] is None):
-            for p in params:
-                self._dense_step(p, group)
-            return
-        for p in params:
-            if not self.state[p]:
-                init_rule_state(self.state[p], "adamw", tuple(p.shape), p.dtype, p.device, group)
-        functional.dense_adam(params, [self.state[p] for p in params], group)
-
-    def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
-        state, rule = self.state[p], group["rule"]
-        if not state:
-            init_rule_state(state, rule, tuple(p.shape), p.dtype, p.device, group)
-        step = advance(state["step"])
-        with self._moments(p, rule, group) as moments:
-            functional.dense_update(p, p.grad, moments, group, rule, step)
-
-    @contextmanager
-    def _moments(self, param: Tensor, rule: str, group: dict[str, Any]) -> Iterator[dict[str, Tensor]]:
-        with moment_view(self.state[param], rule, group, param.dtype) as moments:
-            yield moments
+        return LayerContext(index, step, rank, group, self._basis, state_dtype(group, param.dtype))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` first when given (Lightning runs forward/backward/clipping in it), then update.

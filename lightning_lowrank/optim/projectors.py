@@ -1,12 +1,15 @@
 """The subspace families behind ``projector=``: how a layer's P is chosen, stored and rebuilt.
 
 Every projector has the same three methods and keeps nothing per layer itself: what a layer needs lives in
-the optimizer's ``state[p]`` under keys starting with ``proj`` (tensors only), so it checkpoints, loads with
-``weights_only=True`` and can be broadcast between DDP ranks.
+the optimizer's ``state[p]`` under the keys its class declares (``state_keys``; tensors only), so it checkpoints,
+loads with ``weights_only=True`` and can be broadcast between DDP ranks.
 
 * ``refresh``: choose a new subspace from the current gradient (at the schedule's refresh steps).
 * ``matrix``: the current P (d x r) rebuilt from the stored keys, d = min(m, n).
 * ``after_update``: work done every step (only online PCA has any).
+
+P is built and kept in the layer's state dtype (``LayerContext.dtype``: float32 for bf16/fp16 weights by default, see
+``options.state_dtype``), whatever the gradient's dtype; decompositions of a half-precision gradient run in float32.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class LayerContext:
     rank: int  # effective rank, <= min(m, n)
     group: dict[str, Any]
     basis: Any  # callable (size, dtype, device) -> the optimizer's shared DCT basis
+    dtype: torch.dtype | None = None  # P's dtype, the layer's state dtype (``options.state_dtype``); None: the weight's
+
+    def dtype_for(self, param: Tensor) -> torch.dtype:
+        return param.dtype if self.dtype is None else self.dtype
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded by (seed, layer, step, salt): same draws on every rank and after resume."""
@@ -77,11 +84,23 @@ def load_matrix(param: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> T
     if "proj" in state:
         return state["proj"]
     q = {"codes": state["proj_codes"], "scale": state["proj_scale"], "zero": state["proj_zero"]}
-    return dequantize(q, (min(param.shape), ctx.rank), param.dtype)
+    return dequantize(q, (min(param.shape), ctx.rank), ctx.dtype_for(param))
+
+
+def decomposed(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """The gradient in the dtype a decomposition for a P of ``dtype`` runs in: float32, or float64 when either is.
+
+    A bf16 gradient becomes the float32 copy ``svd_projection`` would make of it anyway (so a bf16 run decomposes
+    as before); a float32 or float64 gradient with P in its own dtype is returned as it is (bit for bit unchanged)."""
+    return grad.to(torch.promote_types(torch.promote_types(grad.dtype, dtype), torch.float32))
 
 
 class Projector:
     name = ""
+    # The keys ``refresh``/``after_update`` keep in ``state[p]`` (the memory report's "projection"), and those kept
+    # instead under ``projector_bits`` (None: the same); ``state_layout`` reads them, nothing else names them.
+    state_keys: tuple[str, ...] = ()
+    quantized_keys: tuple[str, ...] | None = None
 
     def refresh(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> None:
         raise NotImplementedError
@@ -97,20 +116,24 @@ class SVDProjector(Projector):
     """GaLore: the top-r singular vectors of the gradient. Exact, and the most expensive refresh."""
 
     name = "svd"
+    state_keys, quantized_keys = MATRIX_KEYS[:1], MATRIX_KEYS[1:]  # P, or its codes, scale and zero
 
     def refresh(self, param, grad, state, ctx):
-        store_matrix(state, svd_projection(grad, ctx.rank), ctx)
+        dtype = ctx.dtype_for(param)
+        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank).to(dtype), ctx)
 
 
 class RandomizedSVDProjector(Projector):
     """Randomized SVD: near-SVD subspaces for the cost of a few (d x k) @ (k x r) products."""
 
     name = "rsvd"
+    state_keys, quantized_keys = MATRIX_KEYS[:1], MATRIX_KEYS[1:]  # P, or its codes, scale and zero
 
     def refresh(self, param, grad, state, ctx):
-        group = ctx.group
-        P = randomized_svd_projection(grad, ctx.rank, group["rsvd_oversample"], group["rsvd_niter"], ctx.generator())
-        store_matrix(state, P, ctx)
+        group, dtype = ctx.group, ctx.dtype_for(param)
+        work = decomposed(grad, dtype)
+        P = randomized_svd_projection(work, ctx.rank, group["rsvd_oversample"], group["rsvd_niter"], ctx.generator())
+        store_matrix(state, P.to(dtype), ctx)
 
 
 class DCTProjector(Projector):
@@ -131,6 +154,7 @@ class DCTProjector(Projector):
     """
 
     name = "dct"
+    state_keys = ("proj_idx",)  # r int64 indices, also under projector_bits
 
     def refresh(self, param, grad, state, ctx):
         norm = ctx.group["dct_norm"]
@@ -142,13 +166,13 @@ class DCTProjector(Projector):
     def matrix(self, param, state, ctx):
         d, idx = min(param.shape), state["proj_idx"]
         if ctx.group["dct_scorer"] == "fft":
-            return dct_columns(d, idx, param.dtype, param.device)
+            return dct_columns(d, idx, ctx.dtype_for(param), param.device)
         return self._basis(param, ctx).index_select(1, idx)
 
     @staticmethod
     def _basis(param: Tensor, ctx: LayerContext) -> Tensor:
         """The shared basis, columns = basis vectors: DCT-II, or its transpose (a view) for ``dct_type=3``."""
-        basis = ctx.basis(min(param.shape), param.dtype, param.device)
+        basis = ctx.basis(min(param.shape), ctx.dtype_for(param), param.device)
         return basis if ctx.group["dct_type"] == 2 else basis.T
 
 
@@ -156,6 +180,7 @@ class RandomProjector(Projector):
     """A random orthonormal basis (GoLore/Flora style), independent of the gradient: only a seed is stored."""
 
     name = "random"
+    state_keys = ("proj_seed",)
 
     def refresh(self, param, grad, state, ctx):
         seed = derive_seed(ctx.group["seed"], ctx.index, ctx.step)
@@ -163,7 +188,7 @@ class RandomProjector(Projector):
 
     def matrix(self, param, state, ctx):
         seed = read_int(state["proj_seed"])
-        return random_orthonormal(min(param.shape), ctx.rank, seed, param.dtype, param.device)
+        return random_orthonormal(min(param.shape), ctx.rank, seed, ctx.dtype_for(param), param.device)
 
 
 class GaussianProjector(Projector):
@@ -176,6 +201,7 @@ class GaussianProjector(Projector):
     """
 
     name = "gaussian"
+    state_keys = ("proj_seed",)
 
     def refresh(self, param, grad, state, ctx):
         first = ctx.group["seed"] + ctx.index + 1
@@ -183,7 +209,8 @@ class GaussianProjector(Projector):
         state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
 
     def matrix(self, param, state, ctx):
-        return gaussian_projection(param.shape, ctx.rank, read_int(state["proj_seed"]), param.dtype, param.device)
+        seed = read_int(state["proj_seed"])
+        return gaussian_projection(param.shape, ctx.rank, seed, ctx.dtype_for(param), param.device)
 
 
 class OnlinePCAProjector(Projector):
@@ -196,9 +223,11 @@ class OnlinePCAProjector(Projector):
     the update's scale and the moment rotation well defined."""
 
     name = "online_pca"
+    state_keys, quantized_keys = MATRIX_KEYS[:1], MATRIX_KEYS[1:]  # P, or its codes, scale and zero
 
     def refresh(self, param, grad, state, ctx):
-        store_matrix(state, svd_projection(grad, ctx.rank), ctx)
+        dtype = ctx.dtype_for(param)
+        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank).to(dtype), ctx)
 
     def after_update(self, param, grad, state, ctx):
         P = load_matrix(param, state, ctx)
@@ -217,3 +246,5 @@ PROJECTOR_CLASSES: dict[str, type[Projector]] = {
         OnlinePCAProjector,
     )
 }
+# Every key some projector keeps: a layer holding one has a subspace; a refresh broadcasts them.
+PROJECTOR_KEYS = frozenset(k for c in PROJECTOR_CLASSES.values() for k in (*c.state_keys, *(c.quantized_keys or ())))

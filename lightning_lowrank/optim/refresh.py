@@ -25,14 +25,14 @@ from lightning_lowrank.optim.basis_change import move_moments, rank_axis_keys
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.projection import is_left, subspace_similarity
-from lightning_lowrank.optim.projectors import LayerContext
+from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext
 
 HOST_KEYS = frozenset({"proj_seed"})  # state read on the host at every step: kept on the CPU
-PROJECTOR_PREFIX = "proj"  # every projector's per-layer state key starts with it (proj, proj_idx, proj_codes, ...)
 
 
 def has_subspace(state: dict[str, Tensor]) -> bool:
-    return any(k.startswith(PROJECTOR_PREFIX) for k in state)
+    """Whether a layer holds a subspace: some projector's declared state (``Projector.state_keys``)."""
+    return any(k in PROJECTOR_KEYS for k in state)
 
 
 class RefreshTimer:
@@ -173,7 +173,7 @@ class RefreshMixin:
         state = self.state[param]
         group = self._shard[2]
         src = dist.get_global_rank(group, src_index) if group is not None else src_index
-        keys = [k for k in state if k.startswith(PROJECTOR_PREFIX)]
+        keys = [k for k in state if k in PROJECTOR_KEYS]
         meta = [[(k, tuple(state[k].shape), state[k].dtype) for k in sorted(keys)]]
         dist.broadcast_object_list(meta, src=src, group=group)
         device = param.device
@@ -183,5 +183,5 @@ class RefreshMixin:
             tensor = state[key].to(device) if is_src else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(tensor, src=src, group=group)
             state[key] = tensor.cpu() if key in HOST_KEYS else tensor
-        for key in [k for k in state if k.startswith(PROJECTOR_PREFIX) and k not in {m[0] for m in meta[0]}]:
+        for key in [k for k in state if k in PROJECTOR_KEYS and k not in {m[0] for m in meta[0]}]:
             del state[key]

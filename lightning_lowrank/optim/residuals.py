@@ -38,6 +38,9 @@ FRUGAL_RULES = ("signsgd", "sgd")
 APOLLO_SCALE_TYPES = ("channel", "tensor")
 # Fira's residual: "scaled" is its code's G - scale P P^T G; "exact" the complement G - P P^T G (the same at scale 1).
 FIRA_COMPLEMENTS = ("scaled", "exact")
+RESIDUAL_NORM = "residual_norm"  # the limiter's last norm, ``limit_growth``
+# The state each residual keeps in ``state[p]`` (the memory report's "residual", ``state_layout``).
+STATE_KEYS = {"none": (), "frugal": (), "fira": (RESIDUAL_NORM,), "apollo": (RESIDUAL_NORM,)}
 
 
 def channel_ratio(direction: Tensor, low_rank: Tensor, full_shape: torch.Size, tensor_wise: bool = False) -> Tensor:
@@ -53,12 +56,12 @@ def limit_growth(update: Tensor, state: dict[str, Tensor], gamma: float) -> Tens
     least float32 so a float64 run keeps float64)."""
     norm = update.norm()
     norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
-    previous = state.get("residual_norm")
+    previous = state.get(RESIDUAL_NORM)
     if previous is None:
-        state["residual_norm"] = norm.reshape(())
+        state[RESIDUAL_NORM] = norm.reshape(())
         return update
     limiter = torch.clamp(norm / (previous + 1e-8), min=gamma) / gamma
-    state["residual_norm"] = (norm / limiter).reshape(())
+    state[RESIDUAL_NORM] = (norm / limiter).reshape(())
     return update / limiter.to(update.dtype)
 
 

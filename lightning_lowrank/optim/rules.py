@@ -34,6 +34,8 @@ MOMENT_KEYS: dict[str, dict[str, bool]] = {
     "subset_norm": {"exp_avg": True, "sum_sq": False},
     "sophia": {"exp_avg": True, "hessian": True},  # a Hutchinson diagonal can be negative
 }
+# Buffers that hold curvature, not gradient moments (the memory report's "curvature", ``state_layout``).
+CURVATURE_KEYS = frozenset({"hessian"})
 # Buffers that are linear in the gradient: a change of basis maps them with R, the others (variances, curvature
 # diagonals) with R's elementwise square.
 FIRST_MOMENTS = frozenset({"exp_avg", "momentum_buffer"})

@@ -1,7 +1,15 @@
 """Where a rule's buffers live: in ``state`` as they are, or (``state_bits=8``) as 8-bit codes per block.
 
-``moment_view`` hands the update a dict of full-precision buffers to change in place; for 8-bit storage that is a
-dequantized copy, quantized back when the update is done, one layer at a time.
+With ``state_bits=8`` a buffer ``key`` is kept as ``key_codes``, ``key_absmax`` and ``key_shape``, except a buffer of
+fewer than ``MIN_QUANTIZED_NUMEL`` elements (a bias, a norm's weight, Adafactor's row statistics), which stays a
+full-precision tensor under ``key``: its absmax and shape would save little or nothing, and it costs a quantization
+round trip at every step. ``costs.state_bytes`` counts the same way.
+
+Two ways to update them. ``moment_view`` hands over a dict of whole full-precision buffers (for 8-bit storage a
+dequantized copy, quantized back afterwards): what rules that are not elementwise (Adafactor's factored statistics,
+Subset-Norm's sums) and changes of basis need. ``moment_chunks`` streams the 8-bit buffers of an elementwise rule
+(every buffer the gradient's shape) ``STREAM_CHUNK`` elements at a time, so the full-precision transient of a dense
+embedding's update is bounded by a chunk, not by the tensor; it gives the same numbers as ``moment_view``.
 """
 
 from __future__ import annotations
@@ -14,9 +22,29 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.moments8bit import dequantize_moment, quantize_moment
+from lightning_lowrank.optim.moments8bit import (
+    chunk_ranges,
+    dequantize_moment,
+    dequantize_range,
+    quantize_moment,
+    quantize_range_,
+    zeros_moment,
+)
 
 QUANTIZED_SUFFIXES = ("_codes", "_absmax", "_shape")  # an 8-bit buffer `key` is kept as key_codes, key_absmax, ...
+MIN_QUANTIZED_NUMEL = 4096  # smaller buffers stay in full precision even with state_bits=8
+# Elements per chunk of a streamed 8-bit update (rounded down to whole blocks, at least one): 4 MiB of float32, so the
+# dequantized moments and the rule's temporaries stay a few tens of MiB however large the tensor.
+STREAM_CHUNK = 2**20
+# The counters init_rule_state keeps beside the buffers, by rule ("": every rule), with their kind (state_layout.py).
+COUNTER_KINDS = {"": {"step": "scalars"}, "sophia": {"hessian_updates": "curvature"}}
+ELEMENTWISE_RULES = frozenset({"adamw", "sgd", "sophia"})  # rules whose buffers are all the gradient's shape
+_META = torch.device("meta")
+
+
+def quantizes(numel: int, group: Mapping[str, Any]) -> bool:
+    """Whether a buffer of ``numel`` elements is stored in 8 bits under ``group``'s options."""
+    return group["state_bits"] is not None and numel >= MIN_QUANTIZED_NUMEL
 
 
 def init_rule_state(
@@ -27,45 +55,92 @@ def init_rule_state(
     device: torch.device,
     group: Mapping[str, Any],
 ) -> None:
-    """A fresh step counter (a CPU float, as torch's) and the rule's buffers for a gradient of ``shape``."""
+    """A fresh step counter (a CPU float, as torch's) and the rule's buffers for a gradient of ``shape``; 8-bit
+    buffers are made as zero codes directly, never as a full-precision tensor."""
     state["step"] = torch.tensor(0.0)
     if rule == "sophia":
         state["hessian_updates"] = torch.tensor(0.0)  # probes folded into the curvature diagonal so far
-    buffers = rules.init_state(rule, shape, dtype, device)
     if rule == "sgd" and group["momentum"] == 0:
-        buffers = {}  # as torch.optim.SGD: without momentum there is nothing to keep
-    if group["state_bits"] is None:
-        state.update(buffers)
-    else:
-        for key, tensor in buffers.items():
-            store_moment(state, key, tensor, rules.MOMENT_KEYS[rule][key], group)
+        return  # as torch.optim.SGD: without momentum there is nothing to keep
+    for key, meta in rules.init_state(rule, shape, dtype, _META).items():
+        if quantizes(meta.numel(), group):
+            q = zeros_moment(
+                meta.numel(), signed=rules.MOMENT_KEYS[rule][key], block_size=group["state_block_size"], device=device
+            )
+            _put(state, key, q, meta.shape)
+        else:
+            state[key] = torch.zeros(meta.shape, dtype=dtype, device=device)
 
 
 @contextmanager
 def moment_view(
     state: dict[str, Tensor], rule: str, group: Mapping[str, Any], dtype: torch.dtype
 ) -> Iterator[dict[str, Tensor]]:
-    """The rule's buffers to update in place: the state itself, or (8-bit) a dequantized copy in ``dtype`` that is
-    quantized back afterwards."""
+    """The rule's whole buffers to update (in place, or by assigning a new tensor to a key): the state itself, or
+    (8-bit) the full-precision ones as they are and a dequantized copy in ``dtype`` of the others, stored back
+    afterwards."""
     if group["state_bits"] is None:
         yield state
         return
-    keys = [k for k in rules.MOMENT_KEYS[rule] if f"{k}_codes" in state]
-    moments = {
-        k: dequantize_moment(
-            _codes(state, k), state[f"{k}_shape"].tolist(), dtype, block_size=group["state_block_size"]
-        )
-        for k in keys
-    }
+    block = group["state_block_size"]
+    moments = {}
+    for key in rules.MOMENT_KEYS[rule]:
+        if key in state:
+            moments[key] = state[key]
+        elif f"{key}_codes" in state:
+            shape = state[f"{key}_shape"].tolist()  # a CPU tensor: no device read
+            moments[key] = dequantize_moment(_codes(state, key), shape, dtype, block_size=block)
     yield moments
     for key, tensor in moments.items():
         store_moment(state, key, tensor, rules.MOMENT_KEYS[rule][key], group)
 
 
+def streams(state: Mapping[str, Tensor], rule: str) -> bool:
+    """Whether ``moment_chunks`` can update these buffers: an elementwise rule with some buffer in 8 bits."""
+    return rule in ELEMENTWISE_RULES and any(f"{key}_codes" in state for key in rules.MOMENT_KEYS[rule])
+
+
+def moment_chunks(
+    state: dict[str, Tensor], rule: str, group: Mapping[str, Any], dtype: torch.dtype
+) -> Iterator[tuple[slice, dict[str, Tensor]]]:
+    """An elementwise rule's buffers, flattened, one chunk at a time: ``(chunk, buffers)`` where ``chunk`` slices the
+    flattened gradient and ``buffers`` are that chunk's 1-D buffers in ``dtype``, to update in place.
+
+    A chunk is a whole number of quantization blocks, about ``STREAM_CHUNK`` elements. Each chunk's 8-bit buffers are
+    quantized back into their codes in place when the next chunk is asked for (so run the loop to its end); as a
+    block's codes depend on that block alone, the result is what ``moment_view`` gives over the whole tensor.
+    """
+    block = group["state_block_size"]
+    keys = [k for k in rules.MOMENT_KEYS[rule] if k in state or f"{k}_codes" in state]
+    first = keys[0]
+    n = state[first].numel() if first in state else state[f"{first}_codes"].numel()
+    for start, stop in chunk_ranges(n, block, STREAM_CHUNK):
+        chunk = {
+            k: state[k].view(-1)[start:stop]
+            if k in state
+            else dequantize_range(_codes(state, k), start, stop, dtype, block_size=block)
+            for k in keys
+        }
+        yield slice(start, stop), chunk
+        for k in keys:
+            if k not in state:
+                quantize_range_(chunk[k], _codes(state, k), start, block_size=block)
+
+
 def store_moment(state: dict[str, Tensor], key: str, tensor: Tensor, signed: bool, group: Mapping[str, Any]) -> None:
-    q = quantize_moment(tensor, signed=signed, block_size=group["state_block_size"])
+    """Keep ``tensor`` as buffer ``key``: in 8 bits, or as it is when it is too small to be worth quantizing."""
+    if not quantizes(tensor.numel(), group):
+        for suffix in QUANTIZED_SUFFIXES:
+            state.pop(f"{key}{suffix}", None)
+        state[key] = tensor
+        return
+    state.pop(key, None)
+    _put(state, key, quantize_moment(tensor, signed=signed, block_size=group["state_block_size"]), tensor.shape)
+
+
+def _put(state: dict[str, Tensor], key: str, q: Mapping[str, Tensor], shape: torch.Size) -> None:
     state[f"{key}_codes"], state[f"{key}_absmax"] = q["codes"], q["absmax"]
-    state[f"{key}_shape"] = torch.tensor(tuple(tensor.shape), dtype=torch.int64)
+    state[f"{key}_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
 
 
 def _codes(state: Mapping[str, Tensor], key: str) -> dict[str, Tensor]:

@@ -1,0 +1,137 @@
+"""How ``ProjectedOptimizer.step()`` turns gradients into updates (``StepMixin``).
+
+Dense parameters go through torch's own functional Adam(W) (foreach/fused) or one rule step each; projected layers
+refresh when due (``refresh.py``), then step one at a time (``functional.py``) or, a group's plain Adam(W) layers,
+together (``batched.py``). Per-layer state is created here, lazily, at a layer's first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lowrank.optim import batched, functional, rules
+from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim.host_ints import advance, advance_all
+from lightning_lowrank.optim.options import state_dtype
+from lightning_lowrank.optim.projection import projected_shape
+from lightning_lowrank.optim.projectors import LayerContext
+from lightning_lowrank.optim.storage import init_rule_state, moment_chunks, moment_view, streams
+
+
+class StepMixin:
+    """The step of ``ProjectedOptimizer`` (which owns ``state``, the groups, the projectors and the refresh)."""
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        self.last_refreshes = {}
+        projected: list[tuple[Tensor, dict[str, Any], LayerContext]] = []
+        states: list[dict[str, Tensor]] = []
+        index = -1
+        for group in self.param_groups:
+            dense = []
+            for p, on in zip(group["params"], self._mask(group)):
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
+                if on:
+                    state = self.state[p]
+                    if not state and self.memory_budget is None:
+                        self._init_projected_state(p, group)
+                    projected.append((p, group, self._context(index, p, group)))
+                    states.append(state)
+                else:
+                    dense.append(p)
+            self._dense_steps(dense, group)
+        self._refresh([(p, g, ctx) for (p, g, ctx), s in zip(projected, states) if self._is_due(p, s, g, ctx.step)])
+        # A group's layers step together where its rule allows (batched.py), the others one at a time.
+        batches: dict[int, tuple[dict[str, Any], list[tuple[Tensor, LayerContext]]]] = {}
+        for (p, group, ctx), state in zip(projected, states):
+            if batched.can_batch(group, projected_rule(group)) and state["exp_avg"].dtype == p.dtype:
+                batches.setdefault(id(group), (group, []))[1].append((p, ctx))
+            else:
+                self._projected_step(p, group, ctx)
+        for group, layers in batches.values():
+            self._projected_steps(group, layers)
+        for (p, group, ctx), state in zip(projected, states):
+            self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
+
+    def _projected_steps(self, group: dict[str, Any], layers: list[tuple[Tensor, LayerContext]]) -> None:
+        """Many projected layers of one group in one multi-tensor pass (``batched.py``)."""
+        params = [p for p, _ in layers]
+        Ps = [self._projectors[group["projector"]].matrix(p, self.state[p], ctx) for p, ctx in layers]
+        states = [self.state[p] for p in params]
+        if any(P.dtype != p.dtype for P, p in zip(Ps, params)):  # mixed precision: the single-layer path casts
+            for p, ctx in layers:
+                self._projected_step(p, group, ctx)
+            return
+        batched.projected_adam(params, Ps, states, advance_all([s["step"] for s in states]), group)
+
+    def _projected_step(
+        self, p: Tensor, group: dict[str, Any], ctx: LayerContext, low_rank: Tensor | None = None
+    ) -> None:
+        """Update a projected weight from its full gradient, or from ``low_rank`` when it arrives already projected
+        (layer-wise accumulation, see ``functional.low_rank_update``). P and the moments are in the state dtype
+        (``ctx.dtype``), which may be wider than the weight's (bf16 weights: float32)."""
+        state, rule = self.state[p], projected_rule(group)
+        P = self._projectors[group["projector"]].matrix(p, state, ctx)
+        step = advance(state["step"])
+        with self._moments(p, rule, group) as moments:
+            if low_rank is None:
+                functional.projected_update(p, p.grad, P, moments, state, group, rule, step)
+            else:
+                functional.low_rank_update(p, low_rank, P, moments, group, rule, step)
+
+    def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
+        """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one), in the state
+        dtype (``options.state_dtype``: float32 for bf16/fp16 weights unless ``state_dtype`` says otherwise)."""
+        shape = projected_shape(param.shape, rank or group["rank"])
+        dtype = state_dtype(group, param.dtype)
+        init_rule_state(self.state[param], projected_rule(group), shape, dtype, param.device, group)
+        if rank is not None:
+            self.state[param]["rank"] = torch.tensor(rank, dtype=torch.int64)
+
+    def _projected_shape(self, param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
+        return projected_shape(param.shape, self.layer_rank(param) if self.state[param] else group["rank"])
+
+    def _dense_steps(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """A group's dense parameters: torch's own Adam(W) over the whole list (its foreach kernels on CUDA) where the
+        rule is torch's AdamW/Adam in full precision, else one ``_dense_step`` each."""
+        if not (group["rule"] == "adamw" and rules.adam_form(group) == "torch" and group["state_bits"] is None):
+            for p in params:
+                self._dense_step(p, group)
+            return
+        for p in params:
+            if not self.state[p]:
+                init_rule_state(self.state[p], "adamw", tuple(p.shape), p.dtype, p.device, group)
+        functional.dense_adam(params, [self.state[p] for p in params], group)
+
+    def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        """One dense parameter by the group's rule. 8-bit buffers of an elementwise rule stream (``moment_chunks``): a
+        chunk of the flattened weight, gradient and buffers at a time, so the full-precision transient of a large
+        dense weight (an embedding, an LM head) is one chunk, not the tensor; the numbers are those of one piece."""
+        state, rule = self.state[p], group["rule"]
+        if not state:
+            init_rule_state(state, rule, tuple(p.shape), p.dtype, p.device, group)
+        step = advance(state["step"])
+        if streams(state, rule) and p.is_contiguous():
+            weight, grad = p.view(-1), p.grad.reshape(-1)
+            for chunk, moments in moment_chunks(state, rule, group, p.dtype):
+                functional.dense_update(weight[chunk], grad[chunk], moments, group, rule, step)
+            return
+        with self._moments(p, rule, group) as moments:
+            functional.dense_update(p, p.grad, moments, group, rule, step)
+
+    @contextmanager
+    def _moments(self, param: Tensor, rule: str, group: dict[str, Any]) -> Iterator[dict[str, Tensor]]:
+        """The whole buffers of ``param`` (``storage.moment_view``); 8-bit ones decoded into the dtype its moments
+        are computed in: the state dtype for a projected weight, the weight's own for a dense one."""
+        dtype = state_dtype(group, param.dtype) if self.is_projected(param) else param.dtype
+        with moment_view(self.state[param], rule, group, dtype) as moments:
+            yield moments
