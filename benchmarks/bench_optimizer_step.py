@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_optimizer_step.py             # 60M, 130M, 350M; ~10 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_optimizer_step.py --quick     # 60M, few steps: a smoke run
+    .venv/bin/python benchmarks/bench_optimizer_step.py --small-layers  # 96 projected 64x64 layers, bench_small_layers
     bash scripts/bench_env.sh                                       # installs the peers first (--no-deps)
 
 What is measured, per preset (GaLore's LLaMA configs, ``lightning_lowrank.memory.plan.PRESETS``): the seven 2-D weights
@@ -61,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="60M only, 4 ordinary + 1 refresh timed steps")
+    parser.add_argument(
+        "--small-layers",
+        action="store_true",
+        help="the many-small-layers regime instead (benchmarks/bench_small_layers.py with its defaults)",
+    )
     args = parser.parse_args(argv)
     args.presets = args.presets or (["60M"] if args.quick else ["60M", "130M", "350M"])
     args.reps = args.reps or (4 if args.quick else 30)
@@ -226,6 +232,10 @@ def format_table(preset: dict[str, Any], amortise_gap: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.small_layers:  # where per-layer overhead (a GPU's kernel launches) dominates, not the matmuls
+        import bench_small_layers
+
+        return bench_small_layers.main([])
     device = torch.device(args.device)
     gap = cycle_length(args.reps, args.refreshes)
     result: dict[str, Any] = {

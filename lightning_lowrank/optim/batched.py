@@ -64,9 +64,10 @@ def _projected_adam(
     hf = rules.adam_form(group) == "hf"
     decay_after = rules.decays_after_update("adamw", group)
     grads = [p.grad for p in params]
+    shrink = 1.0  # torch's decoupled decay, p *= 1 - lr * wd, fused into the back-projection's addmm_ (beta)
     if wd != 0 and not decay_after:
         if group["decoupled_weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * wd)
+            shrink = 1 - lr * wd
         else:  # Adam's L2 penalty goes into the gradient before it is projected
             grads = torch._foreach_add(grads, params, alpha=wd)
     lefts = [is_left(p.shape) for p in params]
@@ -87,8 +88,8 @@ def _projected_adam(
     directions = torch._foreach_div(m, denom)
     for p, P, d, left, size in zip(params, Ps, directions, lefts, sizes):
         if left:
-            p.addmm_(P, d, alpha=-size * scale)
+            p.addmm_(P, d, beta=shrink, alpha=-size * scale)
         else:
-            p.addmm_(d, P.T, alpha=-size * scale)
+            p.addmm_(d, P.T, beta=shrink, alpha=-size * scale)
     if decay_after and wd != 0:  # transformers' AdamW decays after the update
         torch._foreach_add_(params, params, alpha=-lr * wd)
