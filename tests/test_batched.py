@@ -88,3 +88,25 @@ def test_rules_the_batch_does_not_cover_step_one_layer_at_a_time(options, monkey
         for p in params:
             p.grad = torch.randn(p.shape)
         opt.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(
+    "sgd", [dict(momentum=0.9, nesterov=True, weight_decay=0.1), dict(momentum=0.8, dampening=0.3), dict()]
+)
+def test_dense_sgd_parameters_step_exactly_as_torch_sgd(sgd, foreach):
+    """Dense parameters of an SGD group go through torch's own functional SGD: the same numbers as torch.optim.SGD."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(5, 3), (3,), (4, 4)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = ProjectedOptimizer.from_optimizer(torch.optim.SGD(ours, lr=0.1, foreach=foreach, **sgd), set(), rank=2)
+    ref = torch.optim.SGD(theirs, lr=0.1, foreach=foreach, **sgd)
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

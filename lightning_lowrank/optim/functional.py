@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.projection import is_left, project, project_back
@@ -165,6 +166,31 @@ def dense_adam(params: list[Tensor], states: list[dict[str, Tensor]], group: Map
         eps=group["eps"],
         maximize=False,
     )
+
+
+def dense_sgd(
+    params: list[Tensor], states: list[dict[str, Tensor]], steps: list[int], group: Mapping[str, Any]
+) -> None:
+    """torch's own functional SGD over a list of dense parameters (``steps``: each update's 1-based count). torch
+    starts a momentum buffer as a copy of the first gradient: a buffer is handed over only from the second update."""
+    momentum = group["momentum"]
+    buffers = [s["momentum_buffer"] if momentum and t > 1 else None for s, t in zip(states, steps)]
+    sgd(
+        params,
+        [p.grad for p in params],
+        buffers,
+        foreach=group.get("foreach"),
+        fused=group.get("fused"),
+        weight_decay=group["weight_decay"],
+        momentum=momentum,
+        lr=group["lr"],
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        maximize=False,
+    )
+    if momentum:
+        for s, buffer in zip(states, buffers):
+            s["momentum_buffer"] = buffer
 
 
 def decay_before(p: Tensor, grad: Tensor, rule: str, group: Mapping[str, Any]) -> Tensor:

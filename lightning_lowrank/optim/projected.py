@@ -259,8 +259,10 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
             self._dct_bases[key] = dct_basis(size, dtype=dtype, device=device)
         return self._dct_bases[key]
 
-    def _context(self, index: int, param: Tensor, group: dict[str, Any]) -> LayerContext:
-        state = self.state[param]
+    def _context(
+        self, index: int, param: Tensor, group: dict[str, Any], state: dict[str, Tensor] | None = None
+    ) -> LayerContext:
+        state = self.state[param] if state is None else state
         step = read_int(state["step"]) if "step" in state else 0
         rank = read_int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
         return LayerContext(index, step, rank, group, self._basis, state_dtype(group, param.dtype))

@@ -32,7 +32,7 @@ HOST_KEYS = frozenset({"proj_seed"})  # state read on the host at every step: ke
 
 def has_subspace(state: dict[str, Tensor]) -> bool:
     """Whether a layer holds a subspace: some projector's declared state (``Projector.state_keys``)."""
-    return any(k in PROJECTOR_KEYS for k in state)
+    return not PROJECTOR_KEYS.isdisjoint(state)
 
 
 class RefreshTimer:

@@ -44,17 +44,21 @@ class StepMixin:
                     state = self.state[p]
                     if not state and self.memory_budget is None:
                         self._init_projected_state(p, group)
-                    projected.append((p, group, self._context(index, p, group)))
+                    projected.append((p, group, self._context(index, p, group, state)))
                     states.append(state)
                 else:
                     dense.append(p)
             self._dense_steps(dense, group)
         self._refresh([(p, g, ctx) for (p, g, ctx), s in zip(projected, states) if self._is_due(p, s, g, ctx.step)])
         # A group's layers step together where its rule allows (batched.py), the others one at a time.
-        batches: dict[int, tuple[dict[str, Any], list[tuple[Tensor, LayerContext]]]] = {}
+        batches: dict[int, tuple[dict[str, Any], list[tuple[Tensor, LayerContext, dict[str, Tensor]]]]] = {}
+        batchable: dict[int, bool] = {}
         for (p, group, ctx), state in zip(projected, states):
-            if batched.can_batch(group, projected_rule(group)) and state["exp_avg"].dtype == p.dtype:
-                batches.setdefault(id(group), (group, []))[1].append((p, ctx))
+            key = id(group)
+            if key not in batchable:
+                batchable[key] = batched.can_batch(group, projected_rule(group))
+            if batchable[key] and state["exp_avg"].dtype == p.dtype:
+                batches.setdefault(key, (group, []))[1].append((p, ctx, state))
             else:
                 self._projected_step(p, group, ctx)
         for group, layers in batches.values():
@@ -62,13 +66,16 @@ class StepMixin:
         for (p, group, ctx), state in zip(projected, states):
             self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
 
-    def _projected_steps(self, group: dict[str, Any], layers: list[tuple[Tensor, LayerContext]]) -> None:
+    def _projected_steps(
+        self, group: dict[str, Any], layers: list[tuple[Tensor, LayerContext, dict[str, Tensor]]]
+    ) -> None:
         """Many projected layers of one group in one multi-tensor pass (``batched.py``)."""
-        params = [p for p, _ in layers]
-        Ps = [self._projectors[group["projector"]].matrix(p, self.state[p], ctx) for p, ctx in layers]
-        states = [self.state[p] for p in params]
+        projector = self._projectors[group["projector"]]
+        params = [p for p, _, _ in layers]
+        states = [state for _, _, state in layers]
+        Ps = [projector.matrix(p, state, ctx) for p, ctx, state in layers]
         if any(P.dtype != p.dtype for P, p in zip(Ps, params)):  # mixed precision: the single-layer path casts
-            for p, ctx in layers:
+            for p, ctx, _ in layers:
                 self._projected_step(p, group, ctx)
             return
         batched.projected_adam(params, Ps, states, advance_all([s["step"] for s in states]), group)
@@ -101,11 +108,21 @@ class StepMixin:
         return projected_shape(param.shape, self.layer_rank(param) if self.state[param] else group["rank"])
 
     def _dense_steps(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """A group's dense parameters: torch's own Adam(W) over the whole list (its foreach kernels on CUDA) where the
-        rule is torch's AdamW/Adam in full precision, else one ``_dense_step`` each."""
-        if not (group["rule"] == "adamw" and rules.adam_form(group) == "torch" and group["state_bits"] is None):
+        """A group's dense parameters: torch's own Adam(W) or SGD over the whole list (its foreach or fused kernels)
+        where the rule is torch's in full precision, else one ``_dense_step`` each."""
+        if not params:
+            return
+        torch_form = group["state_bits"] is None and (group["rule"] == "sgd" or rules.adam_form(group) == "torch")
+        if not (torch_form and group["rule"] in ("adamw", "sgd")):
             for p in params:
                 self._dense_step(p, group)
+            return
+        if group["rule"] == "sgd":
+            for p in params:
+                if not self.state[p]:
+                    init_rule_state(self.state[p], "sgd", tuple(p.shape), p.dtype, p.device, group)
+            states = [self.state[p] for p in params]
+            functional.dense_sgd(params, states, advance_all([s["step"] for s in states]), group)
             return
         for p in params:
             if not self.state[p]:
