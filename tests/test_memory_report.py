@@ -436,3 +436,10 @@ def test_memory_phases_in_a_fit_and_the_report_keeps_the_run_peak(monkeypatch, t
 def test_memory_phases_rejects_a_bad_every():
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         MemoryPhases(every=0)
+
+
+def test_memory_report_before_fit_says_when_it_is_available():
+    from lightning_lowrank import LowRankStrategy
+
+    with pytest.raises(RuntimeError, match=r"once trainer.fit has set up the optimizers.*lightning_lowrank.plan"):
+        LowRankStrategy(rank=4).memory_report()

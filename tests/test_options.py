@@ -89,3 +89,13 @@ def test_inner_is_the_strategy_name_of_projected_rule():
     assert "inner" not in LowRankConfig().optimizer_options()
     with pytest.raises(ValueError, match="name the same option"):
         LowRankConfig(inner="subset_norm", projected_rule="adamw")
+
+
+def test_a_budget_with_quantized_state_is_refused_when_the_strategy_is_built():
+    """The README promises option errors at construction: memory_budget with 8-bit state or P fails there, not at
+    fit."""
+    from lightning_lowrank import LowRankStrategy
+
+    for key, value in (("state_bits", 8), ("projector_bits", 4)):
+        with pytest.raises(ValueError, match=f"memory_budget.*{key}={value}"):
+            LowRankStrategy(rank=4, memory_budget=10**6, **{key: value})

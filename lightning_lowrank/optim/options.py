@@ -275,6 +275,12 @@ class LowRankOptions(BudgetOptions, StateOptions, ResidualOptions, RuleOptions, 
         for section in (ProjectionOptions, RuleOptions, ResidualOptions, StateOptions, BudgetOptions):
             section.__post_init__(self)
         check_cross_options(self)
+        for key in ("state_bits", "projector_bits"):
+            if self.memory_budget is not None and getattr(self, key) is not None:
+                raise ValueError(
+                    f"memory_budget allocates ranks for full-precision state; it does not support {key}="
+                    f"{getattr(self, key)!r} yet. Use one or the other."
+                )
 
 
 @dataclass(frozen=True)

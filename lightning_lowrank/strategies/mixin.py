@@ -151,8 +151,13 @@ class LowRankMixin:
         """Exact bytes of parameters, gradients and optimizer state right now (split by kind, per layer and per
         module group), with refresh counts when a ``SubspaceRefresh`` callback schedules them, the probe's cost when a
         ``CurvatureProbe`` runs, per-phase CUDA peaks when a ``MemoryPhases`` callback measures them, and the
-        process's maximum resident set size."""
-
+        process's maximum resident set size. Available once ``fit`` has set up the optimizers."""
+        if self.lightning_module is None or not self.optimizers:
+            raise RuntimeError(
+                "memory_report() measures the optimizer state, which exists once trainer.fit has set up the "
+                "optimizers (from on_fit_start on, and after fit). Before fit, plan it instead: "
+                "lightning_lowrank.plan(model, **options) builds the same report on a meta copy of the module."
+            )
         trainer = self.lightning_module.trainer
         stats: dict[str, dict[str, float]] = {}
         probe: dict[str, float] | None = None
