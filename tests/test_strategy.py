@@ -278,6 +278,10 @@ def test_fallback_dense_keeps_an_unsupported_optimizer_with_a_warning():
     with pytest.warns(UserWarning, match="RMSprop cannot be projected"):
         trainer.fit(RMSpropNet())
     assert type(trainer.optimizers[0]) is torch.optim.RMSprop
+    # Nothing is projected, so nothing is saved: the kept optimizer is its own baseline (it said AdamW and 50%).
+    report = trainer.strategy.memory_report()
+    assert report.baseline == "RMSprop"
+    assert report.saving_bytes == 0 and report.optimizer_state_bytes > 0
 
 
 def test_sharded_and_multi_device_misuse_is_refused_at_trainer_construction():

@@ -89,19 +89,21 @@ def account_memory(
             budget = (budget or 0) + opt.memory_budget
         projected_params = _projected(opt)
         group_of = {p: g for g in opt.param_groups for p in g["params"]}
-        baseline = RULE_NAMES.get(opt.param_groups[0].get("rule", "adamw"), type(opt).__name__)
+        ours = isinstance(opt, ProjectedOptimizer)
+        # An optimizer kept as it is (fallback="dense") is its own baseline: it holds what it would hold anyway.
+        baseline = RULE_NAMES.get(opt.param_groups[0]["rule"], type(opt).__name__) if ours else type(opt).__name__
         for p, state in opt.state.items():
             if not state:
                 continue
             is_projected = p in projected_params
-            kind_of = opt.state_kinds(p) if isinstance(opt, ProjectedOptimizer) else foreign_state_kinds(state)
+            kind_of = opt.state_kinds(p) if ours else foreign_state_kinds(state)
             kinds = empty_kinds()
             for key, value in state.items():
                 if isinstance(value, Tensor):
                     kinds[kind_of[key]] += tensor_bytes(value)
-            p_baseline = baseline_state_bytes(p, group_of[p])
-            adamw += p_baseline
             total = sum(kinds.values())
+            p_baseline = baseline_state_bytes(p, group_of[p]) if ours else total
+            adamw += p_baseline
             row = row_of(p)
             row["baseline_bytes"] += p_baseline
             for kind, n in kinds.items():
