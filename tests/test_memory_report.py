@@ -443,3 +443,21 @@ def test_memory_report_before_fit_says_when_it_is_available():
 
     with pytest.raises(RuntimeError, match=r"once trainer.fit has set up the optimizers.*lightning_lowrank.plan"):
         LowRankStrategy(rank=4).memory_report()
+
+
+def test_without_a_logger_the_json_is_written_only_where_asked(tmp_path, monkeypatch):
+    """With logger=False Lightning writes nothing; the report follows (it wrote into the current directory)."""
+    monkeypatch.chdir(tmp_path)
+    for memory_json, written in (
+        (True, None),
+        (str(tmp_path / "out" / "report.json"), tmp_path / "out" / "report.json"),
+    ):
+        trainer = L.Trainer(
+            strategy=LowRankStrategy(rank=4, memory_report=False, memory_json=memory_json),
+            max_steps=1,
+            **{**QUIET, "default_root_dir": tmp_path},
+        )
+        trainer.fit(TinyNet(scheduler=None))
+        assert sorted(p.name for p in tmp_path.rglob("*.json")) == ([] if written is None else ["report.json"])
+        if written is not None:
+            assert json.loads(written.read_text())["optimizer_state_bytes"] > 0

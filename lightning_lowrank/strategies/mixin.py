@@ -59,8 +59,10 @@ class LowRankMixin:
         target_modules: module-name patterns to project (default: every ``nn.Linear`` but output heads).
         exclude: module-name patterns never to project.
         memory_report: print the rich memory report at the end of training (it is logged either way).
-        memory_json: write every figure of the report to ``lowrank_memory.json`` in the run's log dir
-            (``trainer.log_dir``, or ``default_root_dir`` without a logger) at the end of training, on rank 0.
+        memory_json: write every figure of the report as JSON at the end of training, on rank 0: ``True`` to
+            ``lowrank_memory.json`` next to the logger's files (``trainer.log_dir``, or ``default_root_dir`` for a
+            logger without a directory), and nowhere without a logger, as Lightning writes nothing with
+            ``logger=False``; a path writes there whatever the logger; ``False`` writes nothing.
         memory_plan: at fit start print (rank 0) the report the first step is planned to measure
             (``lightning_lowrank.plan``), kept as ``strategy.planned``.
         layerwise: update each weight during backward, in its post-accumulate-grad hook, and free its gradient
@@ -77,7 +79,7 @@ class LowRankMixin:
         *args: Any,
         fallback: str = "error",
         memory_report: bool = True,
-        memory_json: bool = True,
+        memory_json: bool | str = True,
         memory_plan: bool = False,
         layerwise: bool = False,
         **kwargs: Any,
@@ -197,10 +199,12 @@ class LowRankMixin:
         trainer = self.lightning_module.trainer
         for logger in trainer.loggers:
             logger.log_metrics(report.as_metrics(), step=trainer.global_step)
-        directory = memory_json_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+        path = self.memory_json if isinstance(self.memory_json, str) else None
+        if self.memory_json is True and trainer.loggers:
+            path = os.path.join(memory_json_dir(trainer), MEMORY_JSON)  # on every rank: trainer.log_dir broadcasts
         if self.is_global_zero:
-            if self.memory_json:
-                write_memory_json(report, os.path.join(directory, MEMORY_JSON))
+            if path is not None:
+                write_memory_json(report, path)
             if self.print_memory_report:
                 render_memory_report(report)
 
