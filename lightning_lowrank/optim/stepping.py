@@ -112,22 +112,20 @@ class StepMixin:
         where the rule is torch's in full precision, else one ``_dense_step`` each."""
         if not params:
             return
-        torch_form = group["state_bits"] is None and (group["rule"] == "sgd" or rules.adam_form(group) == "torch")
-        if not (torch_form and group["rule"] in ("adamw", "sgd")):
+        rule = group["rule"]
+        via_torch = rule == "sgd" or (rule == "adamw" and rules.adam_form(group) == "torch")
+        if not via_torch or group["state_bits"] is not None:
             for p in params:
                 self._dense_step(p, group)
             return
-        if group["rule"] == "sgd":
-            for p in params:
-                if not self.state[p]:
-                    init_rule_state(self.state[p], "sgd", tuple(p.shape), p.dtype, p.device, group)
-            states = [self.state[p] for p in params]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                init_rule_state(state, rule, tuple(p.shape), p.dtype, p.device, group)
+        if rule == "sgd":
             functional.dense_sgd(params, states, advance_all([s["step"] for s in states]), group)
-            return
-        for p in params:
-            if not self.state[p]:
-                init_rule_state(self.state[p], "adamw", tuple(p.shape), p.dtype, p.device, group)
-        functional.dense_adam(params, [self.state[p] for p in params], group)
+        else:
+            functional.dense_adam(params, states, group)
 
     def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
         """One dense parameter by the group's rule. 8-bit buffers of an elementwise rule stream (``moment_chunks``): a
