@@ -17,6 +17,7 @@ from lightning_lowrank.optim.options import (
     ResidualOptions,
     RuleOptions,
     StateOptions,
+    StepOptions,
     TorchRuleOptions,
     group_option_names,
 )
@@ -27,7 +28,15 @@ def _names(cls) -> list[str]:
 
 
 def test_each_option_belongs_to_exactly_one_section():
-    sections = (ProjectionOptions, RuleOptions, TorchRuleOptions, ResidualOptions, StateOptions, BudgetOptions)
+    sections = (
+        ProjectionOptions,
+        RuleOptions,
+        TorchRuleOptions,
+        ResidualOptions,
+        StateOptions,
+        BudgetOptions,
+        StepOptions,
+    )
     names = [n for s in sections for n in _names(s)]
     assert len(names) == len(set(names))
     assert sorted(names) == sorted(_names(OptimizerOptions))
@@ -42,7 +51,8 @@ def test_a_param_group_carries_exactly_the_group_options():
     group = opt.param_groups[0]
     torch_keys = {"params", "lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "rule", "lowrank_mask"}
     assert set(group) == torch_keys | set(group_option_names())
-    assert not set(group) & set(_names(BudgetOptions))  # one budget per optimizer, not per group
+    # one budget and one non-finite policy per optimizer, not per group
+    assert not set(group) & set(_names(BudgetOptions) + _names(StepOptions))
     assert len(GROUP_SECTIONS) == 5
 
 
@@ -58,6 +68,7 @@ def test_a_param_group_carries_exactly_the_group_options():
         (dict(rank_by="size"), "Unknown rank_by"),
         (dict(state_bits=4), "Unknown state_bits 4"),
         (dict(momentum=1.0), "momentum.*\\[0, 1\\)"),
+        (dict(nonfinite="zero"), "Unknown nonfinite 'zero'; choose one of 'skip', 'raise', 'ignore'"),
     ],
 )
 def test_bad_values_fail_at_construction_everywhere(options, match):

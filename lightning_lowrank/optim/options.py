@@ -264,15 +264,36 @@ class BudgetOptions:
         check_choice("rank_by", self.rank_by, RANK_BY)
 
 
-GROUP_SECTIONS = (ProjectionOptions, RuleOptions, TorchRuleOptions, ResidualOptions, StateOptions)
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
 @dataclass(frozen=True)
-class LowRankOptions(BudgetOptions, StateOptions, ResidualOptions, RuleOptions, ProjectionOptions):
+class StepOptions:
+    """What one ``step()`` does with a gradient that is not finite (the whole optimizer, not per group).
+
+    nonfinite: ``skip`` (default): when any gradient holds an inf or NaN, nothing is updated (parameters, moments,
+        subspaces, step counters), a warning is given the first time and ``nonfinite_steps`` counts it; ``raise``:
+        a ``FloatingPointError`` naming the first such layer and its step, with nothing applied; ``ignore``: no check
+        (the update runs on whatever the gradient holds, as torch's AdamW does). The check is one multi-tensor
+        kernel and one read of its flag per step; ``ignore`` saves both.
+    """
+
+    nonfinite: str = "skip"
+
+    def __post_init__(self) -> None:
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+
+
+GROUP_SECTIONS = (ProjectionOptions, RuleOptions, TorchRuleOptions, ResidualOptions, StateOptions)
+WHOLE_OPTIMIZER_SECTIONS = (BudgetOptions, StepOptions)  # one value per optimizer, never a group key
+
+
+@dataclass(frozen=True)
+class LowRankOptions(StepOptions, BudgetOptions, StateOptions, ResidualOptions, RuleOptions, ProjectionOptions):
     """The low-rank options a strategy sets (flat: ``rank=``, ``projector=``, ...), checked together."""
 
     def __post_init__(self) -> None:
-        for section in (ProjectionOptions, RuleOptions, ResidualOptions, StateOptions, BudgetOptions):
+        for section in (ProjectionOptions, RuleOptions, ResidualOptions, StateOptions, BudgetOptions, StepOptions):
             section.__post_init__(self)
         check_cross_options(self)
         for key in ("state_bits", "projector_bits"):

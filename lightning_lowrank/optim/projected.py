@@ -29,7 +29,7 @@ from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
 from lightning_lowrank.optim.options import (
     SUPPORTED_OPTIMIZERS,
-    BudgetOptions,
+    WHOLE_OPTIMIZER_SECTIONS,
     OptimizerOptions,
     state_dtype,
     supported_names,
@@ -43,7 +43,8 @@ from lightning_lowrank.optim.stepping import StepMixin
 
 __all__ = ["ProjectedAdamW", "ProjectedOptimizer", "RefreshInfo", "RefreshTimer"]
 
-BUDGET_OPTIONS = tuple(f.name for f in fields(BudgetOptions))  # options of the whole optimizer, not of a group
+# Options of the whole optimizer (the budget, the non-finite policy), not of a group.
+WHOLE_OPTIMIZER_OPTIONS = tuple(f.name for section in WHOLE_OPTIMIZER_SECTIONS for f in fields(section))
 
 
 class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin, Optimizer):
@@ -99,6 +100,8 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         self._shard = None
         self.last_refreshes: dict[Tensor, RefreshInfo] = {}
         self.memory_budget, self.rank_by = checked.memory_budget, checked.rank_by
+        self.nonfinite = checked.nonfinite
+        self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
         super().__init__(params, defaults)
         self.kept_dense: list[Tensor] = self._keep_dense_where_projection_costs(layer_names)
         if self.memory_budget is not None:
@@ -124,7 +127,7 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
             )
         rule, decoupled = SUPPORTED_OPTIMIZERS[type(optimizer)]
         is_selected = projected if callable(projected) else (lambda p: p in projected)
-        per_group = {k: v for k, v in options.items() if k not in BUDGET_OPTIONS}
+        per_group = {k: v for k, v in options.items() if k not in WHOLE_OPTIMIZER_OPTIONS}
         for group in optimizer.param_groups:
             for flag in ("amsgrad", "maximize"):
                 if group.get(flag):
