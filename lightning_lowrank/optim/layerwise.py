@@ -37,6 +37,11 @@ which overlaps the backward of the next layer: parameter k is updated in paramet
 ``step``), so at most two layers' all-reduces are in flight. Every rank must give the same parameters a gradient in
 a window, as DDP without ``find_unused_parameters`` requires; ``step`` checks it.
 
+Non-finite gradients (``nonfinite=``): each layer's window gradient is checked in its hook, just before its update
+(one read per layer). Layers updated earlier in the same backward cannot be taken back, so ``"skip"`` skips the
+update of each layer whose gradient is not finite (its weight, moments, subspace and counter stay) and counts the
+step once; ``"raise"`` raises before that layer's update, saying that earlier layers were updated.
+
 Not supported (the strategy refuses them at setup): ``memory_budget`` (ranks are allocated jointly over all layers
 due at a step), clipping by global norm, GradScaler and manual optimization.
 """
@@ -53,6 +58,13 @@ from torch import Tensor
 
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.functional import project_gradient
+from lightning_lowrank.optim.nonfinite import (
+    first_nonfinite,
+    parameter_label,
+    raise_nonfinite,
+    skipped_message,
+    warn_once,
+)
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.state_layout import state_kinds
 
@@ -79,6 +91,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._final = False  # True while step() runs the closure: this backward is the window's last
         self._full: dict[Tensor, bool] = {}  # per layer touched in this window: accumulating the full gradient?
         self._pending: dict[Tensor, None] = {}  # touched in this window, not yet updated (insertion-ordered)
+        self._skipped: list[tuple[str, str]] = []  # (layer, what it held): updates skipped in this step (nonfinite)
         # Under DDP (all_reduce_in_hooks): the process group, what is being all-reduced, and the bytes counted.
         self._dist_group: Any = None
         self._distributed = False
@@ -184,6 +197,9 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         index, gi, on = self._where[p]
         group = self.param_groups[gi]
         state = self.state[p]
+        if self.nonfinite != "ignore" and not self._window_gradient_finite(p, index, low_rank):
+            p.grad = None
+            return
         if not on:
             self._dense_step(p, group)
         else:
@@ -198,6 +214,18 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             else:
                 self._projected_step(p, group, ctx, low_rank)
         p.grad = None
+
+    def _window_gradient_finite(self, p: Tensor, index: int, low_rank: Tensor | None) -> bool:
+        """One layer's check (one read); a bad gradient raises or is recorded for ``step`` to count."""
+        gradient = p.grad if low_rank is None else low_rank
+        if bool(gradient.isfinite().all()):
+            return True
+        where, kind = first_nonfinite([(parameter_label(p, index, self.param_names), gradient)])
+        if self.nonfinite == "raise":
+            earlier = "layers whose gradients arrived earlier in this backward were already updated (layer-wise mode"
+            raise_nonfinite(where, kind, self.completed_steps(p) + 1, f"{earlier} updates each layer in its hook)")
+        self._skipped.append((where, kind))
+        return False
 
     # -- DDP: all-reduce in the hooks ---------------------------------------------------------------------------
 
@@ -278,7 +306,11 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
                     self._finish(p)
                 if self._distributed:
                     self._end_window()
+            if self._skipped:
+                self.nonfinite_steps += 1
+                warn_once(self, skipped_message(self.nonfinite_steps, *self._skipped[0], layerwise=True))
         finally:
+            self._skipped = []
             self._final = False
             self._pending.clear()
             self._full.clear()

@@ -102,6 +102,8 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         self.memory_budget, self.rank_by = checked.memory_budget, checked.rank_by
         self.nonfinite = checked.nonfinite
         self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
+        # Names of weights for messages (a strategy adds every parameter's module name).
+        self.param_names: dict[Tensor, str] = dict(layer_names or {})
         super().__init__(params, defaults)
         self.kept_dense: list[Tensor] = self._keep_dense_where_projection_costs(layer_names)
         if self.memory_budget is not None:

@@ -2,7 +2,8 @@
 
 Dense parameters go through torch's own functional Adam(W) (foreach/fused) or one rule step each; projected layers
 refresh when due (``refresh.py``), then step one at a time (``functional.py``) or, a group's plain Adam(W) layers,
-together (``batched.py``). Per-layer state is created here, lazily, at a layer's first step.
+together (``batched.py``). Per-layer state is created here, lazily, at a layer's first step. Before any of it, a step
+whose gradients are not all finite is skipped or refused as ``nonfinite=`` says (``nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from torch import Tensor
 from lightning_lowrank.optim import batched, functional, rules
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import advance, advance_all
+from lightning_lowrank.optim.nonfinite import (
+    finite_flag,
+    first_nonfinite,
+    parameter_label,
+    raise_nonfinite,
+    skipped_message,
+    warn_once,
+)
 from lightning_lowrank.optim.options import state_dtype
 from lightning_lowrank.optim.projection import projected_shape
 from lightning_lowrank.optim.projectors import LayerContext
@@ -29,6 +38,8 @@ class StepMixin:
     @torch.no_grad()
     def _update(self) -> None:
         self.last_refreshes = {}
+        if self.nonfinite != "ignore" and not self._gradients_finite():
+            return
         projected: list[tuple[Tensor, dict[str, Any], LayerContext]] = []
         states: list[dict[str, Tensor]] = []
         index = -1
@@ -65,6 +76,26 @@ class StepMixin:
             self._projected_steps(group, layers)
         for (p, group, ctx), state in zip(projected, states):
             self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite: one flag over all of them and one read (``nonfinite.py``). When one is
+        not, nothing is touched yet: ``nonfinite="raise"`` raises naming the first such parameter, ``"skip"`` counts
+        the step (``nonfinite_steps``) and warns the first time. Pending refresh requests stay pending."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
+        flag = finite_flag(p.grad for p in params)
+        if flag is None or bool(flag):
+            return True
+        index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        labels = {p: parameter_label(p, index[p], self.param_names) for p in params}
+        where, kind = first_nonfinite((labels[p], p.grad) for p in params)
+        if self.nonfinite == "raise":
+            first = next(p for p in params if labels[p] == where)
+            raise_nonfinite(where, kind, self.completed_steps(first) + 1)
+        self.nonfinite_steps += 1
+        warn_once(self, skipped_message(self.nonfinite_steps, where, kind))
+        return False
 
     def _projected_steps(
         self, group: dict[str, Any], layers: list[tuple[Tensor, LayerContext, dict[str, Tensor]]]

@@ -101,6 +101,7 @@ class LowRankMixin:
         self.layerwise = bool(layerwise)
         self.planned: Plan | None = None  # with memory_plan=True: what the first step is planned to hold
         self._lowrank_names: dict[Tensor, str] = {}
+        self._logged_nonfinite: dict[int, int] = {}  # optimizer id -> the skipped-step count last logged
         super().__init__(*args, **kwargs)
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
@@ -123,6 +124,10 @@ class LowRankMixin:
                 new = cls.from_optimizer(old, selected, **cfg.optimizer_options())  # names for its warnings
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)
+        names = {p: name for name, p in self.lightning_module.named_parameters()}
+        for opt in swapped:
+            if isinstance(opt, ProjectedOptimizer):
+                opt.param_names.update(names)  # its messages (a non-finite gradient) name the module's parameters
         # The optimizer may keep some selected weights dense (Adafactor where projecting saves nothing).
         projected = {id(p) for opt in swapped if isinstance(opt, ProjectedOptimizer) for p in opt.projected_params()}
         self._lowrank_names = {p: name for p, name in selected.items() if id(p) in projected}
@@ -138,6 +143,18 @@ class LowRankMixin:
             self.planned = plan(self.lightning_module, **asdict(cfg))
             if self.print_memory_report:
                 self.planned.render()
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """As Lightning's; then a newly skipped non-finite step goes to the loggers (``lowrank/nonfinite_steps``, the
+        optimizer's count: a host int, read without touching the device)."""
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        count = getattr(optimizer, "nonfinite_steps", 0)
+        if count != self._logged_nonfinite.get(id(optimizer), 0):
+            self._logged_nonfinite[id(optimizer)] = count
+            trainer = self.lightning_module.trainer
+            for logger in trainer.loggers:
+                logger.log_metrics({"lowrank/nonfinite_steps": float(count)}, step=trainer.global_step)
+        return output
 
     def teardown(self) -> None:
         for opt in self.optimizers:

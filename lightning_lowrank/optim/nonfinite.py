@@ -1,0 +1,77 @@
+"""Gradients that hold an inf or a NaN: one check per step, and what ``step()`` does then (``nonfinite=``).
+
+The check is one multi-tensor max-norm per (device, dtype) (``torch._foreach_norm``, which propagates NaN as
+inf) and one read of the combined flag: the only host read of an ordinary step, the one a GradScaler makes too.
+Only a bad step reads more, to name the first bad parameter. Plain torch: no Lightning here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def finite_flag(grads: Iterable[Tensor]) -> Tensor | None:
+    """A device bool: every element of every gradient is finite (None for no gradients). Reads nothing."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    flags = [torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in by_kind.values()]
+    if not flags:
+        return None
+    if len(flags) == 1:
+        return flags[0]
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).all()
+
+
+def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> tuple[str, str]:
+    """(name, what it holds: "nan", "inf" or "nan and inf") of the first gradient that is not finite. Reads one
+    flag per gradient: for a bad step only."""
+    for name, g in named:
+        if not bool(g.isfinite().all()):
+            nan, inf = bool(g.isnan().any()), bool(g.isinf().any())
+            return name, " and ".join(k for k, has in (("nan", nan), ("inf", inf)) if has)
+    return "(none)", "nothing"
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """``nonfinite="raise"``: a gradient held an inf or NaN; the step applied nothing."""
+
+
+def skipped_message(count: int, where: str, kind: str, layerwise: bool = False) -> str:
+    what = (
+        "Its update was skipped (layer-wise mode: the layers whose gradients were finite were updated)"
+        if layerwise
+        else "Nothing was updated (weights, moments, subspaces and step counters keep their values)"
+    )
+    return (
+        f"lightning_lowrank skipped an optimizer step: the gradient of {where} holds {kind}. {what}; {count} "
+        "step(s) skipped so far. "
+        "nonfinite='raise' stops at the first one instead, nonfinite='ignore' applies such steps. Warned once; the "
+        "count is in the memory report and logged as lowrank/nonfinite_steps."
+    )
+
+
+def raise_nonfinite(where: str, kind: str, step: int, applied: str = "nothing was updated") -> None:
+    raise NonFiniteGradientError(
+        f"The gradient of {where} holds {kind} at its update {step} (nonfinite='raise'); {applied}. Look for an "
+        "overflow in the loss or the forward (a larger eps, gradient clipping, bf16-mixed), or pass "
+        "nonfinite='skip' to skip such steps and go on."
+    )
+
+
+def warn_once(optimizer: object, message: str) -> None:
+    """The first skipped step of ``optimizer`` warns; later ones only count."""
+    if not getattr(optimizer, "_warned_nonfinite", False):
+        optimizer._warned_nonfinite = True  # type: ignore[attr-defined]
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def parameter_label(param: Tensor, index: int, names: Mapping[Tensor, str]) -> str:
+    """How a message names a parameter: its module name where known, else its place and shape."""
+    name = names.get(param)
+    return repr(name) if name else f"parameter #{index} (shape {tuple(param.shape)})"
