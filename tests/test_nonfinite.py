@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
-from lightning_lowrank.optim.nonfinite import NonFiniteGradientError, finite_flag
+from lightning_lowrank.optim.nonfinite import NonFiniteGradientError, _finite, finite_flag
 
 CASES = {
     "svd": dict(),
@@ -157,13 +157,27 @@ def test_bf16_weights_are_checked_in_their_own_dtype():
 
 
 def test_finite_flag_over_mixed_dtypes():
-    good = [torch.randn(3, 3), torch.randn(4).bfloat16(), torch.randn(2, dtype=torch.float64)]
+    good = [torch.randn(3, 3), torch.randn(4).bfloat16(), torch.randn(2, dtype=torch.float64), torch.randn(5).half()]
+    good[0][0, 0] = 3e38  # large but finite: no false alarm
+    kept = [g.clone() for g in good]
     assert bool(finite_flag(good))
-    for i, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+    for i, value in enumerate((float("nan"), float("inf"), float("-inf"), float("nan"))):
         bad = [g.clone() for g in good]
-        bad[i].view(-1)[0] = value
+        bad[i].view(-1)[1] = value
         assert not bool(finite_flag(bad))
     assert finite_flag([]) is None
+    assert all(torch.equal(a, b) for a, b in zip(good, kept))  # the check leaves the gradients as they are
+
+
+@pytest.mark.parametrize("fused_norm", [True, False])  # the GPU's read-only max-norm and the CPU's AMP check
+def test_both_kernels_of_the_check_agree(fused_norm):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tensors = [torch.randn(4, 4).to(dtype), torch.randn(3).to(dtype)]
+        assert bool(_finite(tensors, fused_norm))
+        for value in (float("nan"), float("inf"), float("-inf")):
+            bad = [t.clone() for t in tensors]
+            bad[1][2] = value
+            assert not bool(_finite(bad, fused_norm)), (dtype, value)
 
 
 def test_a_grad_scaler_skip_never_reaches_the_optimizer():

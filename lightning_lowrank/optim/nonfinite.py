@@ -1,7 +1,7 @@
 """Gradients that hold an inf or a NaN: one check per step, and what ``step()`` does then (``nonfinite=``).
 
-The check is one multi-tensor max-norm per (device, dtype) (``torch._foreach_norm``, which propagates NaN as
-inf) and one read of the combined flag: the only host read of an ordinary step, the one a GradScaler makes too.
+The check is one multi-tensor kernel per (device, dtype) (``_finite``) and one read of the combined flag: the only
+host read of an ordinary step, the one a GradScaler makes too.
 Only a bad step reads more, to name the first bad parameter. Plain torch: no Lightning here.
 """
 
@@ -19,13 +19,24 @@ def finite_flag(grads: Iterable[Tensor]) -> Tensor | None:
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         by_kind.setdefault((g.device, g.dtype), []).append(g)
-    flags = [torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in by_kind.values()]
+    flags = [_finite(gs, fused_norm=device.type != "cpu") for (device, _), gs in by_kind.items()]
     if not flags:
         return None
     if len(flags) == 1:
         return flags[0]
     device = flags[0].device
     return torch.stack([f.to(device) for f in flags]).all()
+
+
+def _finite(tensors: list[Tensor], fused_norm: bool) -> Tensor:
+    """One device and dtype. On a GPU the max-norm is one multi-tensor kernel that only reads (NaN propagates into
+    it). On the CPU that kernel is a loop of per-tensor norms (about 10 us each); the AMP unscale check is one C++
+    loop, 10x faster there, and with a scale of 1 it leaves every gradient as it is."""
+    if fused_norm:
+        return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
+    found = torch.zeros((), device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones((), device=found.device))
+    return found == 0
 
 
 def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> tuple[str, str]:
