@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (SGD keeps no state without it)")
     p.add_argument("--gpu", type=float, default=None, metavar="GIB", help="GPU memory in GiB: say whether it fits")
     p.add_argument("--all-layers", action="store_true", help="one table row per layer even for large models")
+    p.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="plan the strategy's layerwise=True (per-layer updates in backward): gradients are the largest single one",
+    )
     lowrank = p.add_argument_group("low-rank options (LowRankConfig fields; defaults as the strategy's)")
     hints = typing.get_type_hints(LowRankConfig)
     for f in fields(LowRankConfig):
@@ -114,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizer_options=optimizer_options,
             dtype=args.dtype,
             gpu_gib=args.gpu,
+            layerwise=args.layerwise,
             **options,
         )
     except (ValueError, TypeError, ImportError, AttributeError, RuntimeError) as err:

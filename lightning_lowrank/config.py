@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-from lightning_lowrank.optim.options import LowRankOptions
+from lightning_lowrank.optim.options import LowRankOptions, check_choice
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class LowRankConfig(LowRankOptions):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
         if self.inner is not None:
+            check_choice("inner", self.inner, (None, "subset_norm"))  # by the name the user gave it
             if self.projected_rule not in (None, self.inner):
                 raise ValueError(
                     f"inner={self.inner!r} and projected_rule={self.projected_rule!r} name the same option; give one"

@@ -91,5 +91,8 @@ def test_strategy_names_are_registered_whichever_is_imported_first():
         "import lightning as L\nimport lightning_lowrank",
         "import lightning_lowrank.optim\nimport lightning.pytorch",
         "from lightning_lowrank import LowRankStrategy, SubspaceRefresh",
+        "from lightning_lowrank import SubspaceRefresh, CurvatureProbe",  # a callback first: was a circular import
+        "from lightning_lowrank import CurvatureProbe",
+        "import lightning_lowrank.callbacks",
     ):
         assert _run(f"{first}\n{check}").strip() == "True", first

@@ -147,7 +147,8 @@ def test_every_figure_is_the_bytes_of_the_tensors(run, tmp_path, monkeypatch):
         assert metrics[f"lowrank/state/{kind}_bytes"] == n
     for name, g in groups.items():
         assert metrics[f"lowrank/group/{name}/state_bytes"] == g.state_bytes
-    assert metrics["lowrank/module/attn/state_bytes"] == report.modules[1].state_bytes
+    assert "lowrank/module/attn/state_bytes" not in metrics  # per module only with log_layers (as_metrics(layers=))
+    assert report.as_metrics(layers=True)["lowrank/module/attn/state_bytes"] == report.modules[1].state_bytes
 
 
 def test_json_file_holds_the_reports_numbers(tmp_path):

@@ -36,7 +36,7 @@ def test_fixed_gap_refreshes_are_counted_in_the_report_and_logged():
     log, logger = RefreshLog(), RecordingLogger()
     refresh = SubspaceRefresh(every=3)
     _, trainer = _fit(
-        LowRankStrategy(rank=4, update_gap=1000, memory_report=False),
+        LowRankStrategy(rank=4, update_gap=1000, memory_report=False, log_layers=True),
         [refresh, log],
         logger=logger,
         log_every_n_steps=1,
@@ -45,7 +45,8 @@ def test_fixed_gap_refreshes_are_counted_in_the_report_and_logged():
     report = trainer.strategy.memory_report()
     assert [(layer.refreshes, layer.skipped, layer.gap) for layer in report.layers] == [(3, 0, 3), (3, 0, 3)]
     assert all(layer.refresh_seconds >= 0 for layer in report.layers)
-    assert logger.metrics["lowrank/refreshes/attn"] == 3
+    assert logger.metrics["lowrank/refreshes/attn"] == 3  # per layer: log_layers=True
+    assert logger.metrics["lowrank/refresh/total"] == 6  # the report's total
     assert logger.metrics["lowrank/refreshes"] == 6  # logged by the callback on refresh steps
 
 

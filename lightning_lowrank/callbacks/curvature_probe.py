@@ -49,6 +49,10 @@ ESTIMATORS = ("trace", "top_eigenvalues", "diagonal", "subspace_diagonal")
 class CurvatureProbe(Callback):
     """Log the Hessian trace (Hutchinson, Rademacher probes), per-layer traces and the top eigenvalues.
 
+    Each probe's figures (``curvature/trace``, ``curvature/trace/<param>``, ``curvature/eigenvalue_<i>``, ...) go to
+    ``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="curvature/trace")`` and ``EarlyStopping`` can watch
+    them (also with ``logger=False``), to every logger once, at the probe's step, and to ``history``.
+
     Args:
         every: probe after every this many optimizer steps.
         estimators: any of ``"trace"`` (with per-layer traces), ``"top_eigenvalues"``, ``"diagonal"`` and
@@ -100,17 +104,8 @@ class CurvatureProbe(Callback):
         seed: int = 0,
         diagonal_beta: float | None = None,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1 (optimizer steps), got {every!r}")
-        unknown = set(estimators) - set(ESTIMATORS)
-        if unknown or not estimators:
-            raise ValueError(f"estimators must be a non-empty subset of {ESTIMATORS}, got {estimators!r}")
-        for name, value in (("samples", samples), ("top_k", top_k), ("max_iter", max_iter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_arguments(every, estimators, samples, top_k, max_iter, tol, seed, diagonal_beta)
         self.every, self.estimators, self.samples, self.top_k = every, tuple(estimators), samples, top_k
-        if diagonal_beta is not None and not 0.0 <= diagonal_beta < 1.0:
-            raise ValueError(f"diagonal_beta must be in [0, 1) or None, got {diagonal_beta!r}")
         self.max_iter, self.tol, self.seed, self.diagonal_beta = max_iter, tol, seed, diagonal_beta
         self.diagonal: dict[str, Tensor] = {}  # "diagonal": the Hutchinson diagonal per param name
         self.history: list[dict[str, Any]] = []
@@ -164,8 +159,7 @@ class CurvatureProbe(Callback):
         self._probe_seconds += figures["probe_seconds"]
         self._max_extra_bytes = max(self._max_extra_bytes, figures["probe_extra_bytes"])
         self.history.append({"step": step, **figures})
-        for logger in trainer.loggers:
-            logger.log_metrics({f"curvature/{k}": v for k, v in figures.items()}, step=step)
+        log_figures(trainer, pl_module, figures, step)
         self._warn_edge_of_stability(blocks, figures)
         if "trace" in self.estimators:
             self._feed_layer_traces(trainer, pl_module, figures)
@@ -292,3 +286,43 @@ class CurvatureProbe(Callback):
         self._step_seconds = state_dict.get("train_total_seconds", 0.0)
         self._warned = set(state_dict.get("eos_warned", ()))
         self.diagonal = dict(state_dict.get("diagonal", {}))  # moved to the params' device at the next fold
+
+
+def _check_arguments(
+    every: Any, estimators: Any, samples: Any, top_k: Any, max_iter: Any, tol: Any, seed: Any, diagonal_beta: Any
+) -> None:
+    """``CurvatureProbe``'s arguments, refused when it is built, each with what is allowed."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an int >= 1 (optimizer steps), got {every!r}")
+    if isinstance(estimators, str):
+        raise ValueError(f"estimators must be a tuple of names from {ESTIMATORS}, got the string {estimators!r}")
+    unknown = set(estimators) - set(ESTIMATORS)
+    if unknown or not estimators:
+        raise ValueError(f"estimators must be a non-empty subset of {ESTIMATORS}, got {estimators!r}")
+    for name, value, low in (
+        ("samples", samples, 1),
+        ("top_k", top_k, 1),
+        ("max_iter", max_iter, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0 (power iteration's relative change to stop at), got {tol!r}")
+    if diagonal_beta is not None and (
+        isinstance(diagonal_beta, bool) or not isinstance(diagonal_beta, (int, float)) or not 0.0 <= diagonal_beta < 1.0
+    ):
+        raise ValueError(f"diagonal_beta must be in [0, 1) or None, got {diagonal_beta!r}")
+
+
+def log_figures(trainer: pl.Trainer, pl_module: pl.LightningModule, figures: dict[str, float], step: int) -> None:
+    """Each figure as ``curvature/<name>``: into ``trainer.callback_metrics`` (what ``ModelCheckpoint`` and
+    ``EarlyStopping`` monitor, also with ``logger=False``) through ``pl_module.log``, and into the loggers once
+    per probe, at its step. ``pl_module.log`` gets ``logger=False`` because it writes to the loggers only every
+    ``log_every_n_steps``, which would drop the probes off that cadence; the loggers get every probe from the
+    ``log_metrics`` call below instead, so each figure reaches them exactly once. (The re-run, whose own
+    ``self.log`` calls are silenced, is over by now.)"""
+    metrics = {f"curvature/{k}": v for k, v in figures.items()}
+    pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

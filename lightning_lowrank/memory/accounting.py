@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from lightning_lowrank.memory.baseline import RULE_NAMES, baseline_state_bytes, warn_negative_saving
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, ModuleMemory, empty_kinds, tensor_bytes
 from lightning_lowrank.memory.groups import module_group
+from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.state_layout import quantized_projection
 
@@ -57,6 +58,7 @@ def account_memory(
     it projected weights are named by ``names`` and every other parameter falls in one ``(unnamed)`` row.
     ``phases`` (a ``MemoryPhases``' ``phase_stats``) is passed through."""
     refresh_stats = refresh_stats or {}
+    optimizers = list(optimizers)
     params = list({id(p): p for p in params}.values())
     owners = _owners(module, names)
     rows: dict[str, dict[str, Any]] = {}
@@ -151,7 +153,7 @@ def account_memory(
     report = MemoryReport(
         layers=tuple(sorted(layers, key=lambda layer: layer.name)),
         param_bytes=sum(tensor_bytes(p) for p in params),
-        grad_bytes=sum(tensor_bytes(p) for p in params if p.requires_grad),
+        grad_bytes=gradient_bytes(params, optimizers),
         dense_state_bytes=dense_state,
         projected_state_bytes=projected_state,
         projector_bytes=projector,
@@ -165,9 +167,27 @@ def account_memory(
         modules=tuple(ModuleMemory(**row) for row in rows.values()),
         state_kinds=totals,
         phases=None if phases is None else dict(phases),
+        nonfinite_steps=sum(getattr(opt, "nonfinite_steps", 0) for opt in optimizers),
+        layerwise=any(isinstance(opt, LayerwiseProjectedOptimizer) for opt in optimizers),
     )
     warn_negative_saving(report)
     return report
+
+
+def gradient_bytes(params: Iterable[Tensor], optimizers: Iterable[Optimizer]) -> int:
+    """The trainable parameters' gradients at their peak during a step: all of them at once, except that the
+    parameters a ``LayerwiseProjectedOptimizer`` updates in their hooks free each gradient right after its update,
+    so of those only the largest single gradient counts."""
+    hooked = {
+        id(p)
+        for opt in optimizers
+        if isinstance(opt, LayerwiseProjectedOptimizer)
+        for g in opt.param_groups
+        for p in g["params"]
+    }
+    trainable = [p for p in params if p.requires_grad]
+    held = sum(tensor_bytes(p) for p in trainable if id(p) not in hooked)
+    return held + max((tensor_bytes(p) for p in trainable if id(p) in hooked), default=0)
 
 
 def _owners(module: nn.Module | None, names: Mapping[Tensor, str]) -> dict[int, tuple[str, nn.Module | None]]:

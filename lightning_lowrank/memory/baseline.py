@@ -36,7 +36,7 @@ def warn_negative_saving(report: MemoryReport) -> None:
     if not costly and report.saving_bytes >= 0:
         return
     base = report.baseline
-    total = f"in total it saves {format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"
+    total = f"in total it saves {report.saving_text()}"
     if costly:
         by_name = {layer.name: layer for layer in report.layers}
         shown = []
@@ -58,7 +58,8 @@ def warn_negative_saving(report: MemoryReport) -> None:
         )
     else:
         message = (
-            f"The low-rank state holds more than dense {base} would: no projected layer costs more, but the step "
-            f"counters {base} does not keep outweigh the saving; {total}."
+            f"The low-rank state holds more than dense {base} would: no projected layer costs more, but this "
+            f"optimizer's step counters ({format_bytes(report.state_by_kind['scalars'])} in all, one per parameter"
+            f"{', which torch.optim.SGD does not keep' if base == 'SGD' else ''}) outweigh the saving; {total}."
         )
     warn_rank_zero(message, stacklevel=3)

@@ -123,6 +123,12 @@ class MemoryReport:
     ``baseline_state_bytes`` is what the module's own optimizer (dense AdamW, SGD or Adafactor) would hold for the
     same stepped parameters; ``baseline`` names it.
 
+    ``grad_bytes`` in layer-wise mode (``LayerwiseProjectedOptimizer``) counts the largest single gradient of the
+    parameters it updates, not their sum: each is freed right after its update inside backward (without gradient
+    accumulation; with it, dense parameters keep theirs through the window).
+
+    ``nonfinite_steps`` counts the optimizer steps skipped because a gradient held an inf or NaN.
+
     ``probe`` is a ``CurvatureProbe``'s cost (its ``probe_stats``: calls, seconds, extra_bytes, step_seconds, ratio)
     when one runs: the curvature figures are not free, and this is where their price is shown next to the savings.
     """
@@ -144,6 +150,8 @@ class MemoryReport:
     state_kinds: Mapping[str, int] | None = field(default=None, hash=False)  # see state_by_kind
     cpu_max_rss_bytes: int | None = None  # the process's maximum resident set size (the strategy fills it in)
     phases: Mapping[str, float] | None = field(default=None, hash=False)  # a MemoryPhases callback's phase_stats
+    nonfinite_steps: int = 0  # optimizer steps skipped for an inf or NaN gradient (``nonfinite="skip"``)
+    layerwise: bool = False  # parameters updated in hooks during backward: ``grad_bytes`` is the largest one
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -206,8 +214,11 @@ class MemoryReport:
             "shared_basis_bytes": self.shared_basis_bytes,
             "baseline_state_bytes": self.baseline_state_bytes,
             "saving_bytes": self.saving_bytes,
-            "saving_percent": self.saving_percent,
+            "saving_percent": self.saving_percent if self.baseline_state_bytes else None,  # undefined against 0 B
+            "costly_layers": self.costly_layers(),
             "quantization_saving_bytes": self.quantization_saving_bytes,
+            "nonfinite_steps": self.nonfinite_steps,
+            "layerwise": self.layerwise,
             "state_by_kind": self.state_by_kind,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "cpu_max_rss_bytes": self.cpu_max_rss_bytes,
@@ -240,16 +251,30 @@ class MemoryReport:
 
     @property
     def saving_percent(self) -> float:
+        """The saving as a share of the baseline; 0.0 when the baseline holds nothing (SGD without momentum), where
+        a share is undefined: ``saving_text`` and the JSON (null) say so instead."""
         return 100.0 * self.saving_bytes / self.baseline_state_bytes if self.baseline_state_bytes else 0.0
 
-    def as_metrics(self, prefix: str = "lowrank/") -> dict[str, float]:
-        """Flat scalar figures for a Lightning logger."""
+    def saving_text(self) -> str:
+        """The saving as the report prints it, never dressed up: ``1.20 MiB (62.5%)``, ``-804 B (-3.1%; more than
+        dense AdamW holds)``, or against a baseline that holds nothing ``-36 B (dense SGD holds no state)``."""
+        text = format_bytes(self.saving_bytes)
+        if not self.baseline_state_bytes:
+            return f"{text} (dense {self.baseline} holds no state)"
+        more = f"; more than dense {self.baseline} holds" if self.saving_bytes < 0 else ""
+        return f"{text} ({self.saving_percent:.1f}%{more})"
+
+    def as_metrics(self, prefix: str = "lowrank/", *, layers: bool = False) -> dict[str, float]:
+        """Flat scalar figures for a Lightning logger: the headline totals, the split by kind and the module groups'
+        totals, a few dozen columns whatever the model's depth. ``layers=True`` adds one set of columns per module
+        and per projected layer (the strategy's ``log_layers``): hundreds for a deep model."""
         metrics = {
             **self._totals(),
             "baseline_state_bytes": self.baseline_state_bytes,
             "saving_bytes": self.saving_bytes,
             "saving_percent": self.saving_percent,
             "quantization_saving_bytes": self.quantization_saving_bytes,
+            "nonfinite_steps": self.nonfinite_steps,
         }
         for kind, n in self.state_by_kind.items():
             metrics[f"state/{kind}_bytes"] = n
@@ -259,26 +284,39 @@ class MemoryReport:
             metrics["cpu_max_rss_bytes"] = self.cpu_max_rss_bytes
         for key, value in (self.phases or {}).items():
             metrics[f"phase/{key}" + ("" if key == "samples" else "_peak_bytes")] = value
-        for prefix_, rows in (("group", self.groups), ("module", self.modules)):
+        for prefix_, rows in (("group", self.groups), ("module", self.modules if layers else ())):
             for row in rows:
                 metrics[f"{prefix_}/{row.name}/param_bytes"] = row.param_bytes
                 metrics[f"{prefix_}/{row.name}/state_bytes"] = row.state_bytes
                 metrics[f"{prefix_}/{row.name}/baseline_bytes"] = row.baseline_bytes
-                for kind, n in row.state_by_kind.items():
+                for kind, n in row.state_by_kind.items() if layers else ():
                     if n:
                         metrics[f"{prefix_}/{row.name}/{kind}_bytes"] = n
         if self.memory_budget is not None:
             metrics["memory_budget"] = self.memory_budget
             metrics["budget_used_percent"] = self.budget_used_percent
-            for layer in self.layers:
-                metrics[f"rank/{layer.name}"] = layer.rank
         for key, value in (self.probe or {}).items():
             metrics[f"probe_{key}"] = value
+        refreshed = [layer for layer in self.layers if layer.refreshes is not None]
+        if refreshed:  # the SubspaceRefresh totals; per layer with layers=True
+            metrics["refresh/total"] = sum(layer.refreshes or 0 for layer in refreshed)
+            metrics["refresh/skipped"] = sum(layer.skipped or 0 for layer in refreshed)
+            metrics["refresh/seconds"] = sum(layer.refresh_seconds or 0.0 for layer in refreshed)
+        if layers:
+            metrics.update(self._layer_metrics())
+        return {prefix + k: float(v) for k, v in metrics.items()}
+
+    def _layer_metrics(self) -> dict[str, float]:
+        """One column per projected layer and figure: its rank under ``memory_budget``, its refresh counters."""
+        metrics: dict[str, float] = {}
+        if self.memory_budget is not None:
+            for layer in self.layers:
+                metrics[f"rank/{layer.name}"] = layer.rank
         for layer in self.layers:
             for key in ("refreshes", "skipped", "refresh_seconds", "gap"):
                 if getattr(layer, key) is not None:
                     metrics[f"{key}/{layer.name}"] = getattr(layer, key)
-        return {prefix + k: float(v) for k, v in metrics.items()}
+        return metrics
 
 
 def _figures(row: ModuleMemory | GroupMemory) -> dict[str, Any]:

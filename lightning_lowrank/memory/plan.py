@@ -23,6 +23,10 @@ And one shortcut for speed: the random projector's P is rebuilt from its seed by
 meta weights the plan's optimizer returns an empty meta P of the same shape instead (its stored state, the seed, is
 created by the unchanged refresh).
 
+With ``layerwise=True`` (the strategy's layer-wise mode, GaLore's per-layer weight update) each parameter is updated
+in its own hook during backward and its gradient freed right away, so the planned gradients are the largest single
+gradient, not their sum.
+
 What is planned: parameters, their gradients and the optimizer state. Not planned: activations (they depend on batch
 size, sequence length, checkpointing and precision), temporary buffers inside a step and the CUDA context. Measure
 those with a short run on the GPU: the memory report printed at the end of training shows "Peak CUDA allocated".
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich import get_console
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,6 +49,7 @@ from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.accounting import account_memory
 from lightning_lowrank.memory.figures import MemoryReport, format_bytes
 from lightning_lowrank.memory.report import render_memory_report
+from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
@@ -147,6 +153,7 @@ class Plan:
     report: MemoryReport
     gpu_bytes: int | None = None
     notes: tuple[str, ...] = ()
+    layerwise: bool = False  # planned with layer-wise updates: gradients are the largest single one
 
     @property
     def lowrank_bytes(self) -> int:
@@ -171,10 +178,10 @@ class Plan:
 
     def verdict(self) -> list[str]:
         """Plain-language lines: the totals with and without low rank, and whether each fits the GPU."""
-        baseline = self.report.baseline
+        baseline, mode = self.report.baseline, ", layer-wise" if self.layerwise else ""
         rows = [
-            ("with low-rank state", self.lowrank_bytes, self.fits),
-            (f"dense {baseline}", self.dense_bytes, self.fits_dense),
+            (f"with low-rank state{mode}", self.lowrank_bytes, self.fits),
+            (f"dense {baseline}{mode}", self.dense_bytes, self.fits_dense),
         ]
         if self.gpu_bytes is None:
             lines = ["Planned parameters + gradients + optimizer state (activations not included):"]
@@ -189,13 +196,11 @@ class Plan:
 
     def render(self, console: Any = None, **render_options: Any) -> None:
         """The rich memory report (as printed after training; ``render_options`` go to ``render_memory_report``)
-        followed by the verdict lines."""
+        followed by the verdict lines, wrapped at the console's width (rich's global console by default)."""
+        console = console or get_console()
         render_memory_report(self.report, console, **render_options)
         for line in self.verdict():
-            if console is None:
-                print(line)
-            else:
-                console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, width=console.width)
 
 
 def plan(
@@ -206,6 +211,7 @@ def plan(
     optimizer_options: Mapping[str, Any] | None = None,
     dtype: torch.dtype | str | None = None,
     gpu_gib: float | None = None,
+    layerwise: bool = False,
     **lowrank_options: Any,
 ) -> Plan:
     """The memory report ``LowRankStrategy(**lowrank_options)`` would measure after the first step, without training.
@@ -219,6 +225,9 @@ def plan(
         lr, optimizer_options: for the optimizer built from a name or class (e.g. ``{"momentum": 0.9}`` for SGD).
         dtype: cast floating parameters (``torch.bfloat16`` or ``"bf16"`` for bf16-true training); None keeps them.
         gpu_gib: GPU memory in GiB; the plan then says whether it fits with and without low rank.
+        layerwise: plan the strategy's ``layerwise=True`` (GaLore's per-layer weight update): one parameter's full
+            gradient exists at a time, so the gradients are the largest single one (and ``memory_budget`` is
+            refused, as by the strategy).
         **lowrank_options: any ``LowRankConfig`` field (rank, projector, state_bits, residual, ...), validated there,
             so a bad option raises the error the strategy raises.
     """
@@ -239,24 +248,37 @@ def plan(
         twin = meta_twin(model, dtype)
     selected = drop_full_rank(select_lowrank_params(twin, cfg.target_modules, cfg.exclude), cfg.rank)
     optimizers = []
+    # A meta gradient has no values to check for inf/NaN (a placeholder read would call it non-finite and skip the
+    # step); the check creates no state, so the planned state is the same under every ``nonfinite`` policy.
+    options = {**cfg.optimizer_options(), "nonfinite": "ignore"}
+    cls = LayerwiseProjectedOptimizer if layerwise else ProjectedOptimizer
     for opt in _base_optimizers(twin, optimizer, lr, optimizer_options or {}):
         if not isinstance(opt, ProjectedOptimizer):
-            opt = ProjectedOptimizer.from_optimizer(opt, selected, **cfg.optimizer_options())
+            opt = cls.from_optimizer(opt, selected, **options)
         optimizers.append(opt)
     for p in twin.parameters():
         if p.requires_grad:
             p.grad = torch.empty_like(p)  # meta: a shape, no memory
     with _MetaValues():
         for opt in optimizers:
-            opt.step()
+            if isinstance(opt, LayerwiseProjectedOptimizer):  # its hooks run the same per-layer step: run it here
+                ProjectedOptimizer.step(opt)
+            else:
+                opt.step()
     report = account_memory(optimizers, twin.parameters(), selected, module=twin)  # as the strategy's memory_report()
-    notes = ()
+    notes: tuple[str, ...] = ()
     if cfg.memory_budget is not None:
         notes = (
             "memory_budget: each layer's rank is chosen from its gradients at the first refresh; the plan shows the "
             "ranks of equal gradient energy. The optimizer state never exceeds the budget.",
         )
-    return Plan(report, None if gpu_gib is None else int(gpu_gib * GIB), notes)
+    if layerwise:
+        notes = (
+            f"layer-wise: gradients are the largest single one ({format_bytes(report.grad_bytes)}), each freed "
+            "after its update in backward; with accumulate_grad_batches > 1, dense parameters (and layers due to "
+            "refresh) keep their full gradient through the window, which this plan does not count.",
+        )
+    return Plan(report, None if gpu_gib is None else int(gpu_gib * GIB), notes, layerwise)
 
 
 def meta_twin(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

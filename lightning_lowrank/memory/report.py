@@ -9,11 +9,13 @@ from rich import box, get_console
 from rich.console import Console
 from rich.table import Table
 
+from lightning_lowrank.memory.baseline import MAX_NAMED
 from lightning_lowrank.memory.figures import KIND_LABELS, MemoryReport, format_bytes
 from lightning_lowrank.memory.groups import GROUP_LABELS
 
 MAX_LAYER_ROWS = 40  # more layers than this: the per-layer table is collapsed to module groups
 BAR_WIDTH = 10
+MIN_NAME = 24  # a name column narrower than this (or than its longest name) drops the bar column to make room
 PHASE_LABELS = {
     "forward": "forward",
     "backward": "backward",
@@ -52,7 +54,8 @@ def render_memory_report(
 ) -> None:
     """Print through rich's global console (or ``console``), like Lightning's own rich callbacks.
 
-    Everything fits the console's width down to 80 columns: long layer names keep their tail (``…layers.3.q_proj``).
+    Everything fits the console's width down to 80 columns: the bars give way first, then long layer names are cut
+    in the middle, keeping the head and the distinguishing tail (``model.…3.self_attn.q_proj``).
     With more than ``max_layers`` layers, or ``collapse=True``, the per-layer table is left out and the module
     groups (attention, MLP, embeddings, other) stand for it; the groups, the split of the optimizer state by kind,
     the per-phase CUDA peaks (with a ``MemoryPhases`` callback) and the totals are always shown. Bars compare a
@@ -76,7 +79,7 @@ def render_memory_report(
         console.print(
             f"[bold]Low-rank optimizer memory[/]: {len(rows)} layers, shown by module group "
             f"({'asked for' if len(rows) <= max_layers else f'more than {max_layers}'}; every layer is in the JSON "
-            "file and the logged metrics)",
+            "file, and in the logged metrics with log_layers=True)",
             width=width,
         )
     else:
@@ -93,7 +96,7 @@ def render_memory_report(
                 format_bytes(g.state_bytes),
                 format_bytes(g.baseline_bytes),
                 bar(g.state_bytes, g.baseline_bytes, ascii_only=ascii_only),
-                _percent(g.saving_bytes, g.baseline_bytes),
+                _saving(g.state_bytes, g.baseline_bytes),
             ]
             for g in groups
         ]
@@ -142,7 +145,10 @@ def summary_rows(report: MemoryReport) -> list[tuple[str, str]]:
     """The totals below the tables, as (label, value)."""
     rows = [
         ("Parameters", format_bytes(report.param_bytes)),
-        ("Gradients", format_bytes(report.grad_bytes)),
+        (
+            "Gradients",
+            format_bytes(report.grad_bytes) + (" (layer-wise: the largest single one)" if report.layerwise else ""),
+        ),
         ("Optimizer state", format_bytes(report.optimizer_state_bytes)),
         ("  dense part", format_bytes(report.dense_state_bytes)),
         ("  projected part", format_bytes(report.projected_state_bytes)),
@@ -152,8 +158,13 @@ def summary_rows(report: MemoryReport) -> list[tuple[str, str]]:
         rows.append(("  of which shared bases", format_bytes(report.shared_basis_bytes)))
     rows += [
         (f"Dense {report.baseline} state", format_bytes(report.baseline_state_bytes)),
-        (f"Saving vs {report.baseline}", f"{format_bytes(report.saving_bytes)} ({report.saving_percent:.1f}%)"),
+        (f"Saving vs {report.baseline}", report.saving_text()),
     ]
+    costly = report.costly_layers()
+    if costly:
+        more = f" and {len(costly) - MAX_NAMED} more" if len(costly) > MAX_NAMED else ""
+        names = ", ".join(costly[:MAX_NAMED]) + more
+        rows.append((f"  costing more than dense {report.baseline}", f"{len(costly)} layer(s): {names}"))
     if report.quantization_saving_bytes:
         rows.append(("  of which P quantization", format_bytes(report.quantization_saving_bytes)))
     if report.memory_budget is not None:
@@ -180,6 +191,8 @@ def summary_rows(report: MemoryReport) -> list[tuple[str, str]]:
         rows.append(("Process max RSS", format_bytes(report.cpu_max_rss_bytes)))
     if report.probe is not None:
         rows.append(("Curvature probe", probe_summary(report.probe, cuda=report.peak_allocated_bytes is not None)))
+    if report.nonfinite_steps:
+        rows.append(("Non-finite steps skipped", str(report.nonfinite_steps)))
     return rows
 
 
@@ -206,7 +219,7 @@ class _Row:
 
     @property
     def saving(self) -> str:
-        return _percent(self.baseline - self.state, self.baseline)
+        return _saving(self.state, self.baseline)
 
     def with_bar(self, ascii_only: bool) -> _Row:
         from dataclasses import replace
@@ -249,10 +262,15 @@ def _layer_rows(report: MemoryReport) -> list[_Row]:
 
 def _print_table(console: Console, title: str, headers: Sequence[str], cells: list[list[str]], width: int) -> None:
     """A compact table within ``width`` columns: every column as wide as its widest cell, but the first one, which
-    takes the rest and loses the head of too-long names (their tail says which layer it is)."""
-    n = len(headers)
+    takes the rest. Where that leaves the names less than ``MIN_NAME`` columns, the bar column goes (the saving's
+    figure stays); names still too long are cut in the middle (``_middle``)."""
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    room = width - sum(widths[1:]) - 2 * (n - 1)
+    room = width - sum(widths[1:]) - 2 * (len(headers) - 1)
+    bars = [i for i, h in enumerate(headers) if i and (h.startswith("vs ") or h == "Share")]
+    if bars and room < min(widths[0], MIN_NAME):
+        keep = [i for i in range(len(headers)) if i not in bars]
+        headers, cells = [headers[i] for i in keep], [[c[i] for i in keep] for c in cells]
+        room += sum(widths[i] + 2 for i in bars)
     first = max(min(widths[0], room), 8)
     table = Table(
         title=title,
@@ -271,13 +289,30 @@ def _print_table(console: Console, title: str, headers: Sequence[str], cells: li
         else:
             table.add_column(h, no_wrap=True, justify="left" if h in ("Shape", "Proj.", "Kind", "Phase") else "right")
     for row in cells:
-        table.add_row(_tail(row[0], first), *row[1:])
+        table.add_row(_middle(row[0], first), *row[1:])
     console.print(table, width=width)
     console.print()
 
 
-def _tail(text: str, width: int) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1) :]
+def _middle(text: str, width: int) -> str:
+    """``text`` within ``width`` characters, cut in the middle: the head, then the tail from the last index on
+    (``model.la…11.mlp.gate_proj``), which says which layer it is. A tail too long for that keeps the index and both
+    ends of what follows it (``…11.post_atten…_layernorm``); a name without an index keeps its end."""
+    if len(text) <= width:
+        return text
+    room = width - 1
+    parts = text.split(".")
+    index = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
+    tail = ".".join(parts[index if index is not None else -1 :])
+    if room - len(tail) >= 4:  # room for a useful head
+        return text[: room - len(tail)] + "…" + tail
+    if index is None or index == len(parts) - 1:
+        return "…" + text[-room:]
+    number, rest = parts[index] + ".", ".".join(parts[index + 1 :])
+    keep = room - len(number) - 1  # both ends of what follows the index, around a second ellipsis
+    if keep < 6:
+        return "…" + text[-room:]
+    return "…" + number + rest[: keep // 2] + "…" + rest[len(rest) - (keep - keep // 2) :]
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -290,6 +325,14 @@ def _short_projector(name: str) -> str:
 
 def _short_baseline(name: str) -> str:
     return name if len(name) <= 9 else name[:8] + "…"
+
+
+def _saving(state: int, baseline: int) -> str:
+    """A row's saving as a share of its baseline; against a baseline of 0 B (SGD without momentum) the bytes it
+    holds more, as a negative figure."""
+    if not baseline and state:
+        return format_bytes(-state)
+    return _percent(baseline - state, baseline)
 
 
 def _percent(part: float, whole: float, digits: int = 0) -> str:

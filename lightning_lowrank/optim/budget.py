@@ -51,22 +51,26 @@ class BudgetMixin:
         return other, costs
 
     def _keep_dense_where_projection_costs(self, names: Mapping[Tensor, str] | None) -> list[Tensor]:
-        """Turn off the projection of Adafactor weights where it would hold more state than dense Adafactor.
+        """Turn off the projection of weights whose dense rule holds less state than their projection would.
 
-        Adafactor's second moment is factored (m + n numbers): projected, a weight holds the rule's state for R plus
-        its projector, which for an SVD-like P (d x r) is already more. Checked at the group's rank (at rank 1 under
-        ``memory_budget``, which then caps each layer at the rank that still saves); a DCT basis shared by
-        ``dct_scorer="matmul"`` counts once against the savings of the layers that would need it. One warning names
-        the weights kept dense; returns them.
+        SGD without momentum holds nothing, so any projection (P, indices, even a seed) is pure overhead: those
+        weights always stay dense. Adafactor's second moment is factored (m + n numbers): projected, a weight holds
+        the rule's state for R plus its projector, which for an SVD-like P (d x r) is already more. Checked at the
+        group's rank (at rank 1 under ``memory_budget``, which then caps each layer at the rank that still saves); a
+        DCT basis shared by ``dct_scorer="matmul"`` counts once against the savings of the layers that would need it.
+        One warning per reason names the weights kept dense; returns them.
         """
         candidates: list[tuple[int, Tensor, dict[str, Any], int]] = []  # (index, weight, group, saving)
+        stateless: list[tuple[int, Tensor, dict[str, Any], int]] = []  # momentum-free SGD: nothing to save
         bases_in_use: set[tuple[int, torch.dtype]] = set()  # DCT bases that projected non-Adafactor weights hold
         index = -1
         for group in self.param_groups:
             for p, on in zip(group["params"], self._mask(group)):
                 index += 1
                 shared = group["projector"] == "dct" and group["dct_scorer"] == "matmul"
-                if on and projected_rule(group) == "adafactor":
+                if on and projected_rule(group) == "sgd" and group["rule"] == "sgd" and not group["momentum"]:
+                    stateless.append((index, p, group, 0))
+                elif on and projected_rule(group) == "adafactor":
                     rank = 1 if self.memory_budget is not None else effective_rank(p.shape, group["rank"])
                     candidates.append((index, p, group, projection_saving(p, group, rank, self.memory_budget)))
                 elif on and shared:
@@ -79,27 +83,34 @@ class BudgetMixin:
         for (d, dtype), members in per_basis.items():
             if (d, dtype) not in bases_in_use and sum(c[3] for c in members) <= d * d * dtype.itemsize:
                 kept += members
-        if not kept:
+        if not kept and not stateless:
             return []
-        kept.sort(key=lambda c: c[0])
-        dense_ids = {id(c[1]) for c in kept}
+        dense_ids = {id(c[1]) for c in (*kept, *stateless)}
         for group in self.param_groups:
             mask = self._mask(group)
             if any(id(p) in dense_ids for p in group["params"]):
                 group["lowrank_mask"] = [on and id(p) not in dense_ids for p, on in zip(group["params"], mask)]
-        names = names or {}
-        labels = [f"{names[p]} {tuple(p.shape)}" if p in names else f"#{i} {tuple(p.shape)}" for i, p, _, _ in kept]
-        shown = ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
-        projectors = ", ".join(sorted({repr(c[2]["projector"]) for c in kept}))
-        warn_rank_zero(
-            f"Adafactor's factored second moment holds only m + n numbers per weight, and projecting "
-            f"{len(kept)} of {len(candidates)} Adafactor weight(s) with projector={projectors} would hold more "
-            f"optimizer state than that (the projected state plus P, its indices or a shared d x d DCT basis): "
-            f"{shown}. They are trained with dense Adafactor instead. An SVD P (d x r) always costs more; a seed "
-            "(projector='random') or a DCT index set (projector='dct', dct_scorer='fft') at a small rank can save.",
-            stacklevel=3,
-        )
-        return [c[1] for c in kept]
+        if stateless:
+            warn_rank_zero(
+                f"SGD without momentum keeps no optimizer state, so projecting its weights could only add state (P, "
+                f"its indices or a seed) and would replace SGD's step by a step inside a subspace: "
+                f"{_labels(stateless, names)} {'is' if len(stateless) == 1 else 'are'} trained with plain dense SGD "
+                "instead (each keeps a step counter, nothing else). Use momentum > 0 to project them: the momentum "
+                "buffer is what projection shrinks.",
+                stacklevel=3,
+            )
+        if kept:
+            projectors = ", ".join(sorted({repr(c[2]["projector"]) for c in kept}))
+            warn_rank_zero(
+                f"Adafactor's factored second moment holds only m + n numbers per weight, and projecting "
+                f"{len(kept)} of {len(candidates)} Adafactor weight(s) with projector={projectors} would hold more "
+                f"optimizer state than that (the projected state plus P, its indices or a shared d x d DCT basis): "
+                f"{_labels(kept, names)}. They are trained with dense Adafactor instead. An SVD P (d x r) always costs "
+                "more; a seed (projector='random') or a DCT index set (projector='dct', dct_scorer='fft') at a small "
+                "rank can save.",
+                stacklevel=3,
+            )
+        return [c[1] for c in sorted((*kept, *stateless), key=lambda c: c[0])]
 
     def _reallocate(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]], old: dict[Tensor, Tensor]) -> None:
         """Give the due layers their ranks under the budget (layers first seen get their state here).
@@ -158,3 +169,11 @@ class BudgetMixin:
                 f"shared bases take {other} bytes and {len(costs)} projected layers at rank 1 take "
                 f"{needed - other} more, so it needs at least {needed} bytes. Raise the budget or project fewer layers."
             )
+
+
+def _labels(kept: list[tuple[int, Tensor, dict[str, Any], int]], names: Mapping[Tensor, str] | None) -> str:
+    """``name (shape)`` of the first eight weights kept dense (``#index`` without a name), then how many more."""
+    names = names or {}
+    kept = sorted(kept, key=lambda c: c[0])
+    labels = [f"{names[p]} {tuple(p.shape)}" if p in names else f"#{i} {tuple(p.shape)}" for i, p, _, _ in kept]
+    return ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")

@@ -29,6 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
+from lightning_lowrank.strategies.checks import (
+    check_bool,
+    check_combinations,
+    check_keywords,
+    precision_plugin_property,
+    unknown_options_message,
+)
 from lightning_lowrank.strategies.comm import (
     CommBytes,
     LowRankCommState,
@@ -61,9 +68,13 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
 
     strategy_name = "lowrank_ddp"
     layerwise_all_reduce = True
+    precision_plugin = precision_plugin_property  # refuses a GradScaler with layerwise=True at Trainer(...)
 
     def __init__(self, *args: Any, low_rank_comm: bool = False, **kwargs: Any) -> None:
+        check_keywords(type(self).__name__, kwargs)
+        check_bool("low_rank_comm", low_rank_comm)
         super().__init__(*args, **kwargs)
+        check_combinations(self)
         self.low_rank_comm = bool(low_rank_comm)
         self._comm_state: LowRankCommState | None = None
         if self.low_rank_comm:
@@ -77,10 +88,8 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
         allowed = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
         unknown = sorted(set(self._ddp_kwargs) - allowed)
         if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for LowRankDDPStrategy. Low-rank options: "
-                f"{', '.join(sorted(LowRankConfig.field_names()))}; other keywords go to DistributedDataParallel."
-            )
+            known = allowed | LowRankConfig.field_names()
+            raise ValueError(unknown_options_message(type(self).__name__, unknown, known, _OTHER_DDP_KEYWORDS))
         if self.layerwise:
             self._check_layerwise_options()
 
@@ -179,6 +188,7 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
             )
 
 
+_OTHER_DDP_KEYWORDS = "other keywords go to DDPStrategy and DistributedDataParallel"
 _BUFFER_SYNC_KEYS = frozenset({"broadcast_buffers", "forward_sync_buffers"})  # the DDP keywords layer-wise honours
 
 

@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
 from lightning_lowrank.memory.accounting import max_rss_bytes
@@ -29,6 +28,7 @@ from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.options import supported_names
 from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
+from lightning_lowrank.strategies.naming import named_after
 
 
 class LowRankMixin:
@@ -63,6 +63,9 @@ class LowRankMixin:
             ``lowrank_memory.json`` next to the logger's files (``trainer.log_dir``, or ``default_root_dir`` for a
             logger without a directory), and nowhere without a logger, as Lightning writes nothing with
             ``logger=False``; a path writes there whatever the logger; ``False`` writes nothing.
+        log_layers: also log the report's per-module and per-layer figures at the end of training (one set of
+            columns per layer, hundreds for a deep model); by default the loggers get the headline totals and the
+            module groups' totals only, a few dozen columns whatever the depth (the JSON has every layer either way).
         memory_plan: at fit start print (rank 0) the report the first step is planned to measure
             (``lightning_lowrank.plan``), kept as ``strategy.planned``.
         layerwise: update each weight during backward, in its post-accumulate-grad hook, and free its gradient
@@ -80,6 +83,7 @@ class LowRankMixin:
         fallback: str = "error",
         memory_report: bool = True,
         memory_json: bool | str = True,
+        log_layers: bool = False,
         memory_plan: bool = False,
         layerwise: bool = False,
         **kwargs: Any,
@@ -92,6 +96,7 @@ class LowRankMixin:
         self.fallback = fallback
         self.print_memory_report = memory_report
         self.memory_json = memory_json
+        self.log_layers = bool(log_layers)
         self.memory_plan = memory_plan
         if layerwise and isinstance(self, ParallelStrategy) and not self.layerwise_all_reduce:
             raise ValueError(
@@ -120,7 +125,8 @@ class LowRankMixin:
                 )
                 new = old
             else:
-                cls = LayerwiseProjectedOptimizer if self.layerwise else ProjectedOptimizer
+                base = LayerwiseProjectedOptimizer if self.layerwise else ProjectedOptimizer
+                cls = named_after(type(old), base)  # keeps the user's class name (LearningRateMonitor's keys)
                 new = cls.from_optimizer(old, selected, **cfg.optimizer_options())  # names for its warnings
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
             swapped.append(new)
@@ -140,7 +146,7 @@ class LowRankMixin:
         _check_curvature_sources(cfg, swapped, trainer.callbacks)
         if self.memory_plan and self.is_global_zero:
             # Before any step: the report the first step will measure, planned on a meta twin of the module.
-            self.planned = plan(self.lightning_module, **asdict(cfg))
+            self.planned = plan(self.lightning_module, layerwise=self.layerwise, **asdict(cfg))
             if self.print_memory_report:
                 self.planned.render()
 
@@ -215,7 +221,7 @@ class LowRankMixin:
         report = self.memory_report()
         trainer = self.lightning_module.trainer
         for logger in trainer.loggers:
-            logger.log_metrics(report.as_metrics(), step=trainer.global_step)
+            logger.log_metrics(report.as_metrics(layers=self.log_layers), step=trainer.global_step)
         path = self.memory_json if isinstance(self.memory_json, str) else None
         if self.memory_json is True and trainer.loggers:
             path = os.path.join(memory_json_dir(trainer), MEMORY_JSON)  # on every rank: trainer.log_dir broadcasts
@@ -260,6 +266,10 @@ def _rebind(scheduler: Any, old: Optimizer, new: Optimizer) -> None:
 
 def _check_curvature_sources(cfg: LowRankConfig, optimizers: Sequence[Optimizer], callbacks: Sequence[Any]) -> None:
     """Options that consume curvature need a ``CurvatureProbe`` that measures it: say so before the first step."""
+    # Imported here: the callbacks import Lightning, whose import registers the strategies (``_registration.py``),
+    # so a module-level import would be circular when the first thing imported is a callback.
+    from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
+
     measured = {e for c in callbacks if isinstance(c, CurvatureProbe) for e in c.estimators}
     projected = [opt for opt in optimizers if isinstance(opt, ProjectedOptimizer)]
     if cfg.preconditioner == "lazy_hessian" and "subspace_diagonal" not in measured:

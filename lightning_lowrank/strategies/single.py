@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from lightning_lowrank.strategies.checks import check_combinations, check_keywords, precision_plugin_property
 from lightning_lowrank.strategies.mixin import LowRankMixin, declare_signature
 
 
@@ -18,9 +21,12 @@ class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
     """
 
     strategy_name = "lowrank"
+    precision_plugin = precision_plugin_property  # refuses a GradScaler with layerwise=True at Trainer(...)
 
-    def __init__(self, *args, device: torch.device | str | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, device: torch.device | str | None = None, **kwargs: Any) -> None:
+        check_keywords(type(self).__name__, kwargs, SingleDeviceStrategy.__init__)
         super().__init__(*args, device=device or "cpu", **kwargs)
+        check_combinations(self)
         # Lightning's connector fills ``parallel_devices`` on any strategy that has the attribute.
         self._parallel_devices: list[torch.device] | None = [torch.device(device)] if device is not None else None
 
