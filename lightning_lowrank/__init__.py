@@ -29,6 +29,7 @@ _EXPORTS = {
     "ProjectedOptimizer": "lightning_lowrank.optim",
     "LowRankDDPStrategy": "lightning_lowrank.strategies",
     "LowRankStrategy": "lightning_lowrank.strategies",
+    "to_dense_checkpoint": "lightning_lowrank.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 

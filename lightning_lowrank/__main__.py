@@ -1,9 +1,11 @@
-"""``python -m lightning_lowrank plan ...``: the memory report of low-rank training, before any training.
+"""``python -m lightning_lowrank plan ...``: the memory report of low-rank training, before any training; ``to-dense``:
+a low-rank checkpoint rewritten for the module's plain torch optimizer (``lightning_lowrank.to_dense_checkpoint``).
 
 Examples::
 
     python -m lightning_lowrank plan --preset 1B --rank 512 --projector dct --state-bits 8 --gpu 24 --dtype bf16
     python -m lightning_lowrank plan --model examples.byte_lm:ByteLM --rank 32 --residual fira
+    python -m lightning_lowrank to-dense lowrank.ckpt dense.ckpt   # resumable by the plain torch optimizer
 
 Every ``LowRankConfig`` field is an option (``--update-gap``, ``--projector-bits``, ``--target-modules`` ...), checked
 by ``LowRankConfig`` as the strategy checks it.
@@ -81,7 +83,46 @@ def build_parser() -> argparse.ArgumentParser:
             kind = _value_type(hints[f.name])
             kind = _parse_bool if kind is bool else kind
             lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
+    _add_to_dense(commands)
     return parser
+
+
+def _add_to_dense(commands: Any) -> None:
+    p = commands.add_parser(
+        "to-dense",
+        help="write a checkpoint that the module's plain torch optimizer (strategy='auto') can resume",
+        description="Map a low-rank checkpoint's projected moments back to full size (m ~= P m_low, "
+        "v ~= (P*P) v_low), decode 8-bit state and drop the low-rank keys, so that the module's own torch "
+        "optimizer resumes from OUT (lightning_lowrank.to_dense_checkpoint).",
+    )
+    p.add_argument("ckpt", metavar="CKPT", help="the low-rank Lightning checkpoint (kept as it is)")
+    p.add_argument("out", metavar="OUT", help="where to write the dense checkpoint")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="INDEX=MxN",
+        help="full shape of optimizer parameter INDEX, where the checkpoint cannot tell it (the error says so)",
+    )
+
+
+def _to_dense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lightning_lowrank.checkpoint import to_dense_checkpoint
+
+    shapes = {}
+    for text in args.shape:
+        index, _, shape = text.partition("=")
+        sides = shape.lower().split("x")
+        if not index.isdigit() or len(sides) != 2 or not all(side.isdigit() for side in sides):
+            parser.error(f"--shape must look like INDEX=MxN (e.g. 3=1024x4096), got {text!r}")
+        shapes[int(index)] = (int(sides[0]), int(sides[1]))
+    try:
+        count = to_dense_checkpoint(args.ckpt, args.out, shapes=shapes)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    print(f"Wrote {args.out}: {count} projected layer(s) mapped back to full size.")
+    print("Resume it with the module's own torch optimizer (strategy='auto').")
+    return 0
 
 
 def load_model(spec: str) -> nn.Module:
@@ -106,6 +147,8 @@ def load_model(spec: str) -> nn.Module:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "to-dense":
+        return _to_dense(args, parser)
     options = {f.name: getattr(args, f.name) for f in fields(LowRankConfig) if hasattr(args, f.name)}
     optimizer_options = {} if args.momentum is None else {"momentum": args.momentum}
     if optimizer_options and args.optimizer != "sgd":

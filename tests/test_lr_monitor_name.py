@@ -111,3 +111,11 @@ def test_the_named_optimizer_is_a_projected_optimizer_and_nothing_else():
     copy = pickle.loads(pickle.dumps(opt))
     assert type(copy) is type(opt)
     assert copy.state_dict()["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
+    # and the copy steps like the original (its own attributes travel too, not only torch's three)
+    params = [p for g in copy.param_groups for p in g["params"]]  # pickled: the copy holds its own tensors
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    copy.step()
+    assert copy.nonfinite_steps == 0 and len(copy.projected_params()) == len(opt.projected_params())
+    assert all(not torch.equal(p, q) for p, q in zip(params, before))

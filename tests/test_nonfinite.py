@@ -241,3 +241,21 @@ def test_layerwise_raise_says_earlier_layers_were_updated():
     with pytest.raises(NonFiniteGradientError, match="'2.weight' holds nan.*earlier in this backward were already"):
         _layerwise_step(model, opt, poison_output=True)
     opt.detach()
+
+
+def test_the_count_survives_a_checkpoint():
+    model = _model()
+    opt = ProjectedOptimizer.from_optimizer(torch.optim.AdamW(model.parameters()), lambda p: p.ndim == 2, rank=4)
+    with pytest.warns(RuntimeWarning):
+        _run(lambda m: opt, model, [_grads(model, 1)[0], _poison(_grads(model, 1)[0])])
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["nonfinite_steps"] == 1
+    resumed = ProjectedOptimizer.from_optimizer(torch.optim.AdamW(model.parameters()), lambda p: p.ndim == 2, rank=4)
+    resumed.load_state_dict(saved)
+    assert resumed.nonfinite_steps == 1
+    assert (
+        ProjectedOptimizer.from_optimizer(
+            torch.optim.AdamW(model.parameters()), lambda p: p.ndim == 2, rank=4
+        ).state_dict()["nonfinite_steps"]
+        == 0
+    )

@@ -100,6 +100,11 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._bytes = [0, 0]  # sent, and what sending every window gradient in full would have
         self.comm_history: list[tuple[int, int]] = []  # per step: (bytes sent, bytes in full), this rank's payload
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy is detached (no hooks: ``attach()`` it) and outside any process group."""
+        detached = dict(_handles=[], _where={}, _slot={}, _dist_group=None, _distributed=False, _in_flight=deque())
+        return {**super().__getstate__(), **detached}
+
     def state_kinds(self, param: Tensor) -> dict[str, str]:
         """As ``ProjectedOptimizer.state_kinds``, with the window's projected gradient (``KEY_KINDS``)."""
         _, group = self._locate(param)

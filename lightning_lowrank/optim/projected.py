@@ -15,16 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.budget import BudgetMixin
-from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
 from lightning_lowrank.optim.options import (
@@ -37,7 +34,8 @@ from lightning_lowrank.optim.options import (
 )
 from lightning_lowrank.optim.projection import dct_basis, effective_rank
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
-from lightning_lowrank.optim.refresh import HOST_KEYS, RefreshInfo, RefreshMixin, RefreshTimer
+from lightning_lowrank.optim.refresh import RefreshInfo, RefreshMixin, RefreshTimer
+from lightning_lowrank.optim.resume import load_state
 from lightning_lowrank.optim.state_layout import state_kinds
 from lightning_lowrank.optim.stepping import StepMixin
 
@@ -154,35 +152,25 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         validate_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but without its cast of every floating state tensor to the param's dtype, which would round
-        integer state (projector indices, seeds, 8-bit codes: bf16 holds integers up to 256) and drop a bf16 weight's
-        float32 moments and P (``state_dtype``) to bf16. Here integer tensors and a projected weight's scales, norms
-        and counters keep their saved dtype; the rule's buffers (and a stored P) take the dtype the optimizer
-        computes in: the state dtype for a projected weight (so a checkpoint written with bf16 moments resumes in
-        float32), the param's for a dense one (as torch). Groups saved before an option existed get its default
-        (torch installs the saved group dicts as they are)."""
-        held = {
-            k: {n: t for n, t in v.items() if isinstance(t, Tensor) and n != "step"}
-            for k, v in state_dict["state"].items()
-        }
-        state = {k: {n: t for n, t in v.items() if n not in held[k]} for k, v in state_dict["state"].items()}
-        super().load_state_dict({**state_dict, "state": state})
-        for group in self.param_groups:  # options added since the checkpoint was written take their defaults
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
-        for key, tensors in held.items():
-            p = params[key]
-            _, group = self._locate(p)
-            projected = self.is_projected(p)
-            buffers = set(rules.MOMENT_KEYS[projected_rule(group) if projected else group["rule"]]) | {"proj"}
-            dtype = state_dtype(group, p.dtype) if projected else p.dtype
-            for name, t in tensors.items():
-                # A seed stays on the CPU: P is rebuilt from it at every step, and reading it there costs no sync.
-                device = "cpu" if name in HOST_KEYS else p.device
-                floating = t.is_floating_point() and (name in buffers or not projected)
-                self.state[p][name] = t.to(device=device, dtype=dtype if floating else t.dtype)
+        """As torch's, but this optimizer's current low-rank options win over the saved ones (torch's own
+        hyperparameters come from the checkpoint), and each layer's state is loaded in the form they give it
+        (``resume.py``): as saved when they agree (dtypes kept: no cast of integer state or of float32 moments of a
+        bf16 weight to the param's dtype), else converted (a changed rank or projector, a dense checkpoint, ...)
+        with one warning that says what changed."""
+        load_state(self, state_dict, super().load_state_dict)
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch pickles only the defaults, the state and the groups; this optimizer's own attributes (the budget, the
+        non-finite policy and count, names, refresh requests) go too, so a copy (``copy.deepcopy``, multiprocessing)
+        steps like this one. As torch's, without the hooks; the DCT bases and the slot map are caches."""
+        hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
+        return {**{k: v for k, v in self.__dict__.items() if k not in hooks}, "_dct_bases": {}, "_slots": {}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, with the count of steps skipped for a non-finite gradient (``nonfinite=``), which a resumed run
+        goes on counting from (torch's optimizers ignore the extra key)."""
+        return {**super().state_dict(), "nonfinite_steps": self.nonfinite_steps}
 
     # -- what a scheduler, a strategy or a report may ask of it ------------------------------------------------
 
