@@ -70,22 +70,45 @@ def test_sgd_without_momentum_keeps_its_weights_dense_and_says_why_at_setup():
     assert opt.kept_dense == [] and set(opt.projected_params()) == set(names)
 
 
-def test_sgd_without_momentum_reports_what_it_holds_against_sgds_nothing():
+def test_sgd_without_momentum_holds_what_torch_sgd_holds_nothing():
+    """Kept dense, momentum-free SGD keeps no state at all, not even a step counter, as torch.optim.SGD: the report
+    says saving 0 against SGD's 0 B, without a percentage of nothing, and warns of no negative saving."""
     torch.manual_seed(0)
     strategy = LowRankStrategy(rank=4, memory_report=False, memory_json=False)
     with pytest.warns(UserWarning, match="SGD without momentum"):
-        L.Trainer(strategy=strategy, max_steps=1, **QUIET).fit(PlainSGD())
-    with pytest.warns(UserWarning, match=r"step counters \(36 B in all"):
+        trainer = L.Trainer(strategy=strategy, max_steps=2, **QUIET)
+        trainer.fit(PlainSGD())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no negative-saving warning
         report = strategy.memory_report()
-    # torch.optim.SGD without momentum holds nothing; this optimizer holds a step counter per tensor, no P.
     assert report.layers == () and report.projector_bytes == 0 and report.baseline_state_bytes == 0
-    assert report.optimizer_state_bytes == STEP * len(TINY_NUMELS) == 36
-    assert report.saving_bytes == -36
+    assert report.optimizer_state_bytes == 0 and report.saving_bytes == 0
+    assert all(not s for s in trainer.optimizers[0].state.values())
     text = _text(report)
-    assert "Saving vs SGD: -36 B (dense SGD holds no state)" in text and "(0.0%)" not in text
-    attn = next(line for line in text.splitlines() if line.startswith("attn "))
-    assert "dense" in attn and attn.endswith("-8 B")  # weight and bias: two counters against nothing
+    assert "Saving vs SGD: 0 B (dense SGD holds no state)" in text and "(0.0%)" not in text
     assert report.as_dict()["saving_percent"] is None  # a share of 0 B is undefined, not 0.0
+
+
+def test_dense_sgd_without_momentum_steps_as_torch_sgd():
+    """With no state to keep, the update is still torch's SGD, weight decay included."""
+    torch.manual_seed(0)
+    ours_model, ref_model = PlainSGD(), PlainSGD()
+    ref_model.load_state_dict(ours_model.state_dict())
+    with pytest.warns(UserWarning, match="SGD without momentum"):
+        ours = ProjectedOptimizer.from_optimizer(
+            torch.optim.SGD(ours_model.parameters(), lr=0.1, weight_decay=0.01), lambda p: p.ndim == 2, rank=4
+        )
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, weight_decay=0.01)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert all(not s for s in ours.state.values()) and ours.completed_steps(ours_model.attn.weight) == 0
 
 
 # ---- a negative saving is shown negative ------------------------------------------------------------------------

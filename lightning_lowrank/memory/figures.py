@@ -257,7 +257,7 @@ class MemoryReport:
 
     def saving_text(self) -> str:
         """The saving as the report prints it, never dressed up: ``1.20 MiB (62.5%)``, ``-804 B (-3.1%; more than
-        dense AdamW holds)``, or against a baseline that holds nothing ``-36 B (dense SGD holds no state)``."""
+        dense AdamW holds)``, or against a baseline that holds nothing ``0 B (dense SGD holds no state)``."""
         text = format_bytes(self.saving_bytes)
         if not self.baseline_state_bytes:
             return f"{text} (dense {self.baseline} holds no state)"

@@ -95,7 +95,7 @@ class BudgetMixin:
                 f"SGD without momentum keeps no optimizer state, so projecting its weights could only add state (P, "
                 f"its indices or a seed) and would replace SGD's step by a step inside a subspace: "
                 f"{_labels(stateless, names)} {'is' if len(stateless) == 1 else 'are'} trained with plain dense SGD "
-                "instead (each keeps a step counter, nothing else). Use momentum > 0 to project them: the momentum "
+                "instead (keeping no state at all, as torch.optim.SGD). Use momentum > 0 to project them: the momentum "
                 "buffer is what projection shrinks.",
                 stacklevel=3,
             )

@@ -43,7 +43,9 @@ def meta_bytes(buffers: Mapping[str, Tensor]) -> int:
 
 
 def dense_state_bytes(param: Tensor, group: Mapping[str, Any]) -> int:
-    """A dense parameter's rule buffers plus its step counter."""
+    """A dense parameter's rule buffers plus its step counter (none for SGD without momentum: ``storage.stateless``)."""
+    if storage.stateless(group):
+        return 0
     return meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, META)) + 4
 
 

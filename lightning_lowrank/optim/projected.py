@@ -179,8 +179,9 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         return self._mask(group)
 
     def completed_steps(self, param: Tensor) -> int:
-        """Updates ``param`` has taken (0 before its first); for a projected weight without a host read after the
-        first time (a dense parameter's counter is advanced by torch's own Adam, so it is read each time)."""
+        """Updates ``param`` has taken (0 before its first, and always for a parameter that keeps no state: dense SGD
+        without momentum, as torch's); for a projected weight without a host read after the first time (a dense
+        parameter's counter is advanced by torch's own Adam, so it is read each time)."""
         state = self.state[param]
         if "step" not in state:
             return 0

@@ -29,7 +29,7 @@ from lightning_lowrank.optim.nonfinite import (
 from lightning_lowrank.optim.options import state_dtype
 from lightning_lowrank.optim.projection import projected_shape
 from lightning_lowrank.optim.projectors import LayerContext
-from lightning_lowrank.optim.storage import init_rule_state, moment_chunks, moment_view, streams
+from lightning_lowrank.optim.storage import init_rule_state, moment_chunks, moment_view, stateless, streams
 
 
 class StepMixin:
@@ -144,6 +144,9 @@ class StepMixin:
         if not params:
             return
         rule = group["rule"]
+        if stateless(group):
+            functional.dense_sgd(params, [{}] * len(params), [1] * len(params), group)
+            return
         via_torch = rule == "sgd" or (rule == "adamw" and rules.adam_form(group) == "torch")
         if not via_torch or group["state_bits"] is not None:
             for p in params:
@@ -163,6 +166,9 @@ class StepMixin:
         chunk of the flattened weight, gradient and buffers at a time, so the full-precision transient of a large
         dense weight (an embedding, an LM head) is one chunk, not the tensor; the numbers are those of one piece."""
         state, rule = self.state[p], group["rule"]
+        if stateless(group):
+            functional.dense_sgd([p], [{}], [1], group)
+            return
         if not state:
             init_rule_state(state, rule, tuple(p.shape), p.dtype, p.device, group)
         step = advance(state["step"])

@@ -72,6 +72,12 @@ def init_rule_state(
             state[key] = torch.zeros(meta.shape, dtype=dtype, device=device)
 
 
+def stateless(group: Mapping[str, Any]) -> bool:
+    """Whether a dense parameter of this group keeps no state at all, not even a step counter: SGD without momentum,
+    as torch.optim.SGD (its update reads no step), so its memory is exactly torch's."""
+    return group["rule"] == "sgd" and not group["momentum"]
+
+
 @contextmanager
 def moment_view(
     state: dict[str, Tensor], rule: str, group: Mapping[str, Any], dtype: torch.dtype
