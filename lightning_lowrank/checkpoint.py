@@ -124,7 +124,7 @@ def dense_state_dict(
         if projected and moments:
             shape = _layer_shape(index, saved, group, rule, weights, shapes)
             P = saved_matrix(shape, saved, group, saved_rank(saved, shape, group), dtype)
-            out_of_subspace(moments, rule, P, is_left(shape))
+            out_of_subspace(moments, rule, P, is_left(shape, group["side"]))
         count += projected
         state[index] = {**({"step": saved["step"]} if "step" in saved else {}), **moments}
     return {**state_dict, "state": state, "param_groups": groups}, count
@@ -154,8 +154,8 @@ def _layer_shape(
     low = low_rank_shape(state, rule)
     if index in shapes:
         return tuple(int(s) for s in shapes[index])
-    rank = min(low)  # r <= d, and d < n on the left, d <= m on the right: the rank axis is the smaller one
-    left = moments_side(low, rank)
+    rank = min(low)  # r <= min(m, n): the rank axis is the smaller one
+    left = moments_side(low, rank) if group["side"] == "auto" else group["side"] == "left"
     if "proj" in state:
         return full_shape(low, left, state["proj"].shape[0])
     names = group.get("param_names")
@@ -163,7 +163,7 @@ def _layer_shape(
         position = list(group["params"]).index(index)
         if names[position] in weights:
             return tuple(weights[names[position]])
-    fitting = sorted({s for s in weights.values() if fits(low, left, rank, s)})
+    fitting = sorted({s for s in weights.values() if fits(low, left, rank, s, group["side"])})
     if len(fitting) == 1:
         return fitting[0]
     found = ", ".join(map(str, fitting)) or "none"

@@ -220,7 +220,8 @@ class CurvatureProbe(Callback):
                 continue
             wanted = set(opt.curvature_params())
             bases = [opt.projection_matrix(p) if p in wanted else None for p in params]
-            estimates = subspace_diagonal(grads, params, bases, self.samples, generator)
+            sides = [opt.projection_side(p) if p in wanted else "auto" for p in params]
+            estimates = subspace_diagonal(grads, params, bases, self.samples, generator, sides)
             opt.update_curvature(
                 {p: trainer.strategy.reduce(h, reduce_op="mean") for p, h in zip(params, estimates) if h is not None}
             )

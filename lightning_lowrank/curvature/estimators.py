@@ -153,11 +153,13 @@ def subspace_diagonal(
     bases: Sequence[Tensor | None],
     samples: int,
     generator: torch.Generator,
+    sides: Sequence[str] | None = None,
 ) -> list[Tensor | None]:
     """Hutchinson estimate of each param's Hessian diagonal in its low-rank coordinates (shaped like P^T G or G P).
 
-    For ``W`` (m x n) with orthonormal ``P``: if m < n the probe is ``v = P z`` with z (r, n) and the estimate
-    ``z ⊙ (P^T Hv)``; otherwise ``v = z P^T`` with z (m, r) and ``z ⊙ (Hv P)``. The expectation is the diagonal of
+    For ``W`` (m x n) with orthonormal ``P`` projecting on the left (``sides``: each param's ``side`` option; by
+    default the smaller side, ``projection.is_left``) the probe is ``v = P z`` with z (r, n) and the estimate
+    ``z ⊙ (P^T Hv)``; on the right ``v = z P^T`` with z (m, r) and ``z ⊙ (Hv P)``. The expectation is the diagonal of
     the Hessian block restricted to that subspace, i.e. the curvature a projected optimizer's moments actually see.
     One joint HVP per sample serves all params; basis-less params get zero probes and ``None`` back.
     """
@@ -166,13 +168,13 @@ def subspace_diagonal(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     left: list[bool | None] = []
-    for p, basis in zip(params, bases):
+    for p, basis, side in zip(params, bases, sides or ["auto"] * len(params)):
         if basis is None:
             left.append(None)
             continue
         if p.dim() != 2 or basis.dim() != 2:
             raise ValueError(f"a basis needs a 2-D param and a 2-D basis, got {tuple(p.shape)} / {tuple(basis.shape)}")
-        left_side = is_left(p.shape)
+        left_side = is_left(p.shape, side)
         side = p.shape[0] if left_side else p.shape[1]
         if basis.shape[0] != side:
             raise ValueError(f"basis for param {tuple(p.shape)} must have {side} rows, got {tuple(basis.shape)}")

@@ -21,6 +21,7 @@ from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, ModuleMe
 from lightning_lowrank.memory.groups import module_group
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import ProjectedOptimizer
+from lightning_lowrank.optim.projection import projected_dim
 from lightning_lowrank.optim.state_layout import quantized_projection
 
 UNNAMED = "(unnamed)"  # the row of parameters no module or name owns
@@ -122,7 +123,7 @@ def account_memory(
                 name = names.get(p, "?")
                 bits = group.get("projector_bits")
                 if quantized_projection(group) and own:
-                    quant_saving += min(p.shape) * rank * p.element_size() - own
+                    quant_saving += projected_dim(p.shape, group["side"]) * rank * p.element_size() - own
                 stats = refresh_stats.get(name, {})
                 layers.append(
                     LayerMemory(

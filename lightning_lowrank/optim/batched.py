@@ -70,7 +70,7 @@ def _projected_adam(
             shrink = 1 - lr * wd
         else:  # Adam's L2 penalty goes into the gradient before it is projected
             grads = torch._foreach_add(grads, params, alpha=wd)
-    lefts = [is_left(p.shape) for p in params]
+    lefts = [is_left(p.shape, group["side"]) for p in params]
     low = [P.T @ g if left else g @ P for g, P, left in zip(grads, Ps, lefts)]
     m = [s["exp_avg"] for s in states]
     v = [s["exp_avg_sq"] for s in states]

@@ -15,7 +15,7 @@ from torch import Tensor
 from lightning_lowrank.optim.costs import dense_state_bytes, layer_cost, projected_rule, projection_saving
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.options import state_dtype
-from lightning_lowrank.optim.projection import effective_rank, project
+from lightning_lowrank.optim.projection import effective_rank, project, projected_dim
 from lightning_lowrank.optim.projectors import LayerContext
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
 from lightning_lowrank.optim.ranks import LayerCost, allocate_ranks, min_budget
@@ -41,7 +41,7 @@ class BudgetMixin:
                 if not on and p.requires_grad:
                     other += dense_state_bytes(p, group)
         dct = {
-            (min(p.shape), state_dtype(g, p.dtype))  # the basis is built in the layers' state dtype
+            (projected_dim(p.shape, g["side"]), state_dtype(g, p.dtype))  # built in the layers' state dtype
             for g in self.param_groups
             if g["projector"] == "dct" and g["dct_scorer"] == "matmul"
             for p, on in zip(g["params"], self._mask(g))
@@ -74,12 +74,13 @@ class BudgetMixin:
                     rank = 1 if self.memory_budget is not None else effective_rank(p.shape, group["rank"])
                     candidates.append((index, p, group, projection_saving(p, group, rank, self.memory_budget)))
                 elif on and shared:
-                    bases_in_use.add((min(p.shape), state_dtype(group, p.dtype)))
+                    bases_in_use.add((projected_dim(p.shape, group["side"]), state_dtype(group, p.dtype)))
         kept = [c for c in candidates if c[3] <= 0]
         per_basis: dict[tuple[int, torch.dtype], list] = {}
         for c in candidates:
             if c[3] > 0 and c[2]["projector"] == "dct" and c[2]["dct_scorer"] == "matmul":
-                per_basis.setdefault((min(c[1].shape), state_dtype(c[2], c[1].dtype)), []).append(c)
+                key = (projected_dim(c[1].shape, c[2]["side"]), state_dtype(c[2], c[1].dtype))
+                per_basis.setdefault(key, []).append(c)
         for (d, dtype), members in per_basis.items():
             if (d, dtype) not in bases_in_use and sum(c[3] for c in members) <= d * d * dtype.itemsize:
                 kept += members
@@ -120,11 +121,11 @@ class BudgetMixin:
         Layers shrink before others grow, and a layer grows only into bytes free at that moment: the layers that are
         not due keep their rank, and layers not seen yet keep rank 1 reserved.
         """
-        for p, _, _ in due:
+        for p, group, _ in due:
             grad = p.grad.float()
             energy = grad.square().sum()
             if p in old:
-                energy = energy - project(grad, old[p].float()).square().sum()
+                energy = energy - project(grad, old[p].float(), group["side"]).square().sum()
             self.state[p]["residual_energy"] = energy.clamp(min=0).cpu()
         other, costs = self.budget_bytes()
         layers = list(costs)

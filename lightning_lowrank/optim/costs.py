@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_lowrank.optim import rules, storage
 from lightning_lowrank.optim.options import state_dtype
-from lightning_lowrank.optim.projection import projected_shape
+from lightning_lowrank.optim.projection import projected_dim, projected_shape
 from lightning_lowrank.optim.ranks import LayerCost
 
 META = torch.device("meta")
@@ -55,14 +55,15 @@ def layer_cost(param: Tensor, group: Mapping[str, Any]) -> LayerCost:
     rule, dtype = projected_rule(group), state_dtype(group, param.dtype)
 
     def moments(rank: int) -> int:
-        return meta_bytes(rules.init_state(rule, projected_shape(param.shape, rank), dtype, META))
+        return meta_bytes(rules.init_state(rule, projected_shape(param.shape, rank, group["side"]), dtype, META))
 
-    d, es = min(param.shape), dtype.itemsize
+    d, es = projected_dim(param.shape, group["side"]), dtype.itemsize
     fixed = moments(0) + SCALAR_BYTES
     per_rank = moments(1) - moments(0) + PROJECTOR_BYTES_PER_RANK[group["projector"]](d, es)
     dense = meta_bytes(rules.init_state(group["rule"], tuple(param.shape), param.dtype, META))
-    worth = (dense - fixed) // per_rank if per_rank else d  # above this the layer would hold more than dense state
-    return LayerCost(fixed, per_rank, max(1, min(group["rank"], d, worth)))
+    top = min(param.shape)  # the rank is clamped to the smaller side whichever side P is on
+    worth = (dense - fixed) // per_rank if per_rank else top  # above this the layer would hold more than dense state
+    return LayerCost(fixed, per_rank, max(1, min(group["rank"], top, worth)))
 
 
 def state_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> int:
@@ -81,7 +82,7 @@ def projector_bytes(param: Tensor, group: Mapping[str, Any], rank: int) -> int:
     """Bytes of one layer's projector at ``rank``: P (d x r, or its 8/4-bit codes with a float32 scale and zero per
     group), DCT indices, or a seed. A DCT basis shared by ``dct_scorer="matmul"`` is not in it. P is in the state
     dtype (``options.state_dtype``)."""
-    d, kind, bits = min(param.shape), group["projector"], group["projector_bits"]
+    d, kind, bits = projected_dim(param.shape, group["side"]), group["projector"], group["projector_bits"]
     es = state_dtype(group, param.dtype).itemsize
     if kind in ("random", "gaussian"):
         return 8  # an int64 seed
@@ -96,7 +97,7 @@ def projection_saving(param: Tensor, group: Mapping[str, Any], rank: int, memory
     optimizer (same rule, same ``state_bits``); negative where the projection costs. The step counter is on both
     sides; a projected layer's own scalars (Fira's and APOLLO's last norm, the budget's rank and energy) count."""
     dense = state_bytes(group["rule"], tuple(param.shape), param.dtype, group)
-    rule, shape = projected_rule(group), projected_shape(param.shape, rank)
+    rule, shape = projected_rule(group), projected_shape(param.shape, rank, group["side"])
     projected = state_bytes(rule, shape, state_dtype(group, param.dtype), group) + projector_bytes(param, group, rank)
     projected += (4 if group["residual"] in ("fira", "apollo") else 0) + (12 if memory_budget is not None else 0)
     return dense - projected

@@ -44,22 +44,22 @@ def projected_update(
     step: int,
 ) -> None:
     """Update ``p`` with its full gradient ``grad`` through the subspace of ``P`` (and the group's residual)."""
-    lr, scale = float(group["lr"]), group["scale"]
+    lr, scale, side = float(group["lr"]), group["scale"], group["side"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
-    low_rank = project_gradient(grad, P)
+    low_rank = project_gradient(grad, P, side)
     direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms, full_grad=grad)
     if rule == "subset_norm":  # Subspace-Momentum: the complement takes an SGD step at the subset's rate
-        complement = (grad - project_back(low_rank, P, p.shape)) * rules.subset_norm_scale(moments, group["eps"])
-        add_scaled(p, project_back(direction, P, p.shape) + complement, step_size, -scale)
+        complement = (grad - project_back(low_rank, P, p.shape, side)) * rules.subset_norm_scale(moments, group["eps"])
+        add_scaled(p, project_back(direction, P, p.shape, side) + complement, step_size, -scale)
         return
     kind = group["residual"]
-    back = project_back(low_rank, P, p.shape) if kind in ("frugal", "fira") else None  # apollo never reads it
+    back = project_back(low_rank, P, p.shape, side) if kind in ("frugal", "fira") else None  # apollo never reads it
     extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group)
     if kind == "apollo":  # the scaled raw gradient replaces the projected update
         add_scaled(p, extra, step_size, -math.sqrt(scale))
     else:
-        add_projected_back(p, direction, P, step_size, -scale)
+        add_projected_back(p, direction, P, step_size, -scale, side)
     if kind == "frugal":  # state-free: plain lr, no bias correction
         p.add_(extra, alpha=-lr * factor)
     elif kind == "fira":  # as in Fira's code: the bias-corrected step size, and scale only on the projected part
@@ -76,20 +76,20 @@ def low_rank_update(
     state dtype. Only for rules that need nothing of the full gradient at the update (``residual="none"``, no
     Subset-Norm). Adam's L2 penalty is projected on its own (P^T (G + wd W) = P^T G + wd P^T W).
     """
-    scale, wd = group["scale"], group["weight_decay"]
+    scale, wd, side = group["scale"], group["weight_decay"], group["side"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
     low_rank = low_rank.to(P.dtype)
     if wd != 0 and not group["decoupled_weight_decay"]:
-        low_rank = low_rank.add(project_gradient(p, P), alpha=wd)
+        low_rank = low_rank.add(project_gradient(p, P, side), alpha=wd)
     else:
         decay_before(p, low_rank, rule, group)  # decoupled: shrinks p (unless it decays after the update)
     direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms)
-    add_projected_back(p, direction, P, step_size, -scale)
+    add_projected_back(p, direction, P, step_size, -scale, side)
     decay_after(p, rule, group)
 
 
-def project_gradient(grad: Tensor, P: Tensor) -> Tensor:
-    """``project(grad, P)`` in P's dtype (the layer's state dtype), computed in the wider of the two dtypes.
+def project_gradient(grad: Tensor, P: Tensor, side: str = "auto") -> Tensor:
+    """``project(grad, P, side)`` in P's dtype (the layer's state dtype), computed in the wider of the two dtypes.
 
     Same dtypes (every float32 or float64 run): ``project`` itself. A state narrower than the gradient: P (d x r) is
     cast up and the small result down. A wider state (bf16 weight, float32 state: the default): the gradient is cast
@@ -99,37 +99,40 @@ def project_gradient(grad: Tensor, P: Tensor) -> Tensor:
     the result to bf16's 8 bits before the moments see it.
     """
     if grad.dtype == P.dtype:
-        return project(grad, P)
+        return project(grad, P, side)
     work = torch.promote_types(grad.dtype, P.dtype)
     if work == grad.dtype:
-        return project(grad, P.to(work)).to(P.dtype)
-    left, wide = is_left(grad.shape), P.to(work)
-    parts = [(wide.T @ g.to(work) if left else g.to(work) @ wide).to(P.dtype) for g in _slices(grad, grad.shape)]
+        return project(grad, P.to(work), side).to(P.dtype)
+    left, wide = is_left(grad.shape, side), P.to(work)
+    slices = _slices(grad, grad.shape, left)
+    parts = [(wide.T @ g.to(work) if left else g.to(work) @ wide).to(P.dtype) for g in slices]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1 if left else 0)
 
 
-def add_projected_back(p: Tensor, direction: Tensor, P: Tensor, step_size: float | Tensor, factor: float) -> None:
+def add_projected_back(
+    p: Tensor, direction: Tensor, P: Tensor, step_size: float | Tensor, factor: float, side: str = "auto"
+) -> None:
     """p += factor * step_size * project_back(direction, P), computed in the state dtype and rounded once into the
     weight's. With a state wider than the weight, slice by slice as ``project_gradient``: the (m, n) update is never
     held whole in float32 (as a bf16 update it would be half that size, but would round the update before the add).
     """
     if p.dtype == P.dtype == direction.dtype:
-        add_scaled(p, project_back(direction, P, p.shape), step_size, factor)
+        add_scaled(p, project_back(direction, P, p.shape, side), step_size, factor)
         return
     work = torch.promote_types(p.dtype, P.dtype)
     if work == p.dtype:  # a state narrower than the weight: the update in the weight's dtype
-        add_scaled(p, project_back(direction.to(work), P.to(work), p.shape), step_size, factor)
+        add_scaled(p, project_back(direction.to(work), P.to(work), p.shape, side), step_size, factor)
         return
-    left, P, direction = is_left(p.shape), P.to(work), direction.to(work)
-    for w, d in zip(_slices(p, p.shape), _slices(direction, p.shape)):
+    left, P, direction = is_left(p.shape, side), P.to(work), direction.to(work)
+    for w, d in zip(_slices(p, p.shape, left), _slices(direction, p.shape, left)):
         add_scaled(w, P @ d if left else d @ P.T, step_size, factor)
 
 
-def _slices(t: Tensor, full_shape: torch.Size) -> tuple[Tensor, ...]:
+def _slices(t: Tensor, full_shape: torch.Size, left: bool) -> tuple[Tensor, ...]:
     """Views of ``t`` (a weight-shaped or projected tensor of a weight of ``full_shape``) along the axis a projection
     keeps (columns on the left, rows on the right), each at most ``UPCAST_ELEMENTS`` elements of the full weight."""
-    size = max(1, UPCAST_ELEMENTS // min(full_shape))
-    return t.split(size, dim=1 if is_left(full_shape) else 0)
+    size = max(1, UPCAST_ELEMENTS // (full_shape[0] if left else full_shape[1]))
+    return t.split(size, dim=1 if left else 0)
 
 
 def dense_update(

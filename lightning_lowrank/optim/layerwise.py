@@ -166,7 +166,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             return
         state = self.state[p]
         P = self._projectors[group["projector"]].matrix(p, state, self._context(index, p, group))
-        low_rank = project_gradient(p.grad, P)  # in the state dtype: the window sums in it
+        low_rank = project_gradient(p.grad, P, group["side"])  # in the state dtype: the window sums in it
         if LOWRANK_GRAD in state:
             state[LOWRANK_GRAD].add_(low_rank)
         else:
@@ -189,7 +189,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         in_subspace = low_rank is not None or (self._distributed and on and not self._needs_full_gradient(p, group))
         if in_subspace and p.grad is not None:
             P = self._projectors[group["projector"]].matrix(p, state, self._context(index, p, group))
-            last = project_gradient(p.grad, P)
+            last = project_gradient(p.grad, P, group["side"])
             low_rank = last if low_rank is None else low_rank.add_(last)
             p.grad = None  # the full gradient is not needed any more
         if self._distributed:

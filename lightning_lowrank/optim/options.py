@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.optim
 
-from lightning_lowrank.optim.projection import PROJECTORS
+from lightning_lowrank.optim.projection import PROJECTORS, SIDES
 from lightning_lowrank.optim.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
 from lightning_lowrank.optim.rules import ADAM_FORMS, RULES
 
@@ -92,6 +92,9 @@ class ProjectionOptions:
     dct_norm: ``l2`` ranks DCT columns by the energy they capture; ``l1`` as DCT-AdamW's code.
     dct_type: 2 (DCT-II columns) or 3 (DCT-AdamW's matmul basis, whose columns are DCT-III vectors).
     pca_lr: online PCA's step size on P.
+    side: which side P multiplies the gradient G (m x n) from: ``auto`` (GaLore's: the smaller side, P^T G for
+        m < n, G P otherwise, so P is min(m, n) x r), ``right`` (G P always: moments m x r, P n x r; what FSDP2 needs,
+        as it shards rows) or ``left`` (P^T G always).
     """
 
     rank: int | None = 128
@@ -108,6 +111,7 @@ class ProjectionOptions:
     dct_norm: str = "l2"
     dct_type: int = 2
     pca_lr: float = 0.1
+    side: str = "auto"
 
     def __post_init__(self) -> None:
         rank = self.rank
@@ -122,6 +126,7 @@ class ProjectionOptions:
                 "projector='gaussian' (APOLLO's) is not orthonormal; use moments='keep' (APOLLO's) or 'reset'"
             )
         check_choice("projector_bits", self.projector_bits, (None, 4, 8))
+        check_choice("side", self.side, SIDES)
         check_choice("dct_scorer", self.dct_scorer, DCT_SCORERS)
         check_choice("dct_norm", self.dct_norm, DCT_NORMS)
         check_choice("dct_type", self.dct_type, (2, 3))
@@ -321,6 +326,11 @@ def check_cross_options(o: Any) -> None:
     """Rules that span sections (``o``: an ``OptimizerOptions`` or anything with its attributes)."""
     if o.projected_rule == "subset_norm" and o.residual != "none":
         raise ValueError("projected_rule='subset_norm' updates the complement itself; use residual='none' with it")
+    if o.projected_rule == "subset_norm" and o.side != "auto":
+        raise ValueError(
+            f"projected_rule='subset_norm' keeps one accumulator per channel of the smaller side; it supports "
+            f"side='auto' only, got side={o.side!r}"
+        )
 
 
 def group_option_names() -> tuple[str, ...]:

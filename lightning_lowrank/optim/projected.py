@@ -212,6 +212,10 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         """The shared DCT bases built so far (one per size, dtype and device); rebuilt on demand, not saved."""
         return self._dct_bases
 
+    def projection_side(self, param: Tensor) -> str:
+        """Which side ``param``'s P multiplies its gradient from: its group's ``side`` (``"auto"``: the smaller)."""
+        return self._locate(param)[1]["side"]
+
     def projection_matrix(self, param: Tensor) -> Tensor:
         """The current P (d x r) of a projected parameter."""
         index, group = self._locate(param)

@@ -1,14 +1,15 @@
 """Subspace projections for a 2-D gradient ``G`` of shape (m, n).
 
-A projection is a matrix ``P`` (d x r) with orthonormal columns on the *smaller* side of G,
-d = min(m, n):
+A projection is a matrix ``P`` (d x r) with orthonormal columns on one side of G:
 
-* ``m <  n`` ("left"):  R = P^T G  has shape (r, n), and the update maps back as P R.
-* ``m >= n`` ("right"): R = G P    has shape (m, r), and the update maps back as R P^T.
+* "left":  R = P^T G  has shape (r, n), and the update maps back as P R; d = m.
+* "right": R = G P    has shape (m, r), and the update maps back as R P^T; d = n.
 
-Projecting the smaller side keeps the stored P small (GaLore's choice). A square weight goes right, as in
-GaLore's and DCT-AdamW's code: on the byte LM that trained better than projecting it left (see
-``docs/benchmarks.md``). Everything here is plain torch over tensors, without Lightning, so it can be tested alone.
+``side="auto"`` (the default) projects the *smaller* side, d = min(m, n), which keeps the stored P small (GaLore's
+choice): left when m < n, right otherwise. A square weight goes right, as in GaLore's and DCT-AdamW's code: on the
+byte LM that trained better than projecting it left (see ``docs/benchmarks.md``). ``side="right"`` or ``"left"``
+fixes the side whatever the shape: FSDP2 shards a weight's rows, and only a right projection is then shard-local.
+Everything here is plain torch over tensors, without Lightning, so it can be tested alone.
 """
 
 from __future__ import annotations
@@ -38,9 +39,20 @@ def derive_seed(*parts: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def is_left(shape: torch.Size | tuple[int, ...]) -> bool:
-    """True when the rows are the smaller side, so P multiplies G from the left (a square G goes right)."""
-    return shape[0] < shape[1]
+SIDES = ("auto", "left", "right")
+
+
+def is_left(shape: torch.Size | tuple[int, ...], side: str = "auto") -> bool:
+    """Whether P multiplies G from the left: as ``side`` says, or with ``"auto"`` when the rows are the smaller side
+    (a square G goes right)."""
+    if side == "auto":
+        return shape[0] < shape[1]
+    return side == "left"
+
+
+def projected_dim(shape: torch.Size | tuple[int, ...], side: str = "auto") -> int:
+    """d, the rows of P: m for a left projection, n for a right one (min(m, n) with ``"auto"``)."""
+    return shape[0] if is_left(shape, side) else shape[1]
 
 
 def effective_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
@@ -48,33 +60,33 @@ def effective_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
     return min(rank, min(shape))
 
 
-def projected_shape(shape: torch.Size | tuple[int, ...], rank: int) -> tuple[int, int]:
+def projected_shape(shape: torch.Size | tuple[int, ...], rank: int, side: str = "auto") -> tuple[int, int]:
     """Shape of the projected gradient of an (m, n) matrix at ``rank`` (clamped to the smaller side): (r, n) when P
     acts on the left, (m, r) on the right."""
     m, n = shape
     rank = effective_rank(shape, rank)
-    return (rank, n) if is_left(shape) else (m, rank)
+    return (rank, n) if is_left(shape, side) else (m, rank)
 
 
-def project(grad: Tensor, P: Tensor) -> Tensor:
+def project(grad: Tensor, P: Tensor, side: str = "auto") -> Tensor:
     """Map a full gradient (m, n) into the subspace: (r, n) or (m, r)."""
-    return P.T @ grad if is_left(grad.shape) else grad @ P
+    return P.T @ grad if is_left(grad.shape, side) else grad @ P
 
 
-def project_back(low_rank: Tensor, P: Tensor, full_shape: torch.Size) -> Tensor:
+def project_back(low_rank: Tensor, P: Tensor, full_shape: torch.Size, side: str = "auto") -> Tensor:
     """Map a low-rank tensor back to the full (m, n) shape."""
-    return P @ low_rank if is_left(full_shape) else low_rank @ P.T
+    return P @ low_rank if is_left(full_shape, side) else low_rank @ P.T
 
 
-def svd_projection(grad: Tensor, rank: int) -> Tensor:
-    """Top-``rank`` singular vectors of ``grad`` on its smaller side (GaLore).
+def svd_projection(grad: Tensor, rank: int, side: str = "auto") -> Tensor:
+    """Top-``rank`` singular vectors of ``grad`` on its projected side (GaLore: the smaller one).
 
     Half-precision gradients are decomposed in float32 (CPU has no bf16 SVD); P is returned in the
     gradient's dtype.
     """
     work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
     U, _, Vh = torch.linalg.svd(work, full_matrices=False)
-    P = U[:, :rank] if is_left(grad.shape) else Vh[:rank].T
+    P = U[:, :rank] if is_left(grad.shape, side) else Vh[:rank].T
     return P.to(grad.dtype).contiguous()
 
 
@@ -107,14 +119,14 @@ def dct_norm_order(norm: str) -> int:
     return DCT_NORM_ORDERS[norm]
 
 
-def dct_scores(grad: Tensor, basis: Tensor, norm: str = "l2") -> Tensor:
+def dct_scores(grad: Tensor, basis: Tensor, norm: str = "l2", side: str = "auto") -> Tensor:
     """Alignment of each basis column with ``grad``: the l2 (or l1) norm of G's coefficients on it.
 
     Picking the top-r by l2 score maximises the captured energy ||P^T G||_F^2 over subsets of the basis, which is
     why it is the default. ``"l1"`` is what DCT-AdamW's code (ista-daslab-optimizers 1.1.15) scores with by default.
     """
     order = dct_norm_order(norm)
-    if is_left(grad.shape):
+    if is_left(grad.shape, side):
         return torch.linalg.vector_norm(basis.T @ grad, ord=order, dim=1)
     return torch.linalg.vector_norm(grad @ basis, ord=order, dim=0)
 
@@ -124,22 +136,22 @@ def top_indices(scores: Tensor, rank: int) -> Tensor:
     return torch.topk(scores, rank, sorted=True).indices
 
 
-def dct_select(grad: Tensor, rank: int, basis: Tensor, norm: str = "l2") -> Tensor:
+def dct_select(grad: Tensor, rank: int, basis: Tensor, norm: str = "l2", side: str = "auto") -> Tensor:
     """Indices (int64, best first) of the ``rank`` DCT basis columns best aligned with ``grad`` (``norm``: see
     ``dct_scores``)."""
-    return top_indices(dct_scores(grad.to(basis.dtype), basis, norm), rank)
+    return top_indices(dct_scores(grad.to(basis.dtype), basis, norm, side), rank)
 
 
 def randomized_svd_projection(
-    grad: Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator
+    grad: Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator, side: str = "auto"
 ) -> Tensor:
-    """Top-``rank`` singular vectors of ``grad`` on its smaller side by randomized SVD (Halko et al. 2011).
+    """Top-``rank`` singular vectors of ``grad`` on its projected side by randomized SVD (Halko et al. 2011).
 
     A Gaussian sketch of ``rank + oversample`` columns, ``niter`` power iterations (re-orthonormalized), then an
     exact SVD of the small projected matrix. The sketch comes from ``generator`` (CPU), not the global RNG.
     """
     work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
-    A = work if is_left(grad.shape) else work.T  # (d, k): we want A's left singular vectors
+    A = work if is_left(grad.shape, side) else work.T  # (d, k): we want A's left singular vectors
     d, k = A.shape
     width = min(rank + oversample, d, k)
     omega = torch.randn(k, width, generator=generator, dtype=A.dtype).to(A.device)
@@ -173,7 +185,12 @@ def apollo_next_seed(seed: int) -> int:
 
 
 def gaussian_projection(
-    shape: torch.Size | tuple[int, ...], rank: int, seed: int, dtype: torch.dtype, device: torch.device | str
+    shape: torch.Size | tuple[int, ...],
+    rank: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    side: str = "auto",
 ) -> Tensor:
     """APOLLO's projection for an (m, n) weight as our P (d x r): entries N(0, 1/r), NOT orthonormalized.
 
@@ -185,12 +202,13 @@ def gaussian_projection(
     """
     m, n = shape
     if torch.device(device).type == "meta":
-        return torch.empty(min(shape), rank, dtype=dtype, device=device)
+        return torch.empty(projected_dim(shape, side), rank, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    layout = (m, rank) if is_left(shape) else (rank, n)
+    left = is_left(shape, side)
+    layout = (m, rank) if left else (rank, n)
     draw = torch.randn(layout, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)
     draw = draw.to(dtype)
-    return draw if is_left(shape) else draw.T
+    return draw if left else draw.T
 
 
 def orthonormalize(P: Tensor) -> Tensor:
@@ -213,14 +231,14 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor, orthonormal: bool = False)
     return overlap / Q_new.shape[1], dot / max(norms, 1e-30)
 
 
-def online_pca_gradient(P: Tensor, grad: Tensor) -> Tensor:
+def online_pca_gradient(P: Tensor, grad: Tensor, side: str = "auto") -> Tensor:
     """d/dP of ||P P^T G_hat - G_hat||_F^2 (left side) or ||G_hat P P^T - G_hat||_F^2 (right side), G_hat = G/||G||.
 
     Written with products of (d, r) and (d, k) matrices only, never the d x d Gram matrix C = G_hat G_hat^T:
     grad = 2 [ (P P^T - I) C P + C (P P^T - I) P ].
     """
     g = grad.float() / grad.float().norm().clamp_min(1e-30)
-    A = g if is_left(grad.shape) else g.T  # (d, k)
+    A = g if is_left(grad.shape, side) else g.T  # (d, k)
     P = P.float()
 
     def gram(X: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ the optimizer's ``state[p]`` under the keys its class declares (``state_keys``; 
 loads with ``weights_only=True`` and can be broadcast between DDP ranks.
 
 * ``refresh``: choose a new subspace from the current gradient (at the schedule's refresh steps).
-* ``matrix``: the current P (d x r) rebuilt from the stored keys, d = min(m, n).
+* ``matrix``: the current P (d x r) rebuilt from the stored keys, d the projected side (``LayerContext.dim``).
 * ``after_update``: work done every step (only online PCA has any).
 
 P is built and kept in the layer's state dtype (``LayerContext.dtype``: float32 for bf16/fp16 weights by default, see
@@ -30,6 +30,7 @@ from lightning_lowrank.optim.projection import (
     gaussian_projection,
     is_left,
     online_pca_gradient,
+    projected_dim,
     random_orthonormal,
     randomized_svd_projection,
     svd_projection,
@@ -62,6 +63,15 @@ class LayerContext:
     def dtype_for(self, param: Tensor) -> torch.dtype:
         return param.dtype if self.dtype is None else self.dtype
 
+    @property
+    def side(self) -> str:
+        """Which side P multiplies G from (``projection.is_left``): the group's ``side`` option."""
+        return self.group.get("side", "auto")
+
+    def dim(self, param: Tensor) -> int:
+        """d, the rows of this layer's P (``projection.projected_dim``)."""
+        return projected_dim(param.shape, self.side)
+
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded by (seed, layer, step, salt): same draws on every rank and after resume."""
         return torch.Generator().manual_seed(derive_seed(self.group["seed"], self.index, self.step, salt))
@@ -84,7 +94,7 @@ def load_matrix(param: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> T
     if "proj" in state:
         return state["proj"]
     q = {"codes": state["proj_codes"], "scale": state["proj_scale"], "zero": state["proj_zero"]}
-    return dequantize(q, (min(param.shape), ctx.rank), ctx.dtype_for(param))
+    return dequantize(q, (ctx.dim(param), ctx.rank), ctx.dtype_for(param))
 
 
 def decomposed(grad: Tensor, dtype: torch.dtype) -> Tensor:
@@ -120,7 +130,7 @@ class SVDProjector(Projector):
 
     def refresh(self, param, grad, state, ctx):
         dtype = ctx.dtype_for(param)
-        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank).to(dtype), ctx)
+        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank, ctx.side).to(dtype), ctx)
 
 
 class RandomizedSVDProjector(Projector):
@@ -132,7 +142,8 @@ class RandomizedSVDProjector(Projector):
     def refresh(self, param, grad, state, ctx):
         group, dtype = ctx.group, ctx.dtype_for(param)
         work = decomposed(grad, dtype)
-        P = randomized_svd_projection(work, ctx.rank, group["rsvd_oversample"], group["rsvd_niter"], ctx.generator())
+        oversample, niter = group["rsvd_oversample"], group["rsvd_niter"]
+        P = randomized_svd_projection(work, ctx.rank, oversample, niter, ctx.generator(), ctx.side)
         store_matrix(state, P.to(dtype), ctx)
 
 
@@ -159,12 +170,12 @@ class DCTProjector(Projector):
     def refresh(self, param, grad, state, ctx):
         norm = ctx.group["dct_norm"]
         if ctx.group["dct_scorer"] == "fft":
-            state["proj_idx"] = top_indices(dct_scores_fft(grad, is_left(param.shape), norm), ctx.rank)
+            state["proj_idx"] = top_indices(dct_scores_fft(grad, is_left(param.shape, ctx.side), norm), ctx.rank)
         else:
-            state["proj_idx"] = dct_select(grad, ctx.rank, self._basis(param, ctx), norm)
+            state["proj_idx"] = dct_select(grad, ctx.rank, self._basis(param, ctx), norm, ctx.side)
 
     def matrix(self, param, state, ctx):
-        d, idx = min(param.shape), state["proj_idx"]
+        d, idx = ctx.dim(param), state["proj_idx"]
         if ctx.group["dct_scorer"] == "fft":
             return dct_columns(d, idx, ctx.dtype_for(param), param.device)
         return self._basis(param, ctx).index_select(1, idx)
@@ -172,7 +183,7 @@ class DCTProjector(Projector):
     @staticmethod
     def _basis(param: Tensor, ctx: LayerContext) -> Tensor:
         """The shared basis, columns = basis vectors: DCT-II, or its transpose (a view) for ``dct_type=3``."""
-        basis = ctx.basis(min(param.shape), ctx.dtype_for(param), param.device)
+        basis = ctx.basis(ctx.dim(param), ctx.dtype_for(param), param.device)
         return basis if ctx.group["dct_type"] == 2 else basis.T
 
 
@@ -188,7 +199,7 @@ class RandomProjector(Projector):
 
     def matrix(self, param, state, ctx):
         seed = read_int(state["proj_seed"])
-        return random_orthonormal(min(param.shape), ctx.rank, seed, ctx.dtype_for(param), param.device)
+        return random_orthonormal(ctx.dim(param), ctx.rank, seed, ctx.dtype_for(param), param.device)
 
 
 class GaussianProjector(Projector):
@@ -210,7 +221,7 @@ class GaussianProjector(Projector):
 
     def matrix(self, param, state, ctx):
         seed = read_int(state["proj_seed"])
-        return gaussian_projection(param.shape, ctx.rank, seed, ctx.dtype_for(param), param.device)
+        return gaussian_projection(param.shape, ctx.rank, seed, ctx.dtype_for(param), param.device, ctx.side)
 
 
 class OnlinePCAProjector(Projector):
@@ -227,11 +238,11 @@ class OnlinePCAProjector(Projector):
 
     def refresh(self, param, grad, state, ctx):
         dtype = ctx.dtype_for(param)
-        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank).to(dtype), ctx)
+        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank, ctx.side).to(dtype), ctx)
 
     def after_update(self, param, grad, state, ctx):
         P = load_matrix(param, state, ctx)
-        P = retract(P - ctx.group["pca_lr"] * online_pca_gradient(P, grad).to(P.dtype))
+        P = retract(P - ctx.group["pca_lr"] * online_pca_gradient(P, grad, ctx.side).to(P.dtype))
         store_matrix(state, P, ctx, stochastic=True)  # small steps would vanish under round-to-nearest
 
 

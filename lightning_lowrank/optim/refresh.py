@@ -161,7 +161,7 @@ class RefreshMixin:
         similarity, cosine = subspace_similarity(P_old, P_new, orthonormal=exact)
         rule = projected_rule(group)
         with self._moments(p, rule, group) as moments:
-            left = is_left(p.shape)
+            left = is_left(p.shape, group["side"])
             keys, rank_keys = rules.MOMENT_KEYS[rule], rank_axis_keys(rule, left)
             move_moments(moments, keys, rank_keys, P_old, P_new, group["moments"], left)
         if group["moments"] == "reset" and "hessian_updates" in state:

@@ -43,11 +43,13 @@ RESIDUAL_NORM = "residual_norm"  # the limiter's last norm, ``limit_growth``
 STATE_KEYS = {"none": (), "frugal": (), "fira": (RESIDUAL_NORM,), "apollo": (RESIDUAL_NORM,)}
 
 
-def channel_ratio(direction: Tensor, low_rank: Tensor, full_shape: torch.Size, tensor_wise: bool = False) -> Tensor:
+def channel_ratio(
+    direction: Tensor, low_rank: Tensor, full_shape: torch.Size, tensor_wise: bool = False, side: str = "auto"
+) -> Tensor:
     """||D|| / ||R|| per channel (a (1, n) or (m, 1) tensor that broadcasts over the full weight), or one scalar."""
     if tensor_wise:
         return direction.norm() / (low_rank.norm() + 1e-8)
-    dim = 0 if is_left(full_shape) else 1  # the rank axis
+    dim = 0 if is_left(full_shape, side) else 1  # the rank axis
     return direction.norm(dim=dim, keepdim=True) / (low_rank.norm(dim=dim, keepdim=True) + 1e-8)
 
 
@@ -86,7 +88,7 @@ def residual_update(
         step = residual.sign() if group["frugal_rule"] == "signsgd" else residual
         return step, group["residual_lr_scale"]
     tensor_wise = kind == "apollo" and group["apollo_scale_type"] == "tensor"
-    phi = channel_ratio(direction, low_rank, grad.shape, tensor_wise=tensor_wise)
+    phi = channel_ratio(direction, low_rank, grad.shape, tensor_wise=tensor_wise, side=group["side"])
     if kind == "fira":
         alpha = group["scale"] if group["fira_complement"] == "scaled" else 1.0
         return limit_growth((grad - alpha * back) * phi, state, group["limiter_gamma"]), 1.0

@@ -79,6 +79,7 @@ class Layout:
     projector_bits: int | None = None
     residual: str | None = None  # only a residual that keeps state: the others leave the state alone
     budget: bool = False  # the layer's own rank in its state (memory_budget)
+    side: str | None = None  # "left" or "right": which side P multiplies G from (the ``side`` option, resolved)
     residual_name: str | None = field(default=None, compare=False)  # for the warning
 
     def describe(self) -> str:
@@ -136,11 +137,12 @@ def _place(opt: Any, p: Tensor, group: dict[str, Any], tensors: dict[str, Tensor
 
 def _saved_layout(p: Tensor, tensors: dict[str, Tensor], group: dict[str, Any]) -> Layout:
     rule = projected_rule(group)
-    low = projected_shape(p.shape, saved_rank(tensors, p.shape, group)) if p.ndim == 2 else None
+    rank = saved_rank(tensors, p.shape, group) if p.ndim == 2 else None
+    low = projected_shape(p.shape, rank, group["side"]) if p.ndim == 2 else None
     buffers = [t for k, t in tensors.items() if k in rules.MOMENT_KEYS[rule] and t.ndim == 2]
     # A projected layer holds a subspace, or (stopped before its first refresh) buffers of the projected shape.
     if has_subspace(tensors) or (low != tuple(p.shape) and any(tuple(t.shape) == low for t in buffers)):
-        return _projected_layout(group, saved_rank(tensors, p.shape, group), "rank" in tensors)
+        return _projected_layout(p, group, rank, "rank" in tensors)
     return Layout(False, group["rule"], group["state_bits"])
 
 
@@ -150,10 +152,10 @@ def _current_layout(p: Tensor, group: dict[str, Any], projected: bool, old: Layo
     rank = effective_rank(p.shape, group["rank"])
     if budget and old.projected:  # the layer keeps its own rank, under the new cap; the budget moves it later
         rank = min(rank, old.rank)
-    return _projected_layout(group, rank, budget)
+    return _projected_layout(p, group, rank, budget)
 
 
-def _projected_layout(group: dict[str, Any], rank: int, budget: bool) -> Layout:
+def _projected_layout(p: Tensor, group: dict[str, Any], rank: int, budget: bool) -> Layout:
     projector = group["projector"]
     return Layout(
         True,
@@ -165,6 +167,7 @@ def _projected_layout(group: dict[str, Any], rank: int, budget: bool) -> Layout:
         group["projector_bits"] if stores_matrix(projector) else None,
         group["residual"] if RESIDUAL_KEYS[group["residual"]] else None,
         budget,
+        "left" if is_left(p.shape, group["side"]) else "right",
         group["residual"],
     )
 
@@ -189,7 +192,7 @@ def _convert(
     # Not host_ints.read_int: a dense counter is advanced by torch, which that cache would miss.
     ctx = LayerContext(index, int(step), new.rank or 0, group, opt._basis, dtype)
     fresh: dict[str, Tensor] = {}
-    if new.projected and P_old is not None and _same_subspace(old, new):
+    if new.projected and P_old is not None and _same_subspace(old, new) and old.side == new.side:
         if old.projector_bits != new.projector_bits:
             store_matrix(fresh, P_old, ctx)
         else:
@@ -205,11 +208,11 @@ def _convert(
     elif new.projected:
         what = _into_new_subspace(opt, p, moments, tensors, P_old, old, new, ctx, fresh)
     elif P_old is not None:
-        out_of_subspace(moments, old.rule, P_old, is_left(p.shape))
+        out_of_subspace(moments, old.rule, P_old, old.side == "left")
         what = "moments mapped back to full size (first P m, second (P∘P) v)"
     else:
         what = "moments kept"
-    shape = projected_shape(p.shape, new.rank) if new.projected else tuple(p.shape)
+    shape = projected_shape(p.shape, new.rank, group["side"]) if new.projected else tuple(p.shape)
     init_rule_state(fresh, new.rule, shape, dtype, p.device, group)
     fresh["step"] = step
     expected = rules.init_state(new.rule, shape, dtype, torch.device("meta"))
@@ -247,10 +250,10 @@ def _into_new_subspace(
 ) -> str:
     """Choose the layer's new subspace from its saved moments, carry them into it (in place), keep its keys in
     ``fresh``; returns what happened."""
-    left, policy = is_left(p.shape), ctx.group["moments"]
+    left, policy = new.side == "left", ctx.group["moments"]
     full = dict(moments)
     if P_old is not None:
-        out_of_subspace(full, old.rule, P_old, left)
+        out_of_subspace(full, old.rule, P_old, old.side == "left")
     scratch = {k: t for k, t in tensors.items() if k in PROJECTOR_KEYS} if old.projector == new.projector else {}
     projector = opt._projectors[new.projector]
     projector.refresh(p, gradient_estimate(full, tuple(p.shape), ctx.dtype, p.device), scratch, ctx)
@@ -261,7 +264,10 @@ def _into_new_subspace(
     if policy == "reset":
         moments.clear()
         return chosen + _POLICY_TEXT["reset"]
-    if P_old is None:
+    if P_old is None or old.side != new.side:  # from full size: a dense state, or mapped out of the other side
+        if P_old is not None:
+            moments.clear()
+            moments.update(full)
         into_subspace(moments, old.rule, P_new, left)
         return chosen + "projected into it (first P^T m, second (P∘P)^T v)"
     move_moments(moments, rules.MOMENT_KEYS[old.rule], rank_axis_keys(old.rule, left), P_old, P_new, policy, left)

@@ -27,7 +27,7 @@ from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.basis_change import rank_axis_keys
 from lightning_lowrank.optim.moments8bit import dequantize_moment
 from lightning_lowrank.optim.options import OptimizerOptions
-from lightning_lowrank.optim.projection import dct_basis, effective_rank, is_left
+from lightning_lowrank.optim.projection import dct_basis, effective_rank, is_left, projected_dim
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
 
 _DEFAULTS = OptimizerOptions().group_options()
@@ -157,11 +157,12 @@ def full_shape(low: tuple[int, int], left: bool, d: int) -> tuple[int, int]:
     return (d, low[1]) if left else (low[0], d)
 
 
-def fits(low: tuple[int, int], left: bool, rank: int, shape: tuple[int, ...]) -> bool:
-    """Whether a weight of ``shape`` has a low-rank gradient of shape ``low`` at ``rank`` on that side."""
+def fits(low: tuple[int, int], left: bool, rank: int, shape: tuple[int, ...], side: str = "auto") -> bool:
+    """Whether a weight of ``shape`` has a low-rank gradient of shape ``low`` at ``rank`` on that side (``side``: the
+    layer's option)."""
     return (
         len(shape) == 2
-        and is_left(shape) == left
-        and full_shape(low, left, min(shape)) == tuple(shape)
+        and is_left(shape, side) == left
+        and full_shape(low, left, projected_dim(shape, side)) == tuple(shape)
         and (rank <= min(shape))
     )

@@ -129,14 +129,15 @@ class StepMixin:
     def _init_projected_state(self, param: Tensor, group: dict[str, Any], rank: int | None = None) -> None:
         """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one), in the state
         dtype (``options.state_dtype``: float32 for bf16/fp16 weights unless ``state_dtype`` says otherwise)."""
-        shape = projected_shape(param.shape, rank or group["rank"])
+        shape = projected_shape(param.shape, rank or group["rank"], group["side"])
         dtype = state_dtype(group, param.dtype)
         init_rule_state(self.state[param], projected_rule(group), shape, dtype, param.device, group)
         if rank is not None:
             self.state[param]["rank"] = torch.tensor(rank, dtype=torch.int64)
 
     def _projected_shape(self, param: Tensor, group: dict[str, Any]) -> tuple[int, int]:
-        return projected_shape(param.shape, self.layer_rank(param) if self.state[param] else group["rank"])
+        rank = self.layer_rank(param) if self.state[param] else group["rank"]
+        return projected_shape(param.shape, rank, group["side"])
 
     def _dense_steps(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """A group's dense parameters: torch's own Adam(W) or SGD over the whole list (its foreach or fused kernels)

@@ -89,6 +89,10 @@ class LowRankCommState:
             if on
         }
 
+    def side(self, param: Tensor) -> str:
+        """The side ``param``'s P multiplies its gradient from (``ProjectedOptimizer.projection_side``)."""
+        return self._owners[param][0].projection_side(param)
+
     def subspace(self, param: Tensor) -> Tensor | None:
         """P when ``param``'s gradient can be all-reduced in its subspace at this step, else None."""
         owner = self._owners.get(param)
@@ -108,15 +112,16 @@ def low_rank_allreduce_hook(state: LowRankCommState, bucket: dist.GradBucket) ->
         state.rebuild_owners()
     buffer = bucket.buffer()
     parts: list[Tensor] = []  # what is sent, flattened, in order
-    slots: list[tuple[Tensor, Tensor | None]] = []  # (the gradient's view in the bucket, P or None)
+    slots: list[tuple[Tensor, Tensor | None, str]] = []  # (the gradient's view in the bucket, P or None, its side)
     for param, grad in zip(bucket.parameters(), bucket.gradients()):
         P = state.subspace(param)
+        side = "auto" if P is None else state.side(param)
         if P is None:
             parts.append(grad.reshape(-1))
         else:
-            parts.append(project(grad, P.to(grad.dtype)).reshape(-1))
-        slots.append((grad, P))
-    compressed = any(P is not None for _, P in slots)
+            parts.append(project(grad, P.to(grad.dtype), side).reshape(-1))
+        slots.append((grad, P, side))
+    compressed = any(P is not None for _, P, _ in slots)
     send = torch.cat(parts) if compressed else buffer
     send.div_(world)  # as torch's allreduce_hook: divide first, so the sum cannot overflow
     state._sent += send.numel() * send.element_size()
@@ -131,14 +136,14 @@ def low_rank_allreduce_hook(state: LowRankCommState, bucket: dist.GradBucket) ->
         if not compressed:
             return reduced
         offset = 0
-        for (grad, P), part in zip(slots, parts):
+        for (grad, P, side), part in zip(slots, parts):
             chunk = reduced[offset : offset + part.numel()]
             offset += part.numel()
             if P is None:
                 grad.copy_(chunk.view_as(grad))
             else:
-                low_rank = chunk.view(projected_shape(grad.shape, P.shape[1]))
-                grad.copy_(project_back(low_rank, P.to(grad.dtype), grad.shape))
+                low_rank = chunk.view(projected_shape(grad.shape, P.shape[1], side))
+                grad.copy_(project_back(low_rank, P.to(grad.dtype), grad.shape, side))
         return buffer
 
     return fut.then(write_back)
