@@ -37,19 +37,22 @@ def projected_adam(
     states: Sequence[dict[str, Tensor]],
     steps: Sequence[int],
     group: Mapping[str, Any],
+    grads: Sequence[Tensor] | None = None,
 ) -> None:
     """One Adam(W) update of every layer in ``params`` through its ``P`` (``steps``: each update's 1-based count).
 
     Equals ``functional.projected_update(p, p.grad, P, state, state, group, "adamw", step)`` for each layer. The
     layers go in runs of at most ``CHUNK_ELEMENTS`` projected-gradient elements: a multi-tensor op holds its
-    temporaries (projected gradients, denominators, directions) for every layer of a run at once."""
+    temporaries (projected gradients, denominators, directions) for every layer of a run at once. ``grads``: the
+    gradients when they are not ``p.grad`` (an FSDP2 shard's local rows)."""
+    grads = [p.grad for p in params] if grads is None else list(grads)
     start, size = 0, 0
     for i, (p, P) in enumerate(zip(params, Ps)):
         size += P.shape[1] * max(p.shape)
         if size > CHUNK_ELEMENTS and i > start:
-            _projected_adam(params[start:i], Ps[start:i], states[start:i], steps[start:i], group)
+            _projected_adam(params[start:i], Ps[start:i], states[start:i], steps[start:i], group, grads[start:i])
             start, size = i, P.shape[1] * max(p.shape)
-    _projected_adam(params[start:], Ps[start:], states[start:], steps[start:], group)
+    _projected_adam(params[start:], Ps[start:], states[start:], steps[start:], group, grads[start:])
 
 
 def _projected_adam(
@@ -58,12 +61,12 @@ def _projected_adam(
     states: Sequence[dict[str, Tensor]],
     steps: Sequence[int],
     group: Mapping[str, Any],
+    grads: Sequence[Tensor],
 ) -> None:
     lr, wd, scale, eps = float(group["lr"]), group["weight_decay"], group["scale"], group["eps"]
     beta1, beta2 = group["betas"]
     hf = rules.adam_form(group) == "hf"
     decay_after = rules.decays_after_update("adamw", group)
-    grads = [p.grad for p in params]
     shrink = 1.0  # torch's decoupled decay, p *= 1 - lr * wd, fused into the back-projection's addmm_ (beta)
     if wd != 0 and not decay_after:
         if group["decoupled_weight_decay"]:

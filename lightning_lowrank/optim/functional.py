@@ -16,7 +16,7 @@ rounds into the weight on its own, as before.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -42,8 +42,12 @@ def projected_update(
     group: Mapping[str, Any],
     rule: str,
     step: int,
+    norm: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
-    """Update ``p`` with its full gradient ``grad`` through the subspace of ``P`` (and the group's residual)."""
+    """Update ``p`` with its full gradient ``grad`` through the subspace of ``P`` (and the group's residual).
+
+    ``norm``: the Frobenius norm the residual's growth limiter takes (for the rows of a sharded weight, summed over
+    the ranks: ``sharding.global_norm``); by default ``Tensor.norm``."""
     lr, scale, side = float(group["lr"]), group["scale"], group["side"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
@@ -55,7 +59,7 @@ def projected_update(
         return
     kind = group["residual"]
     back = project_back(low_rank, P, p.shape, side) if kind in ("frugal", "fira") else None  # apollo never reads it
-    extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group)
+    extra, factor = residual_update(kind, grad, low_rank, direction, back, state, group, norm)
     if kind == "apollo":  # the scaled raw gradient replaces the projected update
         add_scaled(p, extra, step_size, -math.sqrt(scale))
     else:
@@ -146,13 +150,15 @@ def dense_update(
     decay_after(p, rule, group)
 
 
-def dense_adam(params: list[Tensor], states: list[dict[str, Tensor]], group: Mapping[str, Any]) -> None:
+def dense_adam(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], group: Mapping[str, Any]
+) -> None:
     """torch's own functional Adam(W) over a list of dense parameters: its foreach or fused kernels, the user's
     ``foreach``/``fused`` choice, and CPU step counters that it advances itself."""
     beta1, beta2 = group["betas"]
     adam(
         params,
-        [p.grad for p in params],
+        grads,
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         [],
@@ -172,7 +178,11 @@ def dense_adam(params: list[Tensor], states: list[dict[str, Tensor]], group: Map
 
 
 def dense_sgd(
-    params: list[Tensor], states: list[dict[str, Tensor]], steps: list[int], group: Mapping[str, Any]
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    steps: list[int],
+    group: Mapping[str, Any],
 ) -> None:
     """torch's own functional SGD over a list of dense parameters (``steps``: each update's 1-based count). torch
     starts a momentum buffer as a copy of the first gradient: a buffer is handed over only from the second update."""
@@ -180,7 +190,7 @@ def dense_sgd(
     buffers = [s["momentum_buffer"] if momentum and t > 1 else None for s, t in zip(states, steps)]
     sgd(
         params,
-        [p.grad for p in params],
+        grads,
         buffers,
         foreach=group.get("foreach"),
         fused=group.get("fused"),

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim.budget import BudgetMixin
+from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
 from lightning_lowrank.optim.options import (
@@ -36,6 +37,8 @@ from lightning_lowrank.optim.projection import dct_basis, effective_rank
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
 from lightning_lowrank.optim.refresh import RefreshInfo, RefreshMixin, RefreshTimer
 from lightning_lowrank.optim.resume import load_state
+from lightning_lowrank.optim.sharding import check as check_sharded
+from lightning_lowrank.optim.sharding import is_sharded
 from lightning_lowrank.optim.state_layout import state_kinds
 from lightning_lowrank.optim.stepping import StepMixin
 
@@ -104,6 +107,11 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         self.param_names: dict[Tensor, str] = dict(layer_names or {})
         super().__init__(params, defaults)
         self.kept_dense: list[Tensor] = self._keep_dense_where_projection_costs(layer_names)
+        self.sharded_refresh_bytes = 0
+        for group in self.param_groups:  # FSDP2-sharded weights: refuse what would need other ranks' rows, now
+            for p, on in zip(group["params"], self._mask(group)):
+                if is_sharded(p):
+                    check_sharded(p, group, on, projected_rule(group), self.memory_budget is not None)
         if self.memory_budget is not None:
             self._check_budget_fits()
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
+from lightning_lowrank.optim import rules, sharding
 from lightning_lowrank.optim.basis_change import move_moments, rank_axis_keys
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import read_int
@@ -84,6 +84,7 @@ class RefreshMixin:
 
     _refresh_requests: set[Tensor] | None  # None: fixed update_gap
     _shard: tuple[int, int, Any] | None  # (rank, world_size, process group)
+    sharded_refresh_bytes: int  # bytes this rank sent for refreshes of FSDP2-sharded layers (``sharding.refresh``)
     last_refreshes: dict[Tensor, RefreshInfo]
 
     def external_schedule(self) -> None:
@@ -134,7 +135,11 @@ class RefreshMixin:
         for owner, (p, group, ctx) in zip(owners, due):
             if owner == rank:
                 timer = RefreshTimer(p.device)
-                self._projectors[group["projector"]].refresh(p, p.grad, self.state[p], ctx)
+                projector = self._projectors[group["projector"]]
+                if sharding.is_sharded(p):  # FSDP2: every rank refreshes, with the communication it needs
+                    self.sharded_refresh_bytes += sharding.refresh(projector, p, self.state[p], ctx)
+                else:
+                    projector.refresh(p, p.grad, self.state[p], ctx)
                 timers[p] = timer.stop()
         if self._shard:
             for owner, (p, _, _) in zip(owners, due):

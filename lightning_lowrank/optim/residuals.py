@@ -26,6 +26,7 @@ S_t <- S_t / limiter and N_t = ||S_t|| / limiter (gamma = ``limiter_gamma``, 1.0
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,10 +54,13 @@ def channel_ratio(
     return direction.norm(dim=dim, keepdim=True) / (low_rank.norm(dim=dim, keepdim=True) + 1e-8)
 
 
-def limit_growth(update: Tensor, state: dict[str, Tensor], gamma: float) -> Tensor:
+def limit_growth(
+    update: Tensor, state: dict[str, Tensor], gamma: float, norm_of: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Fira's norm-growth limiter; keeps the last (limited) norm in ``state["residual_norm"]`` (a scalar tensor, at
-    least float32 so a float64 run keeps float64)."""
-    norm = update.norm()
+    least float32 so a float64 run keeps float64). ``norm_of``: the Frobenius norm (over all ranks' rows for a
+    sharded weight); by default ``Tensor.norm``."""
+    norm = update.norm() if norm_of is None else norm_of(update)
     norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
     previous = state.get(RESIDUAL_NORM)
     if previous is None:
@@ -75,6 +79,7 @@ def residual_update(
     back: Tensor,
     state: dict[str, Tensor],
     group: dict[str, Any],
+    norm_of: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor | None, float]:
     """The full-size update to add besides the projected one, and the factor it is applied with relative to lr.
 
@@ -91,9 +96,9 @@ def residual_update(
     phi = channel_ratio(direction, low_rank, grad.shape, tensor_wise=tensor_wise, side=group["side"])
     if kind == "fira":
         alpha = group["scale"] if group["fira_complement"] == "scaled" else 1.0
-        return limit_growth((grad - alpha * back) * phi, state, group["limiter_gamma"]), 1.0
+        return limit_growth((grad - alpha * back) * phi, state, group["limiter_gamma"], norm_of), 1.0
     if kind == "apollo":
-        return limit_growth(grad * phi, state, group["limiter_gamma"]), 1.0
+        return limit_growth(grad * phi, state, group["limiter_gamma"], norm_of), 1.0
     raise ValueError(f"Unknown residual {kind!r}; choose one of {', '.join(RESIDUALS)}")
 
 

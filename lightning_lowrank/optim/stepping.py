@@ -27,8 +27,9 @@ from lightning_lowrank.optim.nonfinite import (
     warn_once,
 )
 from lightning_lowrank.optim.options import state_dtype
-from lightning_lowrank.optim.projection import projected_shape
+from lightning_lowrank.optim.projection import effective_rank, projected_shape
 from lightning_lowrank.optim.projectors import LayerContext
+from lightning_lowrank.optim.sharding import all_ranks_finite, global_norm, is_sharded, local
 from lightning_lowrank.optim.storage import init_rule_state, moment_chunks, moment_view, stateless, streams
 
 
@@ -84,12 +85,12 @@ class StepMixin:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
-        flag = finite_flag(p.grad for p in params)
-        if flag is None or bool(flag):
+        flag = finite_flag(local(p.grad) for p in params)
+        if flag is None or bool(all_ranks_finite(flag, params)):  # FSDP2 shards: every rank must decide alike
             return True
         index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         labels = {p: parameter_label(p, index[p], self.param_names) for p in params}
-        where, kind = first_nonfinite((labels[p], p.grad) for p in params)
+        where, kind = first_nonfinite((labels[p], local(p.grad)) for p in params)
         if self.nonfinite == "raise":
             first = next(p for p in params if labels[p] == where)
             raise_nonfinite(where, kind, self.completed_steps(first) + 1)
@@ -109,7 +110,9 @@ class StepMixin:
             for p, ctx, _ in layers:
                 self._projected_step(p, group, ctx)
             return
-        batched.projected_adam(params, Ps, states, advance_all([s["step"] for s in states]), group)
+        steps = advance_all([s["step"] for s in states])
+        grads = [local(p.grad) for p in params]
+        batched.projected_adam([local(p) for p in params], Ps, states, steps, group, grads)
 
     def _projected_step(
         self, p: Tensor, group: dict[str, Any], ctx: LayerContext, low_rank: Tensor | None = None
@@ -120,9 +123,11 @@ class StepMixin:
         state, rule = self.state[p], projected_rule(group)
         P = self._projectors[group["projector"]].matrix(p, state, ctx)
         step = advance(state["step"])
+        # A weight sharded by FSDP2 steps on its local rows; the residual limiter's norm sums over the ranks.
+        norm = (lambda t: global_norm(t, p.grad)) if is_sharded(p) else None
         with self._moments(p, rule, group) as moments:
             if low_rank is None:
-                functional.projected_update(p, p.grad, P, moments, state, group, rule, step)
+                functional.projected_update(local(p), local(p.grad), P, moments, state, group, rule, step, norm)
             else:
                 functional.low_rank_update(p, low_rank, P, moments, group, rule, step)
 
@@ -130,6 +135,8 @@ class StepMixin:
         """The inner rule's state for the projected gradient (at ``rank`` when the budget chose one), in the state
         dtype (``options.state_dtype``: float32 for bf16/fp16 weights unless ``state_dtype`` says otherwise)."""
         shape = projected_shape(param.shape, rank or group["rank"], group["side"])
+        if is_sharded(param):  # its local rows: P (n x r) is replicated, the moments are sharded with the weight
+            shape = (local(param).shape[0], effective_rank(param.shape, rank or group["rank"]))
         dtype = state_dtype(group, param.dtype)
         init_rule_state(self.state[param], projected_rule(group), shape, dtype, param.device, group)
         if rank is not None:
@@ -145,8 +152,10 @@ class StepMixin:
         if not params:
             return
         rule = group["rule"]
+        # FSDP2's shards update their own rows (``local``: a view of the shard); state is keyed by the parameter.
+        weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
         if stateless(group):
-            functional.dense_sgd(params, [{}] * len(params), [1] * len(params), group)
+            functional.dense_sgd(weights, grads, [{}] * len(params), [1] * len(params), group)
             return
         via_torch = rule == "sgd" or (rule == "adamw" and rules.adam_form(group) == "torch")
         if not via_torch or group["state_bits"] is not None:
@@ -154,32 +163,33 @@ class StepMixin:
                 self._dense_step(p, group)
             return
         states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
+        for w, state in zip(weights, states):
             if not state:
-                init_rule_state(state, rule, tuple(p.shape), p.dtype, p.device, group)
+                init_rule_state(state, rule, tuple(w.shape), w.dtype, w.device, group)
         if rule == "sgd":
-            functional.dense_sgd(params, states, advance_all([s["step"] for s in states]), group)
+            functional.dense_sgd(weights, grads, states, advance_all([s["step"] for s in states]), group)
         else:
-            functional.dense_adam(params, states, group)
+            functional.dense_adam(weights, grads, states, group)
 
     def _dense_step(self, p: Tensor, group: dict[str, Any]) -> None:
         """One dense parameter by the group's rule. 8-bit buffers of an elementwise rule stream (``moment_chunks``): a
         chunk of the flattened weight, gradient and buffers at a time, so the full-precision transient of a large
         dense weight (an embedding, an LM head) is one chunk, not the tensor; the numbers are those of one piece."""
         state, rule = self.state[p], group["rule"]
+        w, g = local(p), local(p.grad)  # an FSDP2 shard's own rows
         if stateless(group):
-            functional.dense_sgd([p], [{}], [1], group)
+            functional.dense_sgd([w], [g], [{}], [1], group)
             return
         if not state:
-            init_rule_state(state, rule, tuple(p.shape), p.dtype, p.device, group)
+            init_rule_state(state, rule, tuple(w.shape), w.dtype, w.device, group)
         step = advance(state["step"])
-        if streams(state, rule) and p.is_contiguous():
-            weight, grad = p.view(-1), p.grad.reshape(-1)
-            for chunk, moments in moment_chunks(state, rule, group, p.dtype):
+        if streams(state, rule) and w.is_contiguous():
+            weight, grad = w.view(-1), g.reshape(-1)
+            for chunk, moments in moment_chunks(state, rule, group, w.dtype):
                 functional.dense_update(weight[chunk], grad[chunk], moments, group, rule, step)
             return
         with self._moments(p, rule, group) as moments:
-            functional.dense_update(p, p.grad, moments, group, rule, step)
+            functional.dense_update(w, g, moments, group, rule, step)
 
     @contextmanager
     def _moments(self, param: Tensor, rule: str, group: dict[str, Any]) -> Iterator[dict[str, Tensor]]:

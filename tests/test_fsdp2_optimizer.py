@@ -1,0 +1,123 @@
+"""The optimizer on weights sharded by FSDP2 (``fully_shard``, 2 CPU processes, gloo), without Lightning.
+
+Each rank trains on its half of every batch; FSDP2 averages the gradients (a reduce-scatter), so the run must equal a
+single-process run on the whole batch with the same options and ``side="right"``: the parameters after six steps,
+refreshes included, within 5e-5. A DCT refresh all-reduces one n-vector of scores per layer: the bytes are counted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_lowrank.optim import ProjectedOptimizer
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32" or not dist.is_available(), reason="gloo workers")
+
+STEPS, BATCH, WORLD = 6, 8, 2
+SHAPES = ((24, 16), (40, 24), (8, 40))  # tall, tall, wide: every weight projects on the right (side="right")
+CASES = {
+    "dct": dict(projector="dct"),
+    "svd": dict(projector="svd"),
+    "rsvd+fira": dict(projector="rsvd", residual="fira"),
+    "random": dict(projector="random"),
+    "dct fft l1, sgd": dict(projector="dct", dct_scorer="fft", dct_norm="l1"),
+}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for out, inp in SHAPES:
+        layers += [torch.nn.Linear(inp, out), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randn(BATCH, SHAPES[0][1], generator=torch.Generator().manual_seed(100 + step))
+
+
+def _optimizer(model: torch.nn.Module, options: dict) -> ProjectedOptimizer:
+    options = {"rank": 4, "update_gap": 2, "side": "right", **options}
+    if "sgd" in str(options.pop("_name", "")):
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    return ProjectedOptimizer.from_optimizer(base, lambda p: p.ndim == 2, **options)
+
+
+def _train(model: torch.nn.Module, opt: ProjectedOptimizer, rows: slice, poison: bool = False) -> None:
+    for step in range(STEPS):
+        opt.zero_grad()
+        model(_batch(step)[rows]).pow(2).mean().backward()
+        if poison and step == 3:  # a NaN in one rank's rows only (rank 1 holds rows 12..23 of "0.weight")
+            grad = model[0].weight.grad.to_local()
+            if dist.get_rank() == 1:
+                grad[0, 0] = float("nan")
+        opt.step()
+
+
+def _worker(rank: int, port: int, name: str, out: str, poison: bool = False) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = _optimizer(model, {**CASES[name], "_name": name})
+        half = BATCH // WORLD
+        _train(model, opt, slice(rank * half, (rank + 1) * half), poison)
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        first = "momentum_buffer" if "sgd" in name else "exp_avg"
+        moments = {n: tuple(opt.state[p][first].shape) for n, p in model.named_parameters() if p.ndim == 2}
+        if rank == 0:
+            result = {"params": full, "moments": moments, "refresh_bytes": opt.sharded_refresh_bytes}
+            torch.save({**result, "nonfinite_steps": opt.nonfinite_steps}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_sharded_run_equals_the_single_process_run(name, tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(_free_port(), name, out), nprocs=WORLD, join=True)
+    sharded = torch.load(out, weights_only=True)
+    model = _model()
+    _train(model, _optimizer(model, {**CASES[name], "_name": name}), slice(None))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sharded["params"][n], p.detach(), rtol=0, atol=5e-5, msg=n)
+    # the moments are sharded with the weight: each rank holds its rows x r
+    assert sharded["moments"] == {f"{2 * i}.weight": (out // WORLD, 4) for i, (out, _) in enumerate(SHAPES)}
+    refreshes = STEPS // 2  # update_gap=2: steps 0, 2, 4
+    if name.startswith("dct"):  # one n-vector of float32 scores per layer and refresh
+        assert sharded["refresh_bytes"] == refreshes * sum(n * 4 for _, n in SHAPES)
+    elif name == "random":
+        assert sharded["refresh_bytes"] == 0
+
+
+def test_a_nan_in_one_ranks_rows_skips_the_step_on_every_rank(tmp_path):
+    """The non-finite flag is agreed over the ranks: rank 0's rows are finite, yet it skips with rank 1, so the
+    shards stay consistent (a rank that stepped alone would leave the weight half-updated)."""
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(_free_port(), "dct", out, True), nprocs=WORLD, join=True)
+    sharded = torch.load(out, weights_only=True)
+    assert sharded["nonfinite_steps"] == 1  # on rank 0, whose own gradient rows were all finite
+    assert all(torch.isfinite(p).all() for p in sharded["params"].values())
