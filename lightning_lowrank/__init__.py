@@ -28,6 +28,7 @@ _EXPORTS = {
     "ProjectedAdamW": "lightning_lowrank.optim",
     "ProjectedOptimizer": "lightning_lowrank.optim",
     "LowRankDDPStrategy": "lightning_lowrank.strategies",
+    "LowRankFSDPStrategy": "lightning_lowrank.strategies",
     "LowRankStrategy": "lightning_lowrank.strategies",
     "to_dense_checkpoint": "lightning_lowrank.checkpoint",
 }

@@ -5,6 +5,7 @@ Examples::
 
     python -m lightning_lowrank plan --preset 1B --rank 512 --projector dct --state-bits 8 --gpu 24 --dtype bf16
     python -m lightning_lowrank plan --model examples.byte_lm:ByteLM --rank 32 --residual fira
+    python -m lightning_lowrank plan --preset 7B --rank 128 --fsdp 8 --gpu 24   # per rank, FSDP2 on 8 ranks
     python -m lightning_lowrank to-dense lowrank.ckpt dense.ckpt   # resumable by the plain torch optimizer
 
 Every ``LowRankConfig`` field is an option (``--update-gap``, ``--projector-bits``, ``--target-modules`` ...), checked
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--layerwise",
         action="store_true",
         help="plan the strategy's layerwise=True (per-layer updates in backward): gradients are the largest single one",
+    )
+    p.add_argument(
+        "--fsdp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="plan lowrank_fsdp (FSDP2) on N ranks: per rank (rows sharded N ways, P replicated) and in total",
     )
     lowrank = p.add_argument_group("low-rank options (LowRankConfig fields; defaults as the strategy's)")
     hints = typing.get_type_hints(LowRankConfig)
@@ -163,11 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             gpu_gib=args.gpu,
             layerwise=args.layerwise,
+            fsdp=args.fsdp,
             **options,
         )
     except (ValueError, TypeError, ImportError, AttributeError, RuntimeError) as err:
         parser.error(str(err))
-    title = f"preset {args.preset}" if args.preset else args.model
+    title = (f"preset {args.preset}" if args.preset else args.model) + (
+        f", FSDP2 on {args.fsdp} ranks" if args.fsdp else ""
+    )
     print(f"Plan for {title}: {', '.join(f'{k}={v!r}' for k, v in options.items()) or 'default options'}")
     result.render(**({"collapse": False} if args.all_layers else {}))
     return 0

@@ -285,8 +285,8 @@ def test_fallback_dense_keeps_an_unsupported_optimizer_with_a_warning():
 
 
 def test_sharded_and_multi_device_misuse_is_refused_at_trainer_construction():
-    with pytest.raises(ValueError, match="lowrank_fsdp.*not supported"):
-        L.Trainer(strategy="lowrank_fsdp")
+    with pytest.raises(ValueError, match="lowrank_deepspeed.*not supported"):
+        L.Trainer(strategy="lowrank_deepspeed")
     with pytest.raises(ValueError, match="runs on one device.*lowrank_ddp"):
         L.Trainer(strategy="lowrank", accelerator="cpu", devices=2)
 

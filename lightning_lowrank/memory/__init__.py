@@ -3,6 +3,7 @@
 from lightning_lowrank.memory.accounting import account_memory
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, format_bytes
 from lightning_lowrank.memory.plan import PRESETS, Plan, llama_preset, plan
+from lightning_lowrank.memory.ranks import sum_over_ranks
 from lightning_lowrank.memory.report import render_memory_report
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "llama_preset",
     "plan",
     "render_memory_report",
+    "sum_over_ranks",
 ]

@@ -3,13 +3,17 @@
 Nothing here is estimated: every figure is a sum of ``numel * element_size`` over live tensors, so
 it holds on CPU as on GPU. The peak allocated figure is the allocator's own and is CUDA-only.
 The figures land in ``figures.MemoryReport``; the savings are measured against ``baseline``.
+
+Under FSDP2 (DTensor parameters, whose ``numel()`` is global) every figure is the calling rank's: parameters,
+gradients, state and the dense baseline by their local shard (``to_local()``); ``ranks.sum_over_ranks`` adds the
+ranks up.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,12 +23,15 @@ from torch.optim import Optimizer
 from lightning_lowrank.memory.baseline import RULE_NAMES, baseline_state_bytes, warn_negative_saving
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, ModuleMemory, empty_kinds, tensor_bytes
 from lightning_lowrank.memory.groups import module_group
+from lightning_lowrank.memory.ranks import PlannedShards
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.projection import projected_dim
+from lightning_lowrank.optim.sharding import is_sharded, local
 from lightning_lowrank.optim.state_layout import quantized_projection
 
 UNNAMED = "(unnamed)"  # the row of parameters no module or name owns
+Piece = Callable[..., Tensor]  # (tensor, param=None, kind=None) -> the part of it this rank holds
 
 
 def foreign_state_kinds(state: Mapping[str, Any]) -> dict[str, str]:
@@ -50,6 +57,7 @@ def account_memory(
     *,
     module: nn.Module | None = None,
     phases: Mapping[str, float] | None = None,
+    shards: PlannedShards | None = None,
 ) -> MemoryReport:
     """Account ``params`` (the model's) and the state of ``optimizers``; ``names`` labels projected layers,
     ``refresh_stats`` (by name: refreshes, skipped, seconds, gap) adds refresh counters to them and ``probe`` (a
@@ -57,10 +65,16 @@ def account_memory(
 
     ``module`` (the model) names every parameter's owning module for the per-module and per-group split; without
     it projected weights are named by ``names`` and every other parameter falls in one ``(unnamed)`` row.
-    ``phases`` (a ``MemoryPhases``' ``phase_stats``) is passed through."""
+    ``phases`` (a ``MemoryPhases``' ``phase_stats``) is passed through.
+
+    FSDP2: a DTensor counts by its local shard, so the report is this rank's (``ranks`` says over how many the
+    parameters are sharded); replicated state counts in full on each rank and layer shapes stay global. ``shards``
+    (the planner's ``fsdp=N``) counts unsharded tensors as that rank of N would hold them."""
     refresh_stats = refresh_stats or {}
     optimizers = list(optimizers)
     params = list({id(p): p for p in params}.values())
+    piece: Piece = shards.piece if shards is not None else (lambda t, param=None, kind=None: local(t))
+    ranks = shards.world if shards is not None else max((_mesh_size(p) for p in params), default=1)
     owners = _owners(module, names)
     rows: dict[str, dict[str, Any]] = {}
 
@@ -70,7 +84,7 @@ def account_memory(
             rows[name] = dict(
                 name=name,
                 group=module_group(name, owner),
-                kind=type(owner).__name__ if owner is not None else "",
+                kind=_class_name(owner) if owner is not None else "",
                 param_bytes=0,
                 state_by_kind=empty_kinds(),
                 baseline_bytes=0,
@@ -80,7 +94,7 @@ def account_memory(
         return rows[name]
 
     for p in params:  # rows in the model's order
-        row_of(p)["param_bytes"] += tensor_bytes(p)
+        row_of(p)["param_bytes"] += tensor_bytes(piece(p))
 
     layers: list[LayerMemory] = []
     dense_state = projected_state = projector = shared = adamw = quant_saving = 0
@@ -103,9 +117,9 @@ def account_memory(
             kinds = empty_kinds()
             for key, value in state.items():
                 if isinstance(value, Tensor):
-                    kinds[kind_of[key]] += tensor_bytes(value)
+                    kinds[kind_of[key]] += tensor_bytes(piece(value, p, kind_of[key]))
             total = sum(kinds.values())
-            p_baseline = baseline_state_bytes(p, group_of[p]) if ours else total
+            p_baseline = baseline_state_bytes(piece(p), group_of[p]) if ours else total
             adamw += p_baseline
             row = row_of(p)
             row["baseline_bytes"] += p_baseline
@@ -153,8 +167,8 @@ def account_memory(
         peak = torch.cuda.max_memory_allocated(device)
     report = MemoryReport(
         layers=tuple(sorted(layers, key=lambda layer: layer.name)),
-        param_bytes=sum(tensor_bytes(p) for p in params),
-        grad_bytes=gradient_bytes(params, optimizers),
+        param_bytes=sum(tensor_bytes(piece(p)) for p in params),
+        grad_bytes=gradient_bytes(params, optimizers, piece),
         dense_state_bytes=dense_state,
         projected_state_bytes=projected_state,
         projector_bytes=projector,
@@ -170,15 +184,17 @@ def account_memory(
         phases=None if phases is None else dict(phases),
         nonfinite_steps=sum(getattr(opt, "nonfinite_steps", 0) for opt in optimizers),
         layerwise=any(isinstance(opt, LayerwiseProjectedOptimizer) for opt in optimizers),
+        ranks=ranks,
     )
     warn_negative_saving(report)
     return report
 
 
-def gradient_bytes(params: Iterable[Tensor], optimizers: Iterable[Optimizer]) -> int:
+def gradient_bytes(params: Iterable[Tensor], optimizers: Iterable[Optimizer], piece: Piece = local) -> int:
     """The trainable parameters' gradients at their peak during a step: all of them at once, except that the
     parameters a ``LayerwiseProjectedOptimizer`` updates in their hooks free each gradient right after its update,
-    so of those only the largest single gradient counts."""
+    so of those only the largest single gradient counts. Each as large as ``piece`` of its parameter (under FSDP2
+    the local shard: gradients are sharded as their parameters)."""
     hooked = {
         id(p)
         for opt in optimizers
@@ -187,8 +203,22 @@ def gradient_bytes(params: Iterable[Tensor], optimizers: Iterable[Optimizer]) ->
         for p in g["params"]
     }
     trainable = [p for p in params if p.requires_grad]
-    held = sum(tensor_bytes(p) for p in trainable if id(p) not in hooked)
-    return held + max((tensor_bytes(p) for p in trainable if id(p) in hooked), default=0)
+    held = sum(tensor_bytes(piece(p)) for p in trainable if id(p) not in hooked)
+    return held + max((tensor_bytes(piece(p)) for p in trainable if id(p) in hooked), default=0)
+
+
+def _class_name(module: nn.Module) -> str:
+    """The module's class name; for one ``fully_shard`` wrapped (FSDP2's ``FSDPLinear``), its own (``Linear``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed
+        return type(module).__name__
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
+def _mesh_size(p: Tensor) -> int:
+    """How many ranks a DTensor parameter is spread over (1 for a plain tensor)."""
+    return p.device_mesh.size() if is_sharded(p) else 1
 
 
 def _owners(module: nn.Module | None, names: Mapping[Tensor, str]) -> dict[int, tuple[str, nn.Module | None]]:

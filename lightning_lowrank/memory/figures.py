@@ -129,6 +129,10 @@ class MemoryReport:
 
     ``nonfinite_steps`` counts the optimizer steps skipped because a gradient held an inf or NaN.
 
+    ``ranks`` > 1: the parameters are sharded by FSDP2 over that many ranks and every byte is one rank's (its rows of
+    parameters, gradients and moments; replicated P, indices and counters in full), or with ``summed`` the sum over
+    all of them (``ranks.sum_over_ranks``). Layer shapes stay global.
+
     ``probe`` is a ``CurvatureProbe``'s cost (its ``probe_stats``: calls, seconds, extra_bytes, step_seconds, ratio)
     when one runs: the curvature figures are not free, and this is where their price is shown next to the savings.
     """
@@ -152,6 +156,8 @@ class MemoryReport:
     phases: Mapping[str, float] | None = field(default=None, hash=False)  # a MemoryPhases callback's phase_stats
     nonfinite_steps: int = 0  # optimizer steps skipped for an inf or NaN gradient (``nonfinite="skip"``)
     layerwise: bool = False  # parameters updated in hooks during backward: ``grad_bytes`` is the largest one
+    ranks: int = 1  # FSDP2: the ranks the parameters are sharded over; bytes are one rank's unless ``summed``
+    summed: bool = False  # every byte figure is the sum over the ``ranks`` ranks (``sum_over_ranks``)
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -219,6 +225,8 @@ class MemoryReport:
             "quantization_saving_bytes": self.quantization_saving_bytes,
             "nonfinite_steps": self.nonfinite_steps,
             "layerwise": self.layerwise,
+            "ranks": self.ranks,
+            "summed": self.summed,
             "state_by_kind": self.state_by_kind,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "cpu_max_rss_bytes": self.cpu_max_rss_bytes,

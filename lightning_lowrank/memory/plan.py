@@ -23,6 +23,10 @@ And one shortcut for speed: the random projector's P is rebuilt from its seed by
 meta weights the plan's optimizer returns an empty meta P of the same shape instead (its stored state, the seed, is
 created by the unchanged refresh).
 
+With ``fsdp=N`` (FSDP2, ``lowrank_fsdp`` on N ranks) the report is rank 0's, which holds the most rows: each
+parameter, its gradient and its moments (projected ones m x r, as ``side="right"`` makes them) take ceil(m / N) rows,
+and P and the counters are replicated (``ranks.py``); ``Plan.total`` sums all N ranks.
+
 With ``layerwise=True`` (the strategy's layer-wise mode, GaLore's per-layer weight update) each parameter is updated
 in its own hook during backward and its gradient freed right away, so the planned gradients are the largest single
 gradient, not their sum.
@@ -48,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.accounting import account_memory
 from lightning_lowrank.memory.figures import MemoryReport, format_bytes
+from lightning_lowrank.memory.ranks import PlannedShards, check_sharded, over_planned_ranks, sharded_config
 from lightning_lowrank.memory.report import render_memory_report
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS
@@ -154,16 +159,18 @@ class Plan:
     gpu_bytes: int | None = None
     notes: tuple[str, ...] = ()
     layerwise: bool = False  # planned with layer-wise updates: gradients are the largest single one
+    fsdp: int | None = None  # planned for FSDP2 on this many ranks: ``report`` is rank 0's, ``total`` all of theirs
+    total: MemoryReport | None = None
 
     @property
     def lowrank_bytes(self) -> int:
-        """Parameters + gradients + the low-rank optimizer's state."""
+        """Parameters + gradients + the low-rank optimizer's state (per rank with ``fsdp``)."""
         r = self.report
         return r.param_bytes + r.grad_bytes + r.optimizer_state_bytes
 
     @property
     def dense_bytes(self) -> int:
-        """Parameters + gradients + the state of the module's own (dense) optimizer."""
+        """Parameters + gradients + the state of the module's own (dense) optimizer (per rank with ``fsdp``)."""
         r = self.report
         return r.param_bytes + r.grad_bytes + r.baseline_state_bytes
 
@@ -179,26 +186,36 @@ class Plan:
     def verdict(self) -> list[str]:
         """Plain-language lines: the totals with and without low rank, and whether each fits the GPU."""
         baseline, mode = self.report.baseline, ", layer-wise" if self.layerwise else ""
+        where = f" per rank (FSDP2, {self.fsdp} rank{'s' if self.fsdp > 1 else ''})" if self.fsdp else ""
         rows = [
             (f"with low-rank state{mode}", self.lowrank_bytes, self.fits),
             (f"dense {baseline}{mode}", self.dense_bytes, self.fits_dense),
         ]
         if self.gpu_bytes is None:
-            lines = ["Planned parameters + gradients + optimizer state (activations not included):"]
+            lines = [f"Planned parameters + gradients + optimizer state{where} (activations not included):"]
             lines += [f"  {label}: {format_bytes(total)}" for label, total, _ in rows]
         else:
-            lines = [f"Fits a {format_bytes(self.gpu_bytes)} GPU? (parameters + gradients + optimizer state only)"]
+            lines = [
+                f"Fits a {format_bytes(self.gpu_bytes)} GPU{where}? (parameters + gradients + optimizer state only)"
+            ]
             for label, total, fits in rows:
                 room = self.gpu_bytes - total
                 tail = f"{format_bytes(room)} left for activations" if fits else f"{format_bytes(-room)} over"
                 lines.append(f"  {label}: {format_bytes(total)} -> {'FITS' if fits else 'DOES NOT FIT'} ({tail})")
+        if self.total is not None:
+            t = self.total
+            lines += [
+                f"In total over {self.fsdp} ranks (replicated P and counters on each):",
+                f"  with low-rank state: {format_bytes(t.param_bytes + t.grad_bytes + t.optimizer_state_bytes)}",
+                f"  dense {baseline}: {format_bytes(t.param_bytes + t.grad_bytes + t.baseline_state_bytes)}",
+            ]
         return [*lines, *self.notes, ACTIVATIONS_NOTE]
 
     def render(self, console: Any = None, **render_options: Any) -> None:
         """The rich memory report (as printed after training; ``render_options`` go to ``render_memory_report``)
         followed by the verdict lines, wrapped at the console's width (rich's global console by default)."""
         console = console or get_console()
-        render_memory_report(self.report, console, **render_options)
+        render_memory_report(self.report, console, over_ranks=self.total, **render_options)
         for line in self.verdict():
             console.print(line, highlight=False, markup=False, width=console.width)
 
@@ -212,6 +229,7 @@ def plan(
     dtype: torch.dtype | str | None = None,
     gpu_gib: float | None = None,
     layerwise: bool = False,
+    fsdp: int | None = None,
     **lowrank_options: Any,
 ) -> Plan:
     """The memory report ``LowRankStrategy(**lowrank_options)`` would measure after the first step, without training.
@@ -228,6 +246,9 @@ def plan(
         layerwise: plan the strategy's ``layerwise=True`` (GaLore's per-layer weight update): one parameter's full
             gradient exists at a time, so the gradients are the largest single one (and ``memory_budget`` is
             refused, as by the strategy).
+        fsdp: plan ``lowrank_fsdp`` on this many ranks: per-rank figures (rank 0's, ceil(m / N) rows of every
+            parameter, gradient and moment; P and counters replicated) and ``Plan.total`` over all ranks. It plans
+            ``side="right"`` and refuses what ``lowrank_fsdp`` refuses (``side="left"``, ``layerwise``, ...).
         **lowrank_options: any ``LowRankConfig`` field (rank, projector, state_bits, residual, ...), validated there,
             so a bad option raises the error the strategy raises.
     """
@@ -237,7 +258,7 @@ def plan(
             f"plan() got unknown low-rank option(s) {', '.join(unknown)}; the options are LowRankConfig's fields: "
             f"{', '.join(sorted(LowRankConfig.field_names()))}"
         )
-    cfg = LowRankConfig(**lowrank_options)
+    cfg = LowRankConfig(**lowrank_options) if fsdp is None else sharded_config(fsdp, layerwise, lowrank_options)
     if gpu_gib is not None and not gpu_gib > 0:
         raise ValueError(f"gpu_gib must be > 0, got {gpu_gib!r}")
     dtype = _dtype(dtype)
@@ -256,6 +277,8 @@ def plan(
         if not isinstance(opt, ProjectedOptimizer):
             opt = cls.from_optimizer(opt, selected, **options)
         optimizers.append(opt)
+    if fsdp is not None:
+        check_sharded(optimizers)
     for p in twin.parameters():
         if p.requires_grad:
             p.grad = torch.empty_like(p)  # meta: a shape, no memory
@@ -265,7 +288,13 @@ def plan(
                 ProjectedOptimizer.step(opt)
             else:
                 opt.step()
-    report = account_memory(optimizers, twin.parameters(), selected, module=twin)  # as the strategy's memory_report()
+    shards = None if fsdp is None else PlannedShards(fsdp)  # rank 0: the most rows
+
+    def account(shards: PlannedShards | None) -> MemoryReport:  # as the strategy's memory_report()
+        return account_memory(optimizers, twin.parameters(), selected, module=twin, shards=shards)
+
+    report = account(shards)
+    total = None if fsdp is None else over_planned_ranks(account, twin.parameters(), fsdp)
     notes: tuple[str, ...] = ()
     if cfg.memory_budget is not None:
         notes = (
@@ -278,7 +307,7 @@ def plan(
             "after its update in backward; with accumulate_grad_batches > 1, dense parameters (and layers due to "
             "refresh) keep their full gradient through the window, which this plan does not count.",
         )
-    return Plan(report, None if gpu_gib is None else int(gpu_gib * GIB), notes, layerwise)
+    return Plan(report, None if gpu_gib is None else int(gpu_gib * GIB), notes, layerwise, fsdp, total)
 
 
 def meta_twin(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

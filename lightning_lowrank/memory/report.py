@@ -51,6 +51,7 @@ def render_memory_report(
     *,
     collapse: bool | None = None,
     max_layers: int = MAX_LAYER_ROWS,
+    over_ranks: MemoryReport | None = None,
 ) -> None:
     """Print through rich's global console (or ``console``), like Lightning's own rich callbacks.
 
@@ -60,6 +61,7 @@ def render_memory_report(
     groups (attention, MLP, embeddings, other) stand for it; the groups, the split of the optimizer state by kind,
     the per-phase CUDA peaks (with a ``MemoryPhases`` callback) and the totals are always shown. Bars compare a
     row's optimizer state with what the module's own dense optimizer would hold (full bar: as much as it).
+    ``over_ranks`` (FSDP2: ``sum_over_ranks`` of ``report``) adds the totals over all ranks below this rank's.
     """
     console = console or get_console()
     width = console.width
@@ -74,7 +76,8 @@ def render_memory_report(
             for r in (row.with_bar(ascii_only) for row in rows)
         ]
         headers = ["Layer", "Shape", "Rank", "Proj.", "State", base, f"vs {base}", "Saving"]
-        _print_table(console, f"Low-rank optimizer memory: {len(rows)} layers", headers, cells, width)
+        title = f"Low-rank optimizer memory: {len(rows)} layers{_scope(report)}"
+        _print_table(console, title, headers, cells, width)
     elif rows:
         console.print(
             f"[bold]Low-rank optimizer memory[/]: {len(rows)} layers, shown by module group "
@@ -136,14 +139,16 @@ def render_memory_report(
 
     grid = Table.grid()
     grid.add_column()
-    for label, value in summary_rows(report):
+    for label, value in summary_rows(report, over_ranks):
         grid.add_row(f"[bold]{label}[/]: {value}")
     console.print(grid, width=width)
 
 
-def summary_rows(report: MemoryReport) -> list[tuple[str, str]]:
-    """The totals below the tables, as (label, value)."""
-    rows = [
+def summary_rows(report: MemoryReport, over_ranks: MemoryReport | None = None) -> list[tuple[str, str]]:
+    """The totals below the tables, as (label, value); under FSDP2 first whose bytes they are, and last, with
+    ``over_ranks``, the totals over all ranks."""
+    rows = _ranks_rows(report)
+    rows += [
         ("Parameters", format_bytes(report.param_bytes)),
         (
             "Gradients",
@@ -193,7 +198,35 @@ def summary_rows(report: MemoryReport) -> list[tuple[str, str]]:
         rows.append(("Curvature probe", probe_summary(report.probe, cuda=report.peak_allocated_bytes is not None)))
     if report.nonfinite_steps:
         rows.append(("Non-finite steps skipped", str(report.nonfinite_steps)))
+    if over_ranks is not None:
+        rows.append(
+            (
+                f"All {over_ranks.ranks} ranks together",
+                f"parameters {format_bytes(over_ranks.param_bytes)}, gradients {format_bytes(over_ranks.grad_bytes)}, "
+                f"optimizer state {format_bytes(over_ranks.optimizer_state_bytes)} (dense {over_ranks.baseline} "
+                f"{format_bytes(over_ranks.baseline_state_bytes)})",
+            )
+        )
     return rows
+
+
+def _scope(report: MemoryReport) -> str:
+    if report.ranks <= 1:
+        return ""
+    return f", summed over {report.ranks} ranks" if report.summed else ", per rank"
+
+
+def _ranks_rows(report: MemoryReport) -> list[tuple[str, str]]:
+    """Under FSDP2: whose bytes the figures are."""
+    n = report.ranks
+    if n <= 1:
+        return []
+    if report.summed:
+        return [(f"Summed over {n} ranks", f"what each holds, added up: replicated P, indices and counters {n} times")]
+    what = (
+        "this rank's rows of parameters, gradients and moments; P, indices and counters are replicated, counted in full"
+    )
+    return [(f"Per rank (FSDP2, {n} ranks)", f"{what}; layer shapes are global")]
 
 
 def bar(value: float, whole: float, width: int = BAR_WIDTH, ascii_only: bool = False) -> str:

@@ -10,6 +10,7 @@ A tensor changed in place by anything else would go stale: only this module chan
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -59,3 +60,12 @@ def advance_all(tensors: list[Tensor]) -> list[int]:
     for t, value in zip(tensors, values):
         _store(t, value)
     return values
+
+
+def forget_all(states: Iterable[dict[str, Tensor]]) -> None:
+    """Drop the kept values of every tensor in ``states``: they may have been written in place by something else (a
+    distributed checkpoint loads the saved counters into the live tensors), so ``read_int`` reads them again."""
+    for state in states:
+        for t in state.values():
+            if _entry(t) is not None:
+                _VALUES.pop(id(t), None)

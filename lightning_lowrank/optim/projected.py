@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
+from itertools import chain
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.optim.budget import BudgetMixin
 from lightning_lowrank.optim.costs import projected_rule
-from lightning_lowrank.optim.host_ints import read_int
+from lightning_lowrank.optim.host_ints import forget_all, read_int
 from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
 from lightning_lowrank.optim.options import (
     SUPPORTED_OPTIMIZERS,
@@ -38,7 +39,7 @@ from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
 from lightning_lowrank.optim.refresh import RefreshInfo, RefreshMixin, RefreshTimer
 from lightning_lowrank.optim.resume import load_state
 from lightning_lowrank.optim.sharding import check as check_sharded
-from lightning_lowrank.optim.sharding import is_sharded
+from lightning_lowrank.optim.sharding import distributed_state_dict, is_sharded, local_state_dict
 from lightning_lowrank.optim.state_layout import state_kinds
 from lightning_lowrank.optim.stepping import StepMixin
 
@@ -165,7 +166,9 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         (``resume.py``): as saved when they agree (dtypes kept: no cast of integer state or of float32 moments of a
         bf16 weight to the param's dtype), else converted (a changed rank or projector, a dense checkpoint, ...)
         with one warning that says what changed."""
-        load_state(self, state_dict, super().load_state_dict)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        load_state(self, local_state_dict(params, state_dict), super().load_state_dict)
+        forget_all(self.state.values())  # DCP writes counters into the live tensors: read them again
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -178,7 +181,8 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
     def state_dict(self) -> dict[str, Any]:
         """As torch's, with the count of steps skipped for a non-finite gradient (``nonfinite=``), which a resumed run
         goes on counting from (torch's optimizers ignore the extra key)."""
-        return {**super().state_dict(), "nonfinite_steps": self.nonfinite_steps}
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        return distributed_state_dict(params, {**super().state_dict(), "nonfinite_steps": self.nonfinite_steps})
 
     # -- what a scheduler, a strategy or a report may ask of it ------------------------------------------------
 

@@ -117,3 +117,45 @@ def all_ranks_finite(flag: Tensor, params: Iterable[Tensor]) -> Tensor:
     bad = (~flag).to(torch.int32).reshape(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=process_group(sharded))
     return bad[0] == 0
+
+
+def as_dtensors(param: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` as a distributed checkpoint must see it for a sharded ``param``: each tensor whose rows are the
+    parameter's local rows (the moments, dense or projected: local rows x r) wrapped as a ``Shard(0)`` DTensor of the
+    global row count, without a copy; replicated ones (P, indices, seeds, counters) plain. DCP saves a plain tensor
+    once, from one rank, so plain per-rank moments would lose the other ranks' rows."""
+    rows, global_rows = local(param).shape[0], param.shape[0]
+    out = {}
+    for key, t in state.items():
+        if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == rows and key in _row_keys(state):
+            shape = (global_rows, *t.shape[1:])
+            t = DTensor.from_local(t, param.device_mesh, [Shard(0)], shape=shape, stride=t.stride())
+        out[key] = t
+    return out
+
+
+def _row_keys(state: dict[str, Tensor]) -> set[str]:
+    from lightning_lowrank.optim.rules import MOMENT_KEYS
+
+    return {k for keys in MOMENT_KEYS.values() for k in keys} & set(state)
+
+
+def as_local(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of ``as_dtensors``: each DTensor's local rows (the same storage: DCP loads in place)."""
+    return {k: local(t) if isinstance(t, Tensor) else t for k, t in state.items()}
+
+
+def distributed_state_dict(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``state_dict`` (its ``state`` keyed by position in ``params``) with each sharded parameter's
+    row-sharded state as DTensors (``as_dtensors``); unchanged without sharded parameters."""
+    if not any(is_sharded(p) for p in params):
+        return state_dict
+    state = {k: as_dtensors(params[k], v) if is_sharded(params[k]) else v for k, v in state_dict["state"].items()}
+    return {**state_dict, "state": state}
+
+
+def local_state_dict(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """What ``load_state_dict`` installs from a distributed checkpoint: every DTensor as its local rows."""
+    if not any(is_sharded(p) for p in params):
+        return state_dict
+    return {**state_dict, "state": {k: as_local(v) for k, v in state_dict["state"].items()}}

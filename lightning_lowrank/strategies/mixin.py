@@ -225,11 +225,17 @@ class LowRankMixin:
         path = self.memory_json if isinstance(self.memory_json, str) else None
         if self.memory_json is True and trainer.loggers:
             path = os.path.join(memory_json_dir(trainer), MEMORY_JSON)  # on every rank: trainer.log_dir broadcasts
+        total = self.memory_report_over_ranks(report)  # a collective where the state is sharded: every rank
         if self.is_global_zero:
             if path is not None:
                 write_memory_json(report, path)
             if self.print_memory_report:
-                render_memory_report(report)
+                render_memory_report(report, over_ranks=total)
+
+    def memory_report_over_ranks(self, report: MemoryReport) -> MemoryReport | None:
+        """What all ranks hold together, where each holds a different part (FSDP2); None where every rank holds the
+        same (one device, DDP)."""
+        return None
 
 
 MEMORY_JSON = "lowrank_memory.json"
