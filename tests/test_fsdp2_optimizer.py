@@ -121,3 +121,51 @@ def test_a_nan_in_one_ranks_rows_skips_the_step_on_every_rank(tmp_path):
     sharded = torch.load(out, weights_only=True)
     assert sharded["nonfinite_steps"] == 1  # on rank 0, whose own gradient rows were all finite
     assert all(torch.isfinite(p).all() for p in sharded["params"].values())
+
+
+REFUSED = {
+    "side left": (dict(side="left"), "side='left'"),
+    "online_pca": (dict(projector="online_pca"), "projector='online_pca'"),
+    "subset_norm": (dict(projected_rule="subset_norm", side="auto"), "'subset_norm' inner rule"),
+    "apollo-mini": (dict(residual="apollo", apollo_scale_type="tensor", rank=1), "APOLLO-Mini"),
+    "memory_budget": (dict(memory_budget=10**6), "memory_budget"),
+}
+ALLOWED = {  # formulas that separate over rows: built without complaint
+    "fira": dict(residual="fira"),
+    "frugal": dict(residual="frugal"),
+    "apollo (channel)": dict(residual="apollo"),
+    "sgd": dict(),
+}
+
+
+def _refusals_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        messages = {}
+        for name, (options, _) in REFUSED.items():
+            try:
+                _optimizer(model, options)
+                messages[name] = None
+            except ValueError as err:
+                messages[name] = str(err)
+        for name, options in ALLOWED.items():
+            _optimizer(model, {**options, "_name": name})
+        if rank == 0:
+            torch.save(messages, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_what_needs_other_ranks_rows_is_refused_when_the_optimizer_is_built(tmp_path):
+    out = str(tmp_path / "messages.pt")
+    mp.spawn(_refusals_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    messages = torch.load(out, weights_only=True)
+    for name, (_, match) in REFUSED.items():
+        assert messages[name] is not None and match in messages[name], (name, messages[name])
+        assert "sharded by FSDP2" in messages[name] or "FSDP2" in messages[name], messages[name]
