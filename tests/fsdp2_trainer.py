@@ -7,7 +7,8 @@ Fits, in order, each writing what rank 0 saw into OUT_DIR:
 
 1. ``plain``: an unchanged ``TinyNet`` (no ``configure_model``: the strategy shards it), 4 steps, DCT refreshes at
    steps 0 and 2. Each rank trains on its half of every batch of 16, so the run is the single-device run on the whole
-   batch (``use_distributed_sampler=False``: Lightning's sampler would shuffle).
+   batch (``use_distributed_sampler=False``: Lightning's sampler would shuffle). The same with svd and rsvd + Fira
+   (``VARIANTS``).
 2. ``first_half`` + ``resumed``: the same run stopped after 2 steps with a distributed checkpoint, then resumed to 4.
 3. ``own_configure_model``: a module that shards itself in ``configure_model``; trains, finite.
 4. ``full_checkpoint``: 2 steps saved as one full checkpoint (``save_distributed_checkpoint=False``), for a
@@ -29,6 +30,8 @@ from lightning_lowrank import LowRankFSDPStrategy  # noqa: E402
 from tests.models import TinyNet, token_data  # noqa: E402
 
 OPTIONS = dict(rank=4, projector="dct", dct_scorer="fft", update_gap=2)  # fft: no d x d basis held
+# Other projectors and a residual through the Trainer (each also compared with one device).
+VARIANTS = {"svd": dict(projector="svd"), "rsvd_fira": dict(projector="rsvd", residual="fira")}
 BATCH, WORLD, N = 16, 2, 32  # two batches per epoch
 
 
@@ -58,10 +61,11 @@ class ShardsItself(Halves):
 def fit(make: type, steps: int, ckpt_path: str | None = None, **strategy: object) -> L.Trainer:
     torch.manual_seed(0)  # the same initial weights as the single-device reference
     model = make()
+    options = {**OPTIONS, "memory_report": False, "memory_json": False, **strategy}
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=LowRankFSDPStrategy(**OPTIONS, memory_report=False, memory_json=False, **strategy),
+        strategy=LowRankFSDPStrategy(**options),
         max_epochs=steps // 2,  # 2 steps an epoch: a checkpoint at its end resumes exactly (a plain loader)
         use_distributed_sampler=False,
         logger=False,
@@ -96,6 +100,8 @@ def save(trainer: L.Trainer, out: Path, name: str) -> None:
 
 def main(out: Path) -> None:
     save(fit(Halves, 4), out, "plain")
+    for name, options in VARIANTS.items():
+        save(fit(Halves, 4, **options), out, name)
     trainer = fit(Halves, 2)
     trainer.save_checkpoint(out / "half.ckpt")
     save(trainer, out, "first_half")

@@ -29,12 +29,15 @@ def runs(tmp_path_factory):
     return out
 
 
-def _single_device(steps: int, ckpt_path: str | None = None, with_report: bool = False) -> TinyNet:
+def _single_device(
+    steps: int, ckpt_path: str | None = None, with_report: bool = False, **options: object
+) -> TinyNet | tuple[TinyNet, object]:
     torch.manual_seed(0)
     model = TinyNet(scheduler=None, batch_size=script.BATCH, n=script.N)
+    options = {**script.OPTIONS, "side": "right", "memory_report": False, "memory_json": False, **options}
     trainer = L.Trainer(
         accelerator="cpu",
-        strategy=LowRankStrategy(**script.OPTIONS, side="right", memory_report=False, memory_json=False),
+        strategy=LowRankStrategy(**options),
         max_epochs=steps // 2,
         logger=False,
         enable_checkpointing=False,
@@ -64,6 +67,14 @@ def test_an_unchanged_module_trains_sharded_as_on_one_device(runs):
     assert plain["state_bytes"] == (one_device - plain["replicated_bytes"]) / script.WORLD + plain["replicated_bytes"]
     assert plain["state_bytes"] < 0.55 * one_device
     assert plain["total_state_bytes"] == one_device + (script.WORLD - 1) * plain["replicated_bytes"]
+
+
+@pytest.mark.parametrize("name", list(script.VARIANTS))
+def test_svd_and_rsvd_with_fira_through_the_trainer_equal_one_device(runs, name):
+    sharded = _load(runs, name)
+    reference = _single_device(4, **script.VARIANTS[name])
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(sharded["params"][n], p.detach(), rtol=0, atol=5e-5, msg=n)
 
 
 def test_a_distributed_checkpoint_resumes_bit_for_bit(runs):
