@@ -19,13 +19,14 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import test_fsdp2_optimizer as case  # noqa: E402
+from tests.fsdp2_spawn import WORLD, free_port  # noqa: E402
 
 
 def main() -> None:
     for name in case.CASES:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "rank0.pt")
-            mp.spawn(case._worker, args=(case._free_port(), name, out), nprocs=case.WORLD, join=True)
+            mp.spawn(case._worker, args=(free_port(), name, out), nprocs=WORLD, join=True)
             sharded = torch.load(out, weights_only=True)
         model = case._model()
         case._train(model, case._optimizer(model, {**case.CASES[name], "_name": name}), slice(None))

@@ -7,8 +7,6 @@ refreshes included, within 5e-5. A DCT refresh all-reduces one n-vector of score
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 
 import pytest
@@ -17,10 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_lowrank.optim import ProjectedOptimizer
+from tests.fsdp2_spawn import WORLD, free_port, process_group, shard_linears
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not dist.is_available(), reason="gloo workers")
 
-STEPS, BATCH, WORLD = 6, 8, 2
+STEPS, BATCH = 6, 8
 SHAPES = ((24, 16), (40, 24), (8, 40))  # tall, tall, wide: every weight projects on the right (side="right")
 CASES = {
     "dct": dict(projector="dct"),
@@ -64,18 +63,8 @@ def _train(model: torch.nn.Module, opt: ProjectedOptimizer, rows: slice, poison:
 
 
 def _worker(rank: int, port: int, name: str, out: str, poison: bool = False) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = _model()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    with process_group(rank, port):
+        model = shard_linears(_model())
         opt = _optimizer(model, {**CASES[name], "_name": name})
         half = BATCH // WORLD
         _train(model, opt, slice(rank * half, (rank + 1) * half), poison)
@@ -85,20 +74,12 @@ def _worker(rank: int, port: int, name: str, out: str, poison: bool = False) -> 
         if rank == 0:
             result = {"params": full, "moments": moments, "refresh_bytes": opt.sharded_refresh_bytes}
             torch.save({**result, "nonfinite_steps": opt.nonfinite_steps}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_sharded_run_equals_the_single_process_run(name, tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), name, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), name, out), nprocs=WORLD, join=True)
     sharded = torch.load(out, weights_only=True)
     model = _model()
     _train(model, _optimizer(model, {**CASES[name], "_name": name}), slice(None))
@@ -117,7 +98,7 @@ def test_a_nan_in_one_ranks_rows_skips_the_step_on_every_rank(tmp_path):
     """The non-finite flag is agreed over the ranks: rank 0's rows are finite, yet it skips with rank 1, so the
     shards stay consistent (a rank that stepped alone would leave the weight half-updated)."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), "dct", out, True), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), "dct", out, True), nprocs=WORLD, join=True)
     sharded = torch.load(out, weights_only=True)
     assert sharded["nonfinite_steps"] == 1  # on rank 0, whose own gradient rows were all finite
     assert all(torch.isfinite(p).all() for p in sharded["params"].values())
@@ -139,14 +120,8 @@ ALLOWED = {  # formulas that separate over rows: built without complaint
 
 
 def _refusals_worker(rank: int, port: int, out: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = _model()
-        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    with process_group(rank, port):
+        model = shard_linears(_model())
         messages = {}
         for name, (options, _) in REFUSED.items():
             try:
@@ -158,13 +133,11 @@ def _refusals_worker(rank: int, port: int, out: str) -> None:
             _optimizer(model, {**options, "_name": name})
         if rank == 0:
             torch.save(messages, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_what_needs_other_ranks_rows_is_refused_when_the_optimizer_is_built(tmp_path):
     out = str(tmp_path / "messages.pt")
-    mp.spawn(_refusals_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_refusals_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     messages = torch.load(out, weights_only=True)
     for name, (_, match) in REFUSED.items():
         assert messages[name] is not None and match in messages[name], (name, messages[name])

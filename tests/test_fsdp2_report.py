@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -23,10 +22,11 @@ from lightning_lowrank import plan
 from lightning_lowrank.__main__ import main
 from lightning_lowrank.memory import account_memory, render_memory_report, sum_over_ranks
 from lightning_lowrank.optim import ProjectedOptimizer
+from tests.fsdp2_spawn import WORLD, free_port, process_group, shard_linears
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not dist.is_available(), reason="gloo workers")
 
-WORLD, RANK, F32 = 2, 4, 4  # ranks, projection rank, bytes of a float32 (every tensor and every step counter)
+RANK, F32 = 4, 4  # projection rank, bytes of a float32 (every tensor and every step counter)
 SHAPES = ((13, 16), (8, 13))  # the two weights (rows, columns); each Linear has a bias of its rows
 SPLITS = {0: (7, 4), 1: (6, 4)}  # the rows each rank holds of the two layers (torch.chunk's split)
 SINGLE = (13, 8)  # one process holds all rows
@@ -75,18 +75,8 @@ def _assert_figures(report: dict, hand: dict[str, int]) -> None:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = _model()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    with process_group(rank, port):
+        model = shard_linears(_model())
         base = torch.optim.AdamW(model.parameters(), lr=1e-2)
         opt = ProjectedOptimizer.from_optimizer(base, lambda p: p.ndim == 2, rank=RANK, side="right")
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))[rank * 4 : (rank + 1) * 4]
@@ -102,20 +92,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         result = {"report": report.as_dict(), "total": total.as_dict(), "text": console.file.getvalue()}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[int, dict]:
     out = str(tmp_path_factory.mktemp("fsdp2_report"))
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return {rank: json.load(open(os.path.join(out, f"rank{rank}.json"))) for rank in range(WORLD)}
 
 
