@@ -54,6 +54,16 @@ warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
 RANK = ByteLMConfig().d_model // 4
 
 
+def config_of(args: argparse.Namespace) -> ByteLMConfig:
+    """The model a run trains: ``args.config`` where a driver sets one (``bench_tuned.py``), else ByteLM's default."""
+    return getattr(args, "config", None) or ByteLMConfig()
+
+
+def rank_of(args: argparse.Namespace) -> int:
+    """d/4 of the model trained."""
+    return config_of(args).d_model // 4
+
+
 @dataclass(frozen=True)
 class Run:
     """One row: who optimizes (``adamw``, ``ours`` or a peer's name), with which lr / scale and options."""
@@ -183,7 +193,7 @@ class PeerByteLM(ByteLM):
 def peer_factory(name: str, run: Run, args: argparse.Namespace) -> Any:
     """A function (groups, lr, betas, eps) -> the peer optimizer, or raises ``peers.PeerUnavailable``."""
     if name == "q-galore":  # the builder says why it cannot run here
-        cfg = peers.PeerConfig(rank=RANK, update_gap=args.update_gap, scale=run.scale, lr=run.lr)
+        cfg = peers.PeerConfig(rank=rank_of(args), update_gap=args.update_gap, scale=run.scale, lr=run.lr)
         peers.build(name, [torch.zeros(2, 2)], cfg, torch.device("cpu"))
     if name == "dct-adamw":
         return partial(_dct_adamw, peers._import("ista_daslab_optimizers", "fft_low_rank.dct_adamw"), args)
@@ -198,7 +208,7 @@ def peer_factory(name: str, run: Run, args: argparse.Namespace) -> Any:
     def make(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
         for group in groups:
             if group.pop("low", False):
-                group.update(rank=RANK, update_proj_gap=args.update_gap, proj_type="std", **extra)
+                group.update(rank=rank_of(args), update_proj_gap=args.update_gap, proj_type="std", **extra)
         return cls(groups, **kwargs)
 
     return make
@@ -210,7 +220,8 @@ def _dct_adamw(module: Any, args: argparse.Namespace, groups: list[dict[str, Any
     low = [g for g in groups if g.pop("low", False)]
     dense = [g for g in groups if g not in low]
     wd = low[0]["weight_decay"]
-    dct = module.DCTAdamW(low, weight_decay=wd, rank=RANK, proj="dct", update_proj_gap=args.update_gap, **kwargs)
+    rank, gap = rank_of(args), args.update_gap
+    dct = module.DCTAdamW(low, weight_decay=wd, rank=rank, proj="dct", update_proj_gap=gap, **kwargs)
     return Chained([torch.optim.AdamW(dense, **kwargs), dct])
 
 
@@ -262,17 +273,22 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
     try:
         if run.who in ("adamw", "ours"):
             L.seed_everything(args.seed, verbose=False)
-            model = ByteLM(ByteLMConfig(), **schedule)
+            model = ByteLM(config_of(args), **schedule)
         else:
             make = peer_factory(run.who, run, args)
             L.seed_everything(args.seed, verbose=False)
-            model = PeerByteLM(ByteLMConfig(), **schedule)
+            model = PeerByteLM(config_of(args), **schedule)
             model.make_peer = make
     except peers.PeerUnavailable as why:
         return Result(name, run, not_run=str(why))
     if run.who == "ours":
         strategy = lightning_lowrank.LowRankStrategy(
-            rank=RANK, update_gap=args.update_gap, scale=run.scale, seed=args.seed, memory_report=False, **run.options
+            rank=rank_of(args),
+            update_gap=args.update_gap,
+            scale=run.scale,
+            seed=args.seed,
+            memory_report=False,
+            **run.options,
         )
     curve = LossCurve()
     callbacks: list[Any] = [curve]

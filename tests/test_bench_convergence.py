@@ -1,5 +1,6 @@
 """The convergence benchmark's harness: peers get exactly the weights our strategy projects, and rows are honest."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -51,3 +52,27 @@ def test_a_missing_peer_is_a_not_run_row_and_ratios_divide_by_adamw(monkeypatch)
     rows = bench.table([adamw, ours, result]).splitlines()
     assert "| 2.500 | 1.250 |" in rows[3] and "| 0.250 |" in rows[3]
     assert "| galore | not run: galore_torch is not installed |" in rows[4]
+
+
+def test_the_tuned_study_picks_each_methods_best_lr_and_averages_seeds(monkeypatch):
+    """``bench_tuned``: the lr with the lowest seed-0 validation loss (a diverged one never), then the mean, min and
+    max over seeds, over tuned AdamW's mean: checked against numbers made up here."""
+    tuned = pytest.importorskip("bench_tuned")
+    made_up = {  # (method, lr, seed) -> validation loss
+        ("adamw", 1e-3, 0): 3.0, ("adamw", 1e-2, 0): 2.0, ("adamw", 1e-2, 1): 2.2,
+        ("ours-dct", 1e-3, 0): 2.5, ("ours-dct", 1e-2, 0): math.nan, ("ours-dct", 1e-3, 1): 2.7,
+    }  # fmt: skip
+
+    def fake_run(name, lr, seed, steps, args):
+        return bench.Result(name, bench.RUNS[name], [1.0] * steps, made_up[(name, lr, seed)], 100, float(steps))
+
+    monkeypatch.setattr(tuned, "_run", fake_run)
+    args = tuned.parse_args(["--methods", "adamw", "ours-dct", "--lrs", "1e-3", "1e-2", "--tune-steps", "2"])
+    lrs = tuned.tune(args, log=lambda *_: None)
+    assert lrs == {"adamw": 1e-2, "ours-dct": 1e-3}  # ours-dct diverged at 1e-2 (NaN): never chosen
+    results = {name: [fake_run(name, lr, seed, 4, args) for seed in (0, 1)] for name, lr in lrs.items()}
+    rows = {r["name"]: r for r in tuned.summarise(results, lrs)}
+    assert rows["adamw"]["val_mean"] == pytest.approx(2.1) and rows["adamw"]["vs_adamw"] == pytest.approx(1.0)
+    assert (rows["ours-dct"]["val_min"], rows["ours-dct"]["val_max"]) == (2.5, 2.7)
+    assert rows["ours-dct"]["vs_adamw"] == pytest.approx(2.6 / 2.1)
+    assert rows["ours-dct"]["seconds_per_step"] == pytest.approx(1.0)
