@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_optimizer_step.py             # 60M, 130M, 350M; ~10 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_optimizer_step.py --quick     # 60M, few steps: a smoke run
+    .venv/bin/python benchmarks/bench_optimizer_step.py --dtype bfloat16  # bf16 weights and gradients
     .venv/bin/python benchmarks/bench_optimizer_step.py --small-layers  # 96 projected 64x64 layers, bench_small_layers
     bash scripts/bench_env.sh                                       # installs the peers first (--no-deps)
 
@@ -39,18 +40,27 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
 
-from lightning_lowrank.memory.plan import PRESETS, llama_preset
+from lightning_lowrank.memory.plan import PRESETS, LlamaConfig, LlamaSkeleton, llama_preset
 
 # The ranks GaLore trained these sizes with (paper, Table 2 / configs); --rank overrides them.
-GALORE_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
+GALORE_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024, "tiny": 16}
+# Not a model anyone trained: a LLaMA block at hidden 64, for smoke runs where a real block is too slow (bf16 on a CPU).
+TINY = LlamaConfig(64, 176, 4, 1)
 PEER_PACKAGES = ("galore-torch", "q-galore-torch", "fira", "apollo-torch", "ista-daslab-optimizers", "bitsandbytes")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.json"
 MIB = 1024**2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=None, choices=list(PRESETS), help="default: 60M 130M 350M")
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        choices=[*PRESETS, "tiny"],
+        help="default: 60M 130M 350M; tiny: a hidden-64 block, for smoke runs",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed ordinary steps (default 30; --quick 4)")
     parser.add_argument("--refreshes", type=int, default=None, help="timed refresh steps (default 3; --quick 1)")
     parser.add_argument("--rank", type=int, default=None, help="rank for every preset (default: GaLore's per preset)")
@@ -61,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default: {DEFAULT_JSON}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype of the weights and gradients (default float32); each optimizer keeps its own state dtype",
+    )
     parser.add_argument("--quick", action="store_true", help="60M only, 4 ordinary + 1 refresh timed steps")
     parser.add_argument(
         "--small-layers",
@@ -92,13 +108,15 @@ def amortised(refresh: float, ordinary: float, gap: int) -> float:
 
 def layer_shapes(preset: str, layers: int) -> list[tuple[str, tuple[int, int]]]:
     """Names and shapes of the 2-D weights of the first ``layers`` decoder blocks (meta tensors: nothing allocated)."""
-    model = llama_preset(preset, device="meta")
+    model = LlamaSkeleton(TINY, device="meta") if preset == "tiny" else llama_preset(preset, device="meta")
     return [(name, tuple(p.shape)) for name, p in model.layers[:layers].named_parameters() if p.ndim == 2]
 
 
-def make_params(shapes: list[tuple[int, int]], seed: int, device: torch.device) -> list[Tensor]:
+def make_params(
+    shapes: list[tuple[int, int]], seed: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device, dtype)) for s in shapes]
 
 
 def _sync(device: torch.device) -> None:
@@ -117,7 +135,7 @@ class Run:
     ):
         self.name, self.grads, self.gap = name, grads, cfg.update_gap
         self.device = torch.device(args.device)
-        self.params = make_params(shapes, args.seed, self.device)
+        self.params = make_params(shapes, args.seed, self.device, DTYPES[args.dtype])
         self.buffers = [torch.empty_like(p) for p in self.params]
         self.ordinary: list[float] = []
         self.refresh: list[float] = []
@@ -248,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "scale": args.scale,
             "layers": args.layers,
             "seed": args.seed,
+            "dtype": args.dtype,
             "reference": peers.REFERENCE,
             "weights": "the 2-D weights of the first `layers` decoder blocks; embeddings, lm_head, norms excluded",
         },
@@ -259,12 +278,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rank = args.rank or GALORE_RANKS[preset]
         cfg = peers.PeerConfig(rank=rank, update_gap=gap, scale=args.scale)
         gen = torch.Generator().manual_seed(args.seed + 1)
-        grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(2)]
+        dtype = DTYPES[args.dtype]
+        grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(2)]
         distinct = ", ".join(sorted({f"{m}x{n}" for m, n in shapes}))
         title = (
             f"LLaMA-{preset}: {len(shapes)} weights of {args.layers} decoder block(s) ({distinct}), rank {rank}, "
             f"{(gap - 1) * args.refreshes} ordinary + {args.refreshes} refresh steps timed (gap {gap}), "
-            f"{args.device}, {torch.get_num_threads()} threads"
+            f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads"
         )
         runs = [Run(name, shapes, grads, cfg, args) for name in args.names]
         for c in range(1 + args.refreshes):

@@ -122,6 +122,25 @@ def test_quick_run_end_to_end_writes_the_expected_json(tmp_path):
     assert ours["state_bytes"] == sum((2 * r * max(m, n) + r * min(m, n)) * 4 + 4 for m, n in shapes)
 
 
+def test_bfloat16_weights_on_the_tiny_block(tmp_path):
+    """--dtype bfloat16: the weights and gradients are bf16, so AdamW's moments are bf16 (2 bytes) while ours keep
+    float32 moments and P for a half-precision weight (the default state_dtype); --presets tiny is a hidden-64 block."""
+    out = tmp_path / "bench.json"
+    result = bench.main(
+        ["--presets", "tiny", "--reps", "2", "--dtype", "bfloat16", "--only", "ours-svd", "--json", str(out)]
+    )
+    assert result["config"]["dtype"] == "bfloat16"
+    preset = result["presets"]["tiny"]
+    assert "bfloat16" in preset["title"] and preset["rank"] == 16
+    shapes = [tuple(w["shape"]) for w in preset["weights"]]
+    assert sorted(set(shapes)) == [(64, 64), (64, 176), (176, 64)] and len(shapes) == 7
+    adamw, ours = preset["rows"]
+    r = preset["rank"]
+    assert adamw["state_bytes"] == sum(2 * m * n * 2 + 4 for m, n in shapes)
+    assert ours["state_bytes"] == sum((2 * r * max(m, n) + r * min(m, n)) * 4 + 4 for m, n in shapes)
+    assert ours["refresh_check"] == "ok" and ours["step_ms"] > 0
+
+
 # -- benchmarks/parity.py ------------------------------------------------------------------------------------------
 
 
