@@ -28,12 +28,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_lowrank.optim.dct_fft import dct_scores_fft
+from lightning_lowrank.optim.rules import MOMENT_KEYS
+
 try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # a torch built without distributed: nothing can be sharded
     DTensor, Shard = None, None
 
 SHARDED_PROJECTORS = ("svd", "rsvd", "dct", "random", "gaussian")
+ROW_KEYS = frozenset(k for keys in MOMENT_KEYS.values() for k in keys)  # state with the weight's rows: the moments
 
 
 def is_sharded(t: Tensor | None) -> bool:
@@ -90,8 +94,6 @@ def refresh(projector: Any, param: Tensor, state: dict[str, Tensor], ctx: Any) -
 def _dct_partial_scores(projector: Any, param: Tensor, grad: Tensor, ctx: Any) -> Tensor:
     """This rank's share of each DCT column's score: the sum over its rows of squares (l2) or absolute values (l1)
     of G's coefficients, so the all-reduced sum ranks the columns as the single-device norms do."""
-    from lightning_lowrank.optim.dct_fft import dct_scores_fft
-
     power = 2 if ctx.group["dct_norm"] == "l2" else 1
     if ctx.group["dct_scorer"] == "fft":
         return dct_scores_fft(grad, False, ctx.group["dct_norm"]).pow(power).contiguous()
@@ -127,17 +129,11 @@ def as_dtensors(param: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
     rows, global_rows = local(param).shape[0], param.shape[0]
     out = {}
     for key, t in state.items():
-        if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == rows and key in _row_keys(state):
+        if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == rows and key in ROW_KEYS:
             shape = (global_rows, *t.shape[1:])
             t = DTensor.from_local(t, param.device_mesh, [Shard(0)], shape=shape, stride=t.stride())
         out[key] = t
     return out
-
-
-def _row_keys(state: dict[str, Tensor]) -> set[str]:
-    from lightning_lowrank.optim.rules import MOMENT_KEYS
-
-    return {k for keys in MOMENT_KEYS.values() for k in keys} & set(state)
 
 
 def as_local(state: dict[str, Tensor]) -> dict[str, Tensor]:

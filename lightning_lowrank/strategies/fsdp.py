@@ -49,8 +49,9 @@ class LowRankFSDPStrategy(LowRankMixin, ModelParallelStrategy):
                 "lowrank_fsdp shards each weight by rows, and side='left' (P^T G) would sum over every rank's rows "
                 "at each step: use side='right' (the default here) or 'auto'"
             )
-        if kwargs.pop("tensor_parallel_size", 1) != 1:  # layerwise=True: refused by LowRankMixin, as for any
-            raise ValueError(  # parallel strategy that does not average in the layer-wise hooks
+        # (layerwise=True is refused by LowRankMixin, as for any parallel strategy that does not average in the hooks)
+        if kwargs.pop("tensor_parallel_size", 1) != 1:
+            raise ValueError(
                 "lowrank_fsdp: tensor parallelism is not supported yet (a 1-D data-parallel mesh only): drop "
                 "tensor_parallel_size or set it to 1"
             )
