@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-gap", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--val-batches", type=int, default=8)
+    parser.add_argument(
+        "--cache",
+        default="",
+        help="a JSON-lines file of finished runs: each run is appended when it ends and skipped when found, so a "
+        "study survives an interruption and can be split by --methods over processes that share the file",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--plan", action="store_true", help="print the runs it would make, and stop")
     parser.add_argument("--quick", action="store_true", help="smoke: small model, 6 steps, adamw and ours-dct")
     parser.add_argument("--json", default=str(HERE / "results" / "tuned.json"))
@@ -80,8 +87,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _key(name: str, lr: float, seed: int, steps: int, args: argparse.Namespace) -> str:
+    """What makes two runs the same run: the method, lr, seed, length and every setting that changes the numbers."""
+    return json.dumps([args.model, name, lr, seed, steps, args.batch_size, args.update_gap, args.val_batches])
+
+
+def _cached(key: str, args: argparse.Namespace) -> conv.Result | None:
+    if not args.cache or not Path(args.cache).exists():
+        return None
+    for line in Path(args.cache).read_text().splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        if entry.get("key") == key:
+            name, lr = entry["result"]["name"], json.loads(key)[2]
+            return conv.Result(**{**entry["result"], "run": dataclasses.replace(conv.RUNS[name], lr=lr)})
+    return None
+
+
 def _run(name: str, lr: float, seed: int, steps: int, args: argparse.Namespace) -> conv.Result:
-    """One training run of ``bench_convergence`` with this lr, seed and length (its data seeded alike)."""
+    """One training run of ``bench_convergence`` with this lr, seed and length (its data seeded alike), or its
+    result from ``--cache``; a finished run is appended there in one write."""
+    key = _key(name, lr, seed, steps, args)
+    if (found := _cached(key, args)) is not None:
+        return found
+    result = _train(name, lr, seed, steps, args)
+    if args.cache:
+        fields = {k: v for k, v in dataclasses.asdict(result).items() if k != "run"}
+        with open(args.cache, "a") as f:
+            f.write(json.dumps({"key": key, "result": fields}) + "\n")
+    return result
+
+
+def _train(name: str, lr: float, seed: int, steps: int, args: argparse.Namespace) -> conv.Result:
     run_args = argparse.Namespace(**{**vars(args), "seed": seed, "max_steps": steps})
     data = StdlibDataModule(
         block_size=args.config.block_size,
@@ -197,6 +233,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.plan:
         return []
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     lrs = tune(args)
     results: dict[str, list[conv.Result]] = {}
     skipped = {name: "cannot run here, or diverged at every lr" for name, lr in lrs.items() if lr is None}
@@ -208,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = table(rows, skipped)
     print(text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "config")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "config", "cache")}
     record = {
         "command": " ".join(["python", "benchmarks/bench_tuned.py", *(argv or sys.argv[1:])]),
         "machine": conv.machine(),

@@ -76,3 +76,26 @@ def test_the_tuned_study_picks_each_methods_best_lr_and_averages_seeds(monkeypat
     assert (rows["ours-dct"]["val_min"], rows["ours-dct"]["val_max"]) == (2.5, 2.7)
     assert rows["ours-dct"]["vs_adamw"] == pytest.approx(2.6 / 2.1)
     assert rows["ours-dct"]["seconds_per_step"] == pytest.approx(1.0)
+
+
+def test_the_tuned_study_cache_skips_finished_runs_and_keeps_settings_apart(monkeypatch, tmp_path):
+    """``--cache``: a finished run is appended once and read back (not retrained) by a later process; a run with
+    another batch size is another run. A NaN loss survives the round trip."""
+    tuned = pytest.importorskip("bench_tuned")
+    trained = []
+
+    def fake_train(name, lr, seed, steps, args):
+        trained.append((name, lr, seed, steps, args.batch_size))
+        return bench.Result(name, bench.RUNS[name], [1.5, math.nan], 2.25 + seed, 640, 3.0)
+
+    monkeypatch.setattr(tuned, "_train", fake_train)
+    cache = str(tmp_path / "runs.jsonl")
+    args = tuned.parse_args(["--methods", "ours-dct", "--cache", cache, "--batch-size", "4"])
+    first = tuned._run("ours-dct", 3e-3, 1, 7, args)
+    again = tuned._run("ours-dct", 3e-3, 1, 7, args)
+    assert trained == [("ours-dct", 3e-3, 1, 7, 4)]
+    assert (again.val_loss, again.state_bytes, again.seconds, again.run.lr) == (3.25, 640, 3.0, 3e-3)
+    assert again.losses[0] == 1.5 and math.isnan(again.losses[1]) and again.diverged == first.diverged
+    tuned._run("ours-dct", 3e-3, 1, 7, tuned.parse_args(["--cache", cache, "--batch-size", "8"]))
+    assert trained[-1] == ("ours-dct", 3e-3, 1, 7, 8)
+    assert len(Path(cache).read_text().splitlines()) == 2
