@@ -165,8 +165,13 @@ def summarise(results: dict[str, list[conv.Result]], lrs: dict[str, float | None
                 "val_min": min(losses),
                 "val_max": max(losses),
                 "vs_adamw": statistics.fmean(losses) / reference,
+                # the loss is nats per byte, so exp(difference) is the ratio of per-byte perplexities: the papers'
+                # "perplexity vs Adam" in a form that does not depend on the tokenizer's unit
+                "ppl_vs_adamw": math.exp(statistics.fmean(losses) - reference),
                 "state_bytes": runs[0].state_bytes,
                 "seconds_per_step": statistics.fmean(r.seconds for r in runs) / steps,
+                "seconds_per_step_min": min(r.seconds for r in runs) / steps,
+                "seconds_per_step_max": max(r.seconds for r in runs) / steps,
                 "curve": [statistics.fmean(c) for c in zip(*(r.losses for r in runs))],
                 "diverged": any(r.diverged for r in runs),
             }
@@ -177,19 +182,20 @@ def summarise(results: dict[str, list[conv.Result]], lrs: dict[str, float | None
 def table(rows: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     adamw = next((r for r in rows if r["name"] == "adamw"), None)
     lines = [
-        "| method | best lr | seeds | val loss mean (min - max) | / tuned AdamW | optimizer state | / AdamW "
-        "| s / step |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| method | best lr | seeds | val loss mean (min - max) | / tuned AdamW | ppl / tuned AdamW "
+        "| optimizer state | / AdamW | s / step mean (min - max) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         state = f"{r['state_bytes'] / adamw['state_bytes']:.3f}" if adamw else "-"
         flag = " DIVERGED" if r["diverged"] else ""
         lines.append(
             f"| {r['name']}{flag} | {r['lr']:g} | {r['seeds']} | {r['val_mean']:.4f} ({r['val_min']:.4f} - "
-            f"{r['val_max']:.4f}) | {r['vs_adamw']:.3f} | {r['state_bytes'] / 2**20:.2f} MiB | {state} | "
-            f"{r['seconds_per_step']:.3f} |"
+            f"{r['val_max']:.4f}) | {r['vs_adamw']:.3f} | {r['ppl_vs_adamw']:.3f} | {r['state_bytes'] / 2**20:.2f} MiB "
+            f"| {state} | {r['seconds_per_step']:.3f} ({r['seconds_per_step_min']:.3f} - "
+            f"{r['seconds_per_step_max']:.3f}) |"
         )
-    lines += [f"| {name} | not run: {why} | | | | | | |" for name, why in skipped.items()]
+    lines += [f"| {name} | not run: {why} | | | | | | | |" for name, why in skipped.items()]
     return "\n".join(lines)
 
 

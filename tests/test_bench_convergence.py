@@ -76,6 +76,9 @@ def test_the_tuned_study_picks_each_methods_best_lr_and_averages_seeds(monkeypat
     assert (rows["ours-dct"]["val_min"], rows["ours-dct"]["val_max"]) == (2.5, 2.7)
     assert rows["ours-dct"]["vs_adamw"] == pytest.approx(2.6 / 2.1)
     assert rows["ours-dct"]["seconds_per_step"] == pytest.approx(1.0)
+    assert rows["ours-dct"]["ppl_vs_adamw"] == pytest.approx(math.exp(0.5))  # mean loss 2.6 against 2.1
+    line = tuned.table(list(rows.values()), {"galore": "why"}).splitlines()[3]
+    assert "| 2.6000 (2.5000 - 2.7000) | 1.238 | 1.649 |" in line and "| 1.000 (1.000 - 1.000) |" in line
 
 
 def test_the_tuned_study_cache_skips_finished_runs_and_keeps_settings_apart(monkeypatch, tmp_path):
