@@ -31,13 +31,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import bench_convergence as conv  # noqa: E402
-from byte_lm import ByteLMConfig  # noqa: E402
+from byte_lm import SIZES  # noqa: E402
 from stdlib_data import StdlibDataModule  # noqa: E402
 
-MODELS = {
-    "small": ByteLMConfig(),  # 0.87M parameters: the demo
-    "medium": ByteLMConfig(d_model=256, n_layers=6, n_heads=8, ffn_hidden=704),
-}
+MODELS = SIZES  # small: 0.87M parameters (the demo); medium: 4.9M (d 256, 6 layers)
 METHODS = (
     "adamw",
     "ours-svd",

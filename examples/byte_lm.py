@@ -28,6 +28,13 @@ class ByteLMConfig:
     norm_eps: float = 1e-5
 
 
+SIZES = {
+    "small": ByteLMConfig(),  # 0.87M parameters: the demo, minutes on a CPU
+    # 4.9M parameters (6 blocks of 0.80M): the tuned study's model (benchmarks/bench_tuned.py), rank d/4 = 64
+    "medium": ByteLMConfig(d_model=256, n_layers=6, n_heads=8, ffn_hidden=704),
+}
+
+
 class RMSNorm(nn.Module):
     """LayerNorm without mean-centering or bias: cheaper, and what LLaMA uses."""
 

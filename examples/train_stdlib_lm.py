@@ -18,7 +18,7 @@ import warnings
 
 import lightning as L
 import torch
-from byte_lm import ByteLM, ByteLMConfig
+from byte_lm import SIZES, ByteLM
 from lightning.pytorch.loggers import CSVLogger
 from stdlib_data import StdlibDataModule
 
@@ -38,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--adaptive", action="store_true", help="Q-GaLore's lazy refresh: stable layers refresh less")
     parser.add_argument("--moments", choices=("keep", "reset", "rotate"), default="keep", help="moments at a refresh")
-    parser.add_argument("--rank", type=int, default=32, help="subspace rank per projected weight (default: 32)")
+    parser.add_argument(
+        "--size", choices=tuple(SIZES), default="small", help="small: 0.87M parameters; medium: 4.9M (default: small)"
+    )
+    parser.add_argument(
+        "--rank", type=int, default=None, help="subspace rank per projected weight (default: d_model / 4, 32 or 64)"
+    )
     parser.add_argument("--update-gap", type=int, default=50, help="steps between subspace refreshes (default: 50)")
     parser.add_argument("--scale", type=float, default=0.25, help="GaLore's alpha on the update (default: 0.25)")
     parser.add_argument(
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
 
-    config = ByteLMConfig()
+    config = SIZES[args.size]
+    args.rank = args.rank if args.rank is not None else config.d_model // 4
     model = ByteLM(config, lr=lr, warmup_steps=max(1, args.max_steps // 10), max_steps=args.max_steps)
     data = StdlibDataModule(
         block_size=config.block_size,

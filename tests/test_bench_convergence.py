@@ -102,3 +102,13 @@ def test_the_tuned_study_cache_skips_finished_runs_and_keeps_settings_apart(monk
     tuned._run("ours-dct", 3e-3, 1, 7, tuned.parse_args(["--cache", cache, "--batch-size", "8"]))
     assert trained[-1] == ("ours-dct", 3e-3, 1, 7, 8)
     assert len(Path(cache).read_text().splitlines()) == 2
+
+
+def test_the_medium_byte_lm_is_the_5m_parameter_model_of_the_tuned_study():
+    """``SIZES["medium"]``: embedding and untied head 256 x 256 each; per block four 256 x 256 attention weights,
+    three 256 x 704 MLP weights and two norms; a final norm. Counted by hand here, not by the model."""
+    byte_lm = pytest.importorskip("byte_lm")
+    d, hidden, blocks = 256, 704, 6
+    by_hand = 2 * 256 * d + blocks * (4 * d * d + 3 * d * hidden + 2 * d) + d
+    model = byte_lm.ByteLM(byte_lm.SIZES["medium"])
+    assert sum(p.numel() for p in model.parameters()) == by_hand == 4_951_296
