@@ -127,12 +127,15 @@ def _train(name: str, lr: float, seed: int, steps: int, args: argparse.Namespace
     return conv.train(name, dataclasses.replace(conv.RUNS[name], lr=lr), data, run_args)
 
 
-def tune(args: argparse.Namespace, log: Any = print) -> dict[str, float | None]:
+def tune(
+    args: argparse.Namespace, log: Any = print, grid: dict[str, dict[float, float]] | None = None
+) -> dict[str, float | None]:
     """Each method's best lr from the grid (seed 0, ``--tune-steps``): the lowest finite validation loss; None for a
-    method that cannot run here or diverged at every lr."""
+    method that cannot run here or diverged at every lr. ``grid`` receives every loss (inf: diverged)."""
     best: dict[str, float | None] = {}
+    grid = {} if grid is None else grid
     for name in args.methods:
-        losses = {}
+        losses = grid.setdefault(name, {})
         for lr in args.lrs:
             result = _run(name, lr, args.seeds[0], args.tune_steps, args)
             if result.not_run:
@@ -143,6 +146,21 @@ def tune(args: argparse.Namespace, log: Any = print) -> dict[str, float | None]:
         finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
         best[name] = min(finite, key=finite.get) if finite else None
     return best
+
+
+def tuning_table(grid: dict[str, dict[float, float]], lrs: list[float]) -> str:
+    """Every method's seed-0 validation loss at each lr of the grid, its best in bold: where the optimum sits."""
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for name, losses in grid.items():
+        finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
+        best = min(finite, key=finite.get) if finite else None
+        cells = [
+            "-" if lr not in losses else "diverged" if lr not in finite else
+            f"**{losses[lr]:.4f}**" if lr == best else f"{losses[lr]:.4f}"
+            for lr in lrs
+        ]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(results: dict[str, list[conv.Result]], lrs: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -240,7 +258,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         import torch
 
         torch.set_num_threads(args.threads)
-    lrs = tune(args)
+    grid: dict[str, dict[float, float]] = {}
+    lrs = tune(args, grid=grid)
+    tuning = tuning_table(grid, args.lrs)
+    print(tuning)
     results: dict[str, list[conv.Result]] = {}
     skipped = {name: "cannot run here, or diverged at every lr" for name, lr in lrs.items() if lr is None}
     for name, lr in lrs.items():
@@ -256,7 +277,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "command": " ".join(["python", "benchmarks/bench_tuned.py", *(argv or sys.argv[1:])]),
         "machine": conv.machine(),
     }
-    Path(args.json).write_text(json.dumps({**record, "settings": settings, "rows": rows, "table": text}, indent=1))
+    tuned = {"tuning": {name: {str(lr): v for lr, v in g.items()} for name, g in grid.items()}, "tuning_table": tuning}
+    Path(args.json).write_text(
+        json.dumps({**record, "settings": settings, **tuned, "rows": rows, "table": text}, indent=1)
+    )
     if args.png:
         title = f"Byte LM ({args.model}), rank {conv.rank_of(args)}, each at its best lr, {len(args.seeds)} seeds"
         plot(rows, args.png, title)

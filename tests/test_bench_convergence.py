@@ -68,8 +68,13 @@ def test_the_tuned_study_picks_each_methods_best_lr_and_averages_seeds(monkeypat
 
     monkeypatch.setattr(tuned, "_run", fake_run)
     args = tuned.parse_args(["--methods", "adamw", "ours-dct", "--lrs", "1e-3", "1e-2", "--tune-steps", "2"])
-    lrs = tuned.tune(args, log=lambda *_: None)
+    grid = {}
+    lrs = tuned.tune(args, log=lambda *_: None, grid=grid)
     assert lrs == {"adamw": 1e-2, "ours-dct": 1e-3}  # ours-dct diverged at 1e-2 (NaN): never chosen
+    assert tuned.tuning_table(grid, [1e-3, 1e-2]).splitlines()[2:] == [
+        "| adamw | 3.0000 | **2.0000** |",
+        "| ours-dct | **2.5000** | diverged |",
+    ]
     results = {name: [fake_run(name, lr, seed, 4, args) for seed in (0, 1)] for name, lr in lrs.items()}
     rows = {r["name"]: r for r in tuned.summarise(results, lrs)}
     assert rows["adamw"]["val_mean"] == pytest.approx(2.1) and rows["adamw"]["vs_adamw"] == pytest.approx(1.0)
