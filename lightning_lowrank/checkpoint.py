@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim.nonfinite import COUNT_KEY
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS, group_option_names
 from lightning_lowrank.optim.projection import is_left
 from lightning_lowrank.optim.refresh import has_subspace
@@ -45,7 +46,7 @@ from lightning_lowrank.optim.state_convert import (
 
 __all__ = ["to_dense_checkpoint"]
 # Keys only a ProjectedOptimizer's groups hold (a torch optimizer's own are kept when its signature has them).
-_OWN_KEYS = frozenset(LOWRANK_GROUP_KEYS | set(group_option_names()))
+_OWN_KEYS = frozenset(LOWRANK_GROUP_KEYS | set(group_option_names()) | {COUNT_KEY})
 
 
 def to_dense_checkpoint(

@@ -104,6 +104,37 @@ def test_a_nan_in_one_ranks_rows_skips_the_step_on_every_rank(tmp_path):
     assert all(torch.isfinite(p).all() for p in sharded["params"].values())
 
 
+def _dcp_worker(rank: int, port: int, out: str, path: str) -> None:
+    """Lightning's sharded save and load (``get_optimizer_state_dict``, ``dcp.save``; a template, ``dcp.load``,
+    ``set_optimizer_state_dict``), with the live count zeroed in between so that only the checkpoint can restore it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    with process_group(rank, port):
+        model = shard_linears(_model())
+        opt = _optimizer(model, dict(projector="dct"))
+        half = BATCH // WORLD
+        _train(model, opt, slice(rank * half, (rank + 1) * half), poison=True)
+        saved = opt.nonfinite_steps
+        dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+        opt.nonfinite_steps = 0
+        template = {"optimizer": get_optimizer_state_dict(model, opt)}
+        dcp.load(template, checkpoint_id=path)
+        set_optimizer_state_dict(model, opt, template["optimizer"])
+        if rank == 0:
+            keys = sorted(k for g in opt.param_groups for k in g if k == "nonfinite_steps")
+            torch.save({"saved": saved, "loaded": opt.nonfinite_steps, "group_keys": keys}, out)
+
+
+def test_the_skipped_step_count_survives_a_distributed_checkpoint(tmp_path):
+    """DCP keeps only "state" and "param_groups" of an optimizer's state_dict: the count rides in the first group,
+    and is taken out of the live groups again at load."""
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_dcp_worker, args=(free_port(), out, str(tmp_path / "dcp")), nprocs=WORLD, join=True)
+    result = torch.load(out, weights_only=True)
+    assert (result["saved"], result["loaded"], result["group_keys"]) == (1, 1, [])
+
+
 REFUSED = {
     "side left": (dict(side="left"), "side='left'"),
     "online_pca": (dict(projector="online_pca"), "projector='online_pca'"),

@@ -249,10 +249,16 @@ def test_the_count_survives_a_checkpoint():
     with pytest.warns(RuntimeWarning):
         _run(lambda m: opt, model, [_grads(model, 1)[0], _poison(_grads(model, 1)[0])])
     saved = copy.deepcopy(opt.state_dict())
-    assert saved["nonfinite_steps"] == 1
+    assert saved["nonfinite_steps"] == saved["param_groups"][0]["nonfinite_steps"] == 1
+    assert "nonfinite_steps" not in opt.param_groups[0]  # only the saved copy of the group carries it
     resumed = ProjectedOptimizer.from_optimizer(torch.optim.AdamW(model.parameters()), lambda p: p.ndim == 2, rank=4)
     resumed.load_state_dict(saved)
     assert resumed.nonfinite_steps == 1
+    # what a distributed checkpoint gives back: no top-level key, the count in the first group only
+    dcp_like = {k: v for k, v in copy.deepcopy(saved).items() if k != "nonfinite_steps"}
+    again = ProjectedOptimizer.from_optimizer(torch.optim.AdamW(model.parameters()), lambda p: p.ndim == 2, rank=4)
+    again.load_state_dict(dcp_like)
+    assert again.nonfinite_steps == 1 and all("nonfinite_steps" not in g for g in again.param_groups)
     assert (
         ProjectedOptimizer.from_optimizer(
             torch.optim.AdamW(model.parameters()), lambda p: p.ndim == 2, rank=4

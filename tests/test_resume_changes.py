@@ -171,7 +171,9 @@ def _lowrank_to_dense_round_trip(tmp_path, convert):
     dense = tmp_path / "dense.ckpt"
     convert(lowrank, dense)
     saved, converted = _saved(lowrank), _saved(dense)  # weights_only=True loads it
-    assert not {"rank", "projector", "lowrank_mask", "rule", "moments"} & set(converted["param_groups"][0])
+    assert not {"rank", "projector", "lowrank_mask", "rule", "moments", "nonfinite_steps"} & set(
+        converted["param_groups"][0]
+    )
     assert converted["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*size.*")

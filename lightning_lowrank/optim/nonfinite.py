@@ -13,6 +13,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+# Where a checkpoint keeps the count of skipped steps: top level, and in the first param group too, because a
+# distributed checkpoint (DCP, FSDP2) keeps only "state" and "param_groups".
+COUNT_KEY = "nonfinite_steps"
+
 
 def finite_flag(grads: Iterable[Tensor]) -> Tensor | None:
     """A device bool: every element of every gradient is finite (None for no gradients). Reads nothing."""
