@@ -138,6 +138,12 @@ RUNS: dict[str, Run] = {
         "GaLore recipe, SubspaceRefresh(adaptive=True, rule='qgalore')",
         {"adaptive": True, "rule": "qgalore"},
     ),
+    "adamw-split": Run(
+        "adamw-split",
+        1e-2,
+        0.25,
+        recipe="a control: torch AdamW with GaLore's lr split (the projected weights at scale x lr), no projection",
+    ),
     "galore": Run("galore", 1e-2, 0.25, recipe="galore-torch GaLoreAdamW, GaLore recipe"),
     "fira": Run("fira", 1e-2, 0.25, recipe="fira FiraAdamW, Fira recipe"),
     "apollo": Run("apollo", 1e-2, 1.0, recipe="apollo-torch APOLLOAdamW, APOLLO recipe"),
@@ -197,6 +203,8 @@ def peer_factory(name: str, run: Run, args: argparse.Namespace) -> Any:
         peers.build(name, [torch.zeros(2, 2)], cfg, torch.device("cpu"))
     if name == "dct-adamw":
         return partial(_dct_adamw, peers._import("ista_daslab_optimizers", "fft_low_rank.dct_adamw"), args)
+    if name == "adamw-split":
+        return partial(_adamw_split, run.scale)
     keys = {
         "galore": ("galore_torch", "adamw", {"scale": run.scale}),
         "fira": ("fira", "fira_adamw", {"alpha": run.scale}),
@@ -212,6 +220,16 @@ def peer_factory(name: str, run: Run, args: argparse.Namespace) -> Any:
         return cls(groups, **kwargs)
 
     return make
+
+
+def _adamw_split(scale: float, groups: list[dict[str, Any]], lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+    """Torch AdamW where the weights a low-rank recipe would project train at ``scale * lr`` and the rest (embedding,
+    norms, head) at ``lr``: what GaLore's recipe changes besides the projection. The weight decay of those weights
+    is scaled with their lr (GaLore's ``scale`` leaves it at ``lr``)."""
+    for group in groups:
+        if group.pop("low", False):
+            group["lr"] = scale * lr
+    return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
 def _dct_adamw(module: Any, args: argparse.Namespace, groups: list[dict[str, Any]], **kwargs: Any) -> Chained:

@@ -180,8 +180,8 @@ def summarise(results: dict[str, list[conv.Result]], lrs: dict[str, float | None
                 "val_min": min(losses),
                 "val_max": max(losses),
                 "vs_adamw": statistics.fmean(losses) / reference,
-                # the loss is nats per byte, so exp(difference) is the ratio of per-byte perplexities: the papers'
-                # "perplexity vs Adam" in a form that does not depend on the tokenizer's unit
+                # the loss is nats per byte, so exp(difference) is the ratio of per-byte perplexities. The papers'
+                # ratios are per token, and a token spans several bytes: compare signs and order, not magnitudes
                 "ppl_vs_adamw": math.exp(statistics.fmean(losses) - reference),
                 "state_bytes": runs[0].state_bytes,
                 "seconds_per_step": statistics.fmean(r.seconds for r in runs) / steps,
@@ -222,12 +222,14 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curves, trade) = plt.subplots(1, 2, figsize=(13, 5), dpi=120)
-    curves.set_prop_cycle(color=plt.cm.tab20.colors)
-    for r in rows:
+    top = 0.0
+    for r, color in zip(rows, plt.cm.tab20.colors * 2):  # one color per method in both panels
         window = max(1, len(r["curve"]) // 30)
+        smoothed = conv.smooth(r["curve"], window)
+        top = max(top, smoothed[len(smoothed) // 10])  # the warmup's losses would flatten the rest
         style = "-" if r["name"] == "adamw" or r["name"].startswith("ours") else "--"
-        curves.plot(conv.smooth(r["curve"], window), style, label=f"{r['name']} (lr {r['lr']:g})")
-        trade.scatter(r["state_bytes"] / 2**20, r["val_mean"], label=r["name"])
+        curves.plot(smoothed, style, color=color, label=f"{r['name']} (lr {r['lr']:g})")
+        trade.scatter(r["state_bytes"] / 2**20, r["val_mean"], color=color, label=r["name"])
         trade.errorbar(
             r["state_bytes"] / 2**20,
             r["val_mean"],
@@ -236,6 +238,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
             ecolor="grey",
         )
         trade.annotate(r["name"], (r["state_bytes"] / 2**20, r["val_mean"]), fontsize=7)
+    curves.set_ylim(top=top)
     curves.set_xlabel("optimizer step")
     curves.set_ylabel("train loss, mean over seeds (moving average)")
     curves.legend(fontsize=7)

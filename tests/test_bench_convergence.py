@@ -117,3 +117,17 @@ def test_the_medium_byte_lm_is_the_5m_parameter_model_of_the_tuned_study():
     by_hand = 2 * 256 * d + blocks * (4 * d * d + 3 * d * hidden + 2 * d) + d
     model = byte_lm.ByteLM(byte_lm.SIZES["medium"])
     assert sum(p.numel() for p in model.parameters()) == by_hand == 4_951_296
+
+
+def test_the_adamw_split_control_trains_projected_weights_at_scale_times_lr():
+    """The control: torch AdamW, the weights a recipe would project at 0.25 x lr. Adam's first step moves each
+    coordinate by lr (m / sqrt(v) = 1 for a constant gradient), so a zero weight lands at -lr by hand."""
+    w, e = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4))
+    make = bench.peer_factory("adamw-split", bench.RUNS["adamw-split"], None)
+    groups = [{"params": [e], "weight_decay": 0.0}, {"params": [w], "weight_decay": 0.1, "low": True}]
+    opt = make(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-12)
+    assert type(opt) is torch.optim.AdamW and [g["lr"] for g in opt.param_groups] == [1e-2, 2.5e-3]
+    w.grad, e.grad = torch.ones(4, 4), torch.ones(4)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), -2.5e-3))
+    torch.testing.assert_close(e.detach(), torch.full((4,), -1e-2))
