@@ -18,6 +18,21 @@ from torch import Tensor
 COUNT_KEY = "nonfinite_steps"
 
 
+def with_count(state_dict: dict, count: int) -> dict:
+    """A torch ``state_dict`` (its groups fresh dicts) with the skipped-step count at top level and in group 0."""
+    if state_dict["param_groups"]:
+        state_dict["param_groups"][0][COUNT_KEY] = count
+    return {**state_dict, COUNT_KEY: count}
+
+
+def pop_count(state_dict: dict) -> tuple[int, dict]:
+    """The count a checkpoint holds (top level, else group 0; 0 if neither), and the checkpoint without it in its
+    groups, so that the key never reaches the live param groups."""
+    groups = state_dict["param_groups"]
+    count = state_dict.get(COUNT_KEY, groups[0].get(COUNT_KEY, 0) if groups else 0)
+    return int(count), {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != COUNT_KEY} for g in groups]}
+
+
 def finite_flag(grads: Iterable[Tensor]) -> Tensor | None:
     """A device bool: every element of every gradient is finite (None for no gradients). Reads nothing."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}

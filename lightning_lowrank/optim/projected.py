@@ -26,7 +26,7 @@ from lightning_lowrank.optim.budget import BudgetMixin
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import forget_all, read_int
 from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
-from lightning_lowrank.optim.nonfinite import COUNT_KEY
+from lightning_lowrank.optim.nonfinite import pop_count, with_count
 from lightning_lowrank.optim.options import (
     SUPPORTED_OPTIMIZERS,
     WHOLE_OPTIMIZER_SECTIONS,
@@ -168,12 +168,10 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         bf16 weight to the param's dtype), else converted (a changed rank or projector, a dense checkpoint, ...)
         with one warning that says what changed."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        groups = state_dict["param_groups"]
-        count = state_dict.get(COUNT_KEY, groups[0].get(COUNT_KEY, 0) if groups else 0)
-        state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != COUNT_KEY} for g in groups]}
+        count, state_dict = pop_count(state_dict)
         load_state(self, local_state_dict(params, state_dict), super().load_state_dict)
         forget_all(self.state.values())  # DCP writes counters into the live tensors: read them again
-        self.nonfinite_steps = int(count)
+        self.nonfinite_steps = count
 
     def __getstate__(self) -> dict[str, Any]:
         """torch pickles only the defaults, the state and the groups; this optimizer's own attributes (the budget, the
@@ -187,10 +185,7 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         goes on counting from (torch's optimizers ignore the extra key). The count is also in the first param group,
         the only place a distributed checkpoint keeps it."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        state_dict = super().state_dict()  # its groups are fresh dicts: adding a key leaves ours alone
-        if state_dict["param_groups"]:
-            state_dict["param_groups"][0][COUNT_KEY] = self.nonfinite_steps
-        return distributed_state_dict(params, {**state_dict, COUNT_KEY: self.nonfinite_steps})
+        return distributed_state_dict(params, with_count(super().state_dict(), self.nonfinite_steps))
 
     # -- what a scheduler, a strategy or a report may ask of it ------------------------------------------------
 
