@@ -14,6 +14,8 @@ curves and a memory-vs-loss scatter. ``--model medium`` is a 4.9M-parameter byte
     python benchmarks/bench_tuned.py --plan            # the runs and steps it would take, no training
     python benchmarks/bench_tuned.py --model medium    # the full study (see docs/benchmarks.md for its time)
     python benchmarks/bench_tuned.py --quick           # a smoke run: tiny steps, two methods
+
+docs/benchmarks.md runs the study as two single-threaded processes that split ``--methods`` and share ``--cache``.
 """
 
 from __future__ import annotations
