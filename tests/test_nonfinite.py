@@ -224,11 +224,14 @@ def test_layerwise_skips_each_bad_layer_and_counts_the_step_once():
     opt = _layerwise(model)
     _layerwise_step(model, opt, poison_output=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {k: t.clone() for k, t in opt.state[model[2].weight].items()}
     with pytest.warns(RuntimeWarning, match="'2.weight' holds nan. Its update was skipped"):
         _layerwise_step(model, opt, poison_output=True)
     assert opt.nonfinite_steps == 1
     after = dict(model.named_parameters())
     assert torch.equal(after["2.weight"], before["2.weight"])  # the bad layer is untouched
+    assert moments.keys() == opt.state[model[2].weight].keys()
+    assert all(torch.equal(t, opt.state[model[2].weight][k]) for k, t in moments.items())  # moments and P too
     assert opt.completed_steps(after["2.weight"]) == 1
     assert not torch.equal(after["0.weight"], before["0.weight"])  # the layers with finite gradients stepped
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -236,10 +239,24 @@ def test_layerwise_skips_each_bad_layer_and_counts_the_step_once():
 
 
 def test_layerwise_raise_says_earlier_layers_were_updated():
+    """A first update is checked in its hook, before it is applied; a steady one at the end of the step, after the
+    layers with finite gradients were updated and the bad layer's update was taken back."""
     model = _model()
     opt = _layerwise(model, nonfinite="raise")
     with pytest.raises(NonFiniteGradientError, match="'2.weight' holds nan.*earlier in this backward were already"):
         _layerwise_step(model, opt, poison_output=True)
+    opt.detach()
+
+    model = _model()
+    opt = _layerwise(model, nonfinite="raise")
+    _layerwise_step(model, opt, poison_output=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NonFiniteGradientError, match="'2.weight' holds nan at its update 2.*finite gradients were upd"):
+        _layerwise_step(model, opt, poison_output=True)
+    after = dict(model.named_parameters())
+    assert torch.equal(after["2.weight"], before["2.weight"])
+    assert opt.completed_steps(after["2.weight"]) == 1
+    assert not torch.equal(after["0.weight"], before["0.weight"])
     opt.detach()
 
 

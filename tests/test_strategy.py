@@ -301,3 +301,25 @@ def test_rank_not_below_layer_size_keeps_that_layer_dense_with_a_warning():
     trainer = _trainer(LowRankStrategy(rank=23), max_steps=1)
     trainer.fit(model)
     assert trainer.optimizers[0].is_projected(model.attn.weight)
+
+
+def test_a_resume_through_the_strategy_keeps_host_state_on_the_host(monkeypatch):
+    """Lightning's ``load_optimizer_state_dict`` moves every optimizer tensor but ``step`` to the root device; ours
+    are placed by the optimizer's own ``load_state_dict``: seeds, ranks, counters and 8-bit shapes on the CPU (read
+    on the host every step), the rest with its parameter. A meta root device stands in for a GPU."""
+    from lightning_lowrank.optim.host_ints import on_host
+
+    torch.manual_seed(0)
+    model = TinyNet(width=128, hidden=256, scheduler=None)
+    trainer = _trainer(LowRankStrategy(rank=64, projector="random", state_bits=8), max_steps=2)
+    trainer.fit(model)
+    opt = trainer.optimizers[0]
+    checkpoint = {"optimizer_states": [opt.state_dict()]}
+    monkeypatch.setattr(type(trainer.strategy), "root_device", property(lambda self: torch.device("meta")))
+    trainer.strategy.load_optimizer_state_dict(checkpoint)
+    keys = {k for state in opt.state.values() for k in state}
+    assert {"proj_seed", "exp_avg_codes", "exp_avg_shape"} <= keys
+    for p, state in opt.state.items():
+        for key, t in state.items():
+            expected = "cpu" if on_host(key) or key == "step" else p.device.type
+            assert t.device.type == expected, key

@@ -154,7 +154,8 @@ def dense_adam(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], group: Mapping[str, Any]
 ) -> None:
     """torch's own functional Adam(W) over a list of dense parameters: its foreach or fused kernels, the user's
-    ``foreach``/``fused`` choice, and CPU step counters that it advances itself."""
+    ``foreach``/``fused``/``capturable`` choice, and step counters that it advances itself (on the CPU, or on the
+    parameters' device for fused/capturable: ``storage.step_counter``)."""
     beta1, beta2 = group["betas"]
     adam(
         params,
@@ -165,6 +166,7 @@ def dense_adam(
         [s["step"] for s in states],
         foreach=group.get("foreach"),
         fused=group.get("fused"),
+        capturable=bool(group.get("capturable", False)),
         has_complex=any(torch.is_complex(p) for p in params),
         decoupled_weight_decay=group["decoupled_weight_decay"],
         amsgrad=False,

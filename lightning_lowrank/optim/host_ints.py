@@ -15,6 +15,18 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+# State kept on the CPU whatever the parameter's device, because the host reads it: seeds (P is rebuilt from one at
+# every step), a layer's rank under a budget, Sophia's probe count, and the shapes of 8-bit buffers (``*_shape``).
+# Step counters too, except a dense parameter's under torch's fused/capturable Adam (``storage.step_counter``).
+HOST_KEYS = frozenset({"proj_seed", "rank", "hessian_updates"})
+HOST_SUFFIXES = ("_shape",)
+
+
+def on_host(key: str) -> bool:
+    """Whether state ``key`` (not ``step``: see ``HOST_KEYS``) lives on the CPU."""
+    return key in HOST_KEYS or key.endswith(HOST_SUFFIXES)
+
+
 # id(tensor) -> [weak reference to it, its value]; an entry leaves when its tensor dies, and is checked for identity
 # on every read (a plain dict: this is read for every layer at every step, and torch's WeakIdKeyDictionary costs
 # several Python calls per lookup).
@@ -49,6 +61,14 @@ def advance(t: Tensor) -> int:
     """``t += 1`` in place (the same tensor, as torch's step counters) and the new value, without a read."""
     value = read_int(t) + 1
     t += 1
+    _store(t, value)
+    return value
+
+
+def retreat(t: Tensor) -> int:
+    """Undo one ``advance`` (``t -= 1`` in place): an update taken back after the fact (layer-wise mode)."""
+    value = read_int(t) - 1
+    t -= 1
     _store(t, value)
     return value
 

@@ -37,10 +37,16 @@ which overlaps the backward of the next layer: parameter k is updated in paramet
 ``step``), so at most two layers' all-reduces are in flight. Every rank must give the same parameters a gradient in
 a window, as DDP without ``find_unused_parameters`` requires; ``step`` checks it.
 
-Non-finite gradients (``nonfinite=``): each layer's window gradient is checked in its hook, just before its update
-(one read per layer). Layers updated earlier in the same backward cannot be taken back, so ``"skip"`` skips the
-update of each layer whose gradient is not finite (its weight, moments, subspace and counter stay) and counts the
-step once; ``"raise"`` raises before that layer's update, saying that earlier layers were updated.
+Non-finite gradients (``nonfinite=``): ``"skip"`` skips the update of each layer whose window gradient is not
+finite (its weight, moments, subspace and counter stay) and counts the step once; the layers with finite gradients
+update (those done earlier in the same backward cannot be taken back). Deciding in the hook would read a device
+value per layer, each a stall of the autograd thread on a GPU; so a layer's update is taken back on the device
+instead: its weight and device state are copied before the update and restored by ``torch.where`` on the gradient's
+flags after it (one transient copy of one layer at a time), and the flags of every layer are read once, at the end
+of ``step`` (then, on a bad step only, the skipped layers' counters go back and they are named). ``"raise"`` does the
+same and raises there, naming the first bad layer. A layer that refreshes or takes its first update checks its
+gradient in its hook (one read: a decomposition must not see a non-finite gradient, and no earlier state exists
+to restore); that happens every ``update_gap`` steps. ``"ignore"`` neither copies nor reads.
 
 Not supported (the strategy refuses them at setup): ``memory_budget`` (ranks are allocated jointly over all layers
 due at a step), clipping by global norm, GradScaler and manual optimization.
@@ -58,7 +64,9 @@ from torch import Tensor
 
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.functional import project_gradient
+from lightning_lowrank.optim.host_ints import retreat
 from lightning_lowrank.optim.nonfinite import (
+    TakeBack,
     first_nonfinite,
     parameter_label,
     raise_nonfinite,
@@ -67,6 +75,7 @@ from lightning_lowrank.optim.nonfinite import (
 )
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.state_layout import state_kinds
+from lightning_lowrank.optim.storage import stateless
 
 LOWRANK_GRAD = "lowrank_grad"  # the state key of a projected layer's accumulated projected gradient
 # What this class keeps in a projected layer's state itself, by the memory report's kind (``state_layout``): the
@@ -92,6 +101,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._full: dict[Tensor, bool] = {}  # per layer touched in this window: accumulating the full gradient?
         self._pending: dict[Tensor, None] = {}  # touched in this window, not yet updated (insertion-ordered)
         self._skipped: list[tuple[str, str]] = []  # (layer, what it held): updates skipped in this step (nonfinite)
+        self._take_back = TakeBack()  # steady updates with a non-finite gradient, undone on the device
         # Under DDP (all_reduce_in_hooks): the process group, what is being all-reduced, and the bytes counted.
         self._dist_group: Any = None
         self._distributed = False
@@ -202,23 +212,51 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         index, gi, on = self._where[p]
         group = self.param_groups[gi]
         state = self.state[p]
-        if self.nonfinite != "ignore" and not self._window_gradient_finite(p, index, low_rank):
-            p.grad = None
-            return
+        gradient = p.grad if low_rank is None else low_rank
+        first = not state and (on or not stateless(group))  # dense SGD without momentum never keeps state
+        refreshes = on and low_rank is None and not first and self._is_due(p, state, group)
+        if self.nonfinite == "ignore":
+            self._update_layer(p, group, index, on, low_rank)
+        elif first or refreshes:  # checked here: see the module doc
+            if self._window_gradient_finite(p, index, low_rank):
+                self._update_layer(p, group, index, on, low_rank)
+        else:
+            with self._take_back.guard(p, index, state, gradient):
+                self._update_layer(p, group, index, on, low_rank)
+        p.grad = None
+
+    def _update_layer(self, p: Tensor, group: dict[str, Any], index: int, on: bool, low_rank: Tensor | None) -> None:
+        """One layer's update from its window gradient (``low_rank``, or ``p.grad`` in full)."""
         if not on:
             self._dense_step(p, group)
+            return
+        state = self.state[p]
+        if not state:
+            self._init_projected_state(p, group)
+        ctx = self._context(index, p, group)
+        if low_rank is None:  # the full gradient of the whole window: exactly what step() would see
+            if self._is_due(p, state, group, ctx.step):
+                self._refresh([(p, group, ctx)], slots=[self._slot[p]])  # refresh work spread over ranks
+            self._projected_step(p, group, ctx)
+            self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
         else:
-            if not state:
-                self._init_projected_state(p, group)
-            ctx = self._context(index, p, group)
-            if low_rank is None:  # the full gradient of the whole window: exactly what step() would see
-                if self._is_due(p, state, group, ctx.step):
-                    self._refresh([(p, group, ctx)], slots=[self._slot[p]])  # refresh work spread over ranks
-                self._projected_step(p, group, ctx)
-                self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
-            else:
-                self._projected_step(p, group, ctx, low_rank)
-        p.grad = None
+            self._projected_step(p, group, ctx, low_rank)
+
+    def _take_back_nonfinite(self) -> None:
+        """The end of a step: the layers whose updates were taken back (``TakeBack.settle``, one read) get their
+        counters back and are named; ``"raise"`` raises, naming the first."""
+        bad = self._take_back.settle()
+        for p, index, kind in bad:
+            if "step" in self.state[p]:
+                retreat(self.state[p]["step"])
+            self._skipped.append((parameter_label(p, index, self.param_names), kind))
+        if bad and self.nonfinite == "raise":
+            p, index, kind = bad[0]
+            applied = (
+                "the layers with finite gradients were updated in their hooks (layer-wise mode), the layers "
+                "holding non-finite ones were not"
+            )
+            raise_nonfinite(parameter_label(p, index, self.param_names), kind, self.completed_steps(p) + 1, applied)
 
     def _window_gradient_finite(self, p: Tensor, index: int, low_rank: Tensor | None) -> bool:
         """One layer's check (one read); a bad gradient raises or is recorded for ``step`` to count."""
@@ -311,11 +349,13 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
                     self._finish(p)
                 if self._distributed:
                     self._end_window()
+                self._take_back_nonfinite()
             if self._skipped:
                 self.nonfinite_steps += 1
                 warn_once(self, skipped_message(self.nonfinite_steps, *self._skipped[0], layerwise=True))
         finally:
             self._skipped = []
+            self._take_back.clear()
             self._final = False
             self._pending.clear()
             self._full.clear()

@@ -8,10 +8,13 @@ Only a bad step reads more, to name the first bad parameter. Plain torch: no Lig
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+
+from lightning_lowrank.optim.host_ints import on_host
 
 # Where a checkpoint keeps the count of skipped steps: top level, and in the first param group too, because a
 # distributed checkpoint (DCP, FSDP2) keeps only "state" and "param_groups".
@@ -63,9 +66,18 @@ def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> tuple[str, str]:
     flag per gradient: for a bad step only."""
     for name, g in named:
         if not bool(g.isfinite().all()):
-            nan, inf = bool(g.isnan().any()), bool(g.isinf().any())
-            return name, " and ".join(k for k, has in (("nan", nan), ("inf", inf)) if has)
+            return name, describe(bool(g.isnan().any()), bool(g.isinf().any()))
     return "(none)", "nothing"
+
+
+def nonfinite_flags(t: Tensor) -> Tensor:
+    """(holds a nan, holds an inf) as a device bool pair; reads nothing (layer-wise mode keeps each layer's pair
+    and reads them all once, at the end of the step)."""
+    return torch.stack((t.isnan().any(), t.isinf().any()))
+
+
+def describe(nan: bool, inf: bool) -> str:
+    return " and ".join(k for k, has in (("nan", nan), ("inf", inf)) if has)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -105,3 +117,44 @@ def parameter_label(param: Tensor, index: int, names: Mapping[Tensor, str]) -> s
     """How a message names a parameter: its module name where known, else its place and shape."""
     name = names.get(param)
     return repr(name) if name else f"parameter #{index} (shape {tuple(param.shape)})"
+
+
+class TakeBack:
+    """Layer-wise mode's skip of a non-finite layer update without a read per layer (a stall of the backward on a
+    GPU each): an update run in ``guard`` is taken back on the device when its gradient held an inf or a NaN, and
+    ``settle`` reads the flags of all of a step's guarded updates once. The host-side state (``host_ints``: the step
+    counter) is the caller's to put back, for the layers ``settle`` returns."""
+
+    def __init__(self) -> None:
+        self._flags: list[tuple[Tensor, int, Tensor]] = []  # (param, its index, (nan, inf) device flags)
+
+    @contextmanager
+    def guard(self, param: Tensor, index: int, state: dict[str, Tensor], gradient: Tensor) -> Iterator[None]:
+        """Run one layer's update; where ``gradient`` is not finite, restore its weight and device state by
+        ``torch.where`` against a copy made before (one layer's transient). A steady update changes the values of
+        the state, not which keys it holds."""
+        flags = nonfinite_flags(gradient)
+        self._flags.append((param, index, flags))
+        kept = {k: t.clone() for k, t in state.items() if k != "step" and not on_host(k)}
+        weight = param.detach().clone()
+        yield
+        finite = ~flags.any()
+        for key, old in kept.items():
+            state[key] = torch.where(finite, state[key], old)
+        param.copy_(torch.where(finite, param, weight))
+
+    def settle(self) -> list[tuple[Tensor, int, str]]:
+        """(param, index, what it held) of each update taken back since the last call: one read of the flags of all
+        of them; a bad step reads each layer's to name them."""
+        flags, self._flags = self._flags, []
+        if not flags or bool(~torch.stack([f for _, _, f in flags]).any()):  # the one read: all finite?
+            return []
+        bad = []
+        for param, index, pair in flags:
+            nan, inf = (bool(x) for x in pair)
+            if nan or inf:
+                bad.append((param, index, describe(nan, inf)))
+        return bad
+
+    def clear(self) -> None:
+        self._flags = []

@@ -39,6 +39,16 @@ def derive_seed(*parts: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def seeded_generator(seed: int, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator on ``device`` (default the CPU) seeded with ``seed``, so that draws are made where they are used:
+    a draw on the CPU copied to a GPU is a blocking copy (a stream sync) per draw. The same seed gives different
+    numbers on different device types, as torch's generators do. Meta tensors have no generator of their own;
+    they take a CPU one, which their draws accept (and ignore): the path is the same as on a GPU."""
+    device = torch.device("cpu" if device is None else device)
+    generator = torch.Generator() if device.type == "meta" else torch.Generator(device=device)
+    return generator.manual_seed(seed)
+
+
 SIDES = ("auto", "left", "right")
 
 
@@ -148,13 +158,14 @@ def randomized_svd_projection(
     """Top-``rank`` singular vectors of ``grad`` on its projected side by randomized SVD (Halko et al. 2011).
 
     A Gaussian sketch of ``rank + oversample`` columns, ``niter`` power iterations (re-orthonormalized), then an
-    exact SVD of the small projected matrix. The sketch comes from ``generator`` (CPU), not the global RNG.
+    exact SVD of the small projected matrix. The sketch comes from ``generator`` (on ``grad``'s device: see
+    ``seeded_generator``), not the global RNG.
     """
     work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
     A = work if is_left(grad.shape, side) else work.T  # (d, k): we want A's left singular vectors
     d, k = A.shape
     width = min(rank + oversample, d, k)
-    omega = torch.randn(k, width, generator=generator, dtype=A.dtype).to(A.device)
+    omega = torch.randn(k, width, generator=generator, dtype=A.dtype, device=A.device)
     Q = torch.linalg.qr(A @ omega).Q
     for _ in range(niter):
         Q = torch.linalg.qr(A @ torch.linalg.qr(A.T @ Q).Q).Q
@@ -165,14 +176,16 @@ def randomized_svd_projection(
 def random_orthonormal(
     size: int, rank: int, seed: int, dtype: torch.dtype, device: torch.device | str | None
 ) -> Tensor:
-    """A (size, rank) matrix with orthonormal columns: QR of a Gaussian drawn from ``seed`` (on CPU, so any device
-    regenerates the same basis). Drawn and factored in float32 unless the weight is float64: the basis is rebuilt
-    at every step, and float64 made that several times slower for the same float32 result."""
-    if device is not None and torch.device(device).type == "meta":  # the planner: a shape, not a QR on the CPU
-        return torch.empty(size, rank, dtype=dtype, device=device)
+    """A (size, rank) matrix with orthonormal columns: QR of a Gaussian drawn from ``seed``, both on ``device``.
+
+    The basis is rebuilt from its seed at every step (that is the projector's point: one integer of state), so the
+    draw and the QR run where P is used: drawn on the CPU, they cost a QR on the host and a blocking copy per layer
+    and step on a GPU. A device's generator gives its own numbers for a seed (``seeded_generator``): a run keeps
+    its bases on one device type, and one resumed on another draws different ones. Drawn and factored in float32
+    unless the weight is float64: float64 made it several times slower for the same float32 result."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    gaussian = torch.randn(size, rank, generator=torch.Generator().manual_seed(seed), dtype=work)
-    return torch.linalg.qr(gaussian).Q.to(dtype=dtype, device=device)
+    gaussian = torch.randn(size, rank, generator=seeded_generator(seed, device), dtype=work, device=device)
+    return torch.linalg.qr(gaussian).Q.to(dtype=dtype)
 
 
 APOLLO_SEED_ADVANCE = 0xF  # apollo-torch's next_seed draws this many integers and keeps the last
@@ -201,9 +214,7 @@ def gaussian_projection(
     projected gradient keeps about the norm of G, which is what APOLLO's scale factors assume.
     """
     m, n = shape
-    if torch.device(device).type == "meta":
-        return torch.empty(projected_dim(shape, side), rank, dtype=dtype, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = seeded_generator(seed, device)
     left = is_left(shape, side)
     layout = (m, rank) if left else (rank, n)
     draw = torch.randn(layout, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)

@@ -33,6 +33,7 @@ from lightning_lowrank.optim.projection import (
     projected_dim,
     random_orthonormal,
     randomized_svd_projection,
+    seeded_generator,
     svd_projection,
     top_indices,
 )
@@ -45,7 +46,7 @@ def retract(P: Tensor) -> Tensor:
     """The nearest-in-spirit orthonormal basis of P's columns: QR with signs chosen so that Q stays close to P."""
     Q, R = torch.linalg.qr(P.float())
     signs = torch.sign(torch.diagonal(R))
-    signs[signs == 0] = 1
+    signs = torch.where(signs == 0, 1.0, signs)  # not signs[signs == 0] = 1: a boolean index syncs on a GPU
     return (Q * signs).to(P.dtype)
 
 
@@ -72,9 +73,10 @@ class LayerContext:
         """d, the rows of this layer's P (``projection.projected_dim``)."""
         return projected_dim(param.shape, self.side)
 
-    def generator(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (seed, layer, step, salt): same draws on every rank and after resume."""
-        return torch.Generator().manual_seed(derive_seed(self.group["seed"], self.index, self.step, salt))
+    def generator(self, device: torch.device, salt: int = 0) -> torch.Generator:
+        """A generator on ``device`` seeded by (seed, layer, step, salt): same draws on every rank and after resume
+        (on one device type: ``projection.seeded_generator``)."""
+        return seeded_generator(derive_seed(self.group["seed"], self.index, self.step, salt), device)
 
 
 def store_matrix(state: dict[str, Tensor], P: Tensor, ctx: LayerContext, stochastic: bool = False) -> None:
@@ -85,7 +87,7 @@ def store_matrix(state: dict[str, Tensor], P: Tensor, ctx: LayerContext, stochas
     if bits is None:
         state["proj"] = P
         return
-    gen = ctx.generator(salt=1) if stochastic else None
+    gen = ctx.generator(P.device, salt=1) if stochastic else None  # the noise is drawn where P is
     q = quantize(P, bits, ctx.group["proj_group_size"], stochastic=stochastic, generator=gen)
     state["proj_codes"], state["proj_scale"], state["proj_zero"] = q["codes"], q["scale"], q["zero"]
 
@@ -143,7 +145,7 @@ class RandomizedSVDProjector(Projector):
         group, dtype = ctx.group, ctx.dtype_for(param)
         work = decomposed(grad, dtype)
         oversample, niter = group["rsvd_oversample"], group["rsvd_niter"]
-        P = randomized_svd_projection(work, ctx.rank, oversample, niter, ctx.generator(), ctx.side)
+        P = randomized_svd_projection(work, ctx.rank, oversample, niter, ctx.generator(work.device), ctx.side)
         store_matrix(state, P.to(dtype), ctx)
 
 

@@ -60,10 +60,12 @@ def quantize(
     float32/float16/bfloat16 inputs; scale and zero are float32). Inputs are assumed finite.
 
     With ``stochastic=True`` the rounding is ``floor(v + u)``, ``u ~ U[0, 1)``, which is unbiased
-    (``E[dequantize] == x``), so repeated re-quantization does not drift. ``u`` is drawn from
-    ``generator`` (on the generator's device), never from torch's global RNG, so results are
-    reproducible and training randomness is left alone. Without a generator a fresh, randomly seeded
-    one is used: still unbiased and still leaves the global RNG untouched, but not reproducible.
+    (``E[dequantize] == x``), so repeated re-quantization does not drift. ``u`` is drawn on ``x``'s
+    device from ``generator``, which must be on that device (a meta tensor takes a CPU one;
+    ``projection.seeded_generator`` makes either): noise drawn on the CPU and copied to a GPU would
+    be a blocking copy at every call. Never from torch's global RNG, so results are reproducible and
+    training randomness is left alone. Without a generator a fresh, randomly seeded one is used:
+    still unbiased and still leaves the global RNG untouched, but not reproducible.
 
     Returns ``{"codes": uint8, "scale": float32 (n_groups,), "zero": float32 (n_groups,)}``.
     For 8 bits ``codes`` has one byte per padded element; for 4 bits ``ceil(n_padded / 2)`` bytes.
@@ -96,9 +98,11 @@ def quantize(
     v = (groups - lo[:, None]) / safe_scale[:, None]
     if stochastic:
         if generator is None:
-            generator = torch.Generator(device=device)
+            generator = torch.Generator(device="cpu" if device.type == "meta" else device)
             generator.seed()
-        u = torch.rand(v.shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+        if generator.device.type != device.type and device.type != "meta":
+            raise ValueError(f"quantize: the generator is on {generator.device}, the tensor on {device}")
+        u = torch.rand(v.shape, generator=generator, device=device, dtype=torch.float32)
         v = torch.floor(v + u)
     else:
         v = torch.round(v)

@@ -34,11 +34,12 @@ from torch import Tensor
 from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.basis_change import move_moments, rank_axis_keys
 from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim.host_ints import on_host
 from lightning_lowrank.optim.options import GROUP_SECTIONS, TorchRuleOptions, state_dtype
 from lightning_lowrank.optim.projection import effective_rank, is_left, projected_shape
 from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, store_matrix
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
-from lightning_lowrank.optim.refresh import HOST_KEYS, has_subspace
+from lightning_lowrank.optim.refresh import has_subspace
 from lightning_lowrank.optim.residuals import STATE_KEYS as RESIDUAL_KEYS
 from lightning_lowrank.optim.state_convert import (
     decode_moments,
@@ -117,6 +118,10 @@ def load_state(opt: Any, state_dict: dict[str, Any], torch_load: Callable[[dict[
         else:
             what = _convert(opt, p, index, group, saved_group, old, new, tensors)
             changed.append((_label(opt, p, index), _diff(old, new), what))
+    for key, p in params.items():  # torch's loader puts every counter of a fused/capturable group on the device
+        saved = state_dict["state"].get(key, {}).get("step")
+        if saved is not None and opt.is_projected(p) and opt.state[p]["step"].device.type != "cpu":
+            opt.state[p]["step"] = saved.to("cpu", copy=True)  # a projected layer's is read on the host (host_ints)
     if changed:
         warn_rank_zero(change_warning(changed), stacklevel=3)
 
@@ -129,8 +134,8 @@ def _place(opt: Any, p: Tensor, group: dict[str, Any], tensors: dict[str, Tensor
     buffers = set(rules.MOMENT_KEYS[projected_rule(group) if projected else group["rule"]]) | {"proj"}
     dtype = state_dtype(group, p.dtype) if projected else p.dtype
     for name, t in tensors.items():
-        # A seed stays on the CPU: P is rebuilt from it at every step, and reading it there costs no sync.
-        device = "cpu" if name in HOST_KEYS else p.device
+        # Seeds, ranks, counters and 8-bit shapes stay on the CPU: the host reads them, which there costs no sync.
+        device = "cpu" if on_host(name) else p.device
         floating = t.is_floating_point() and (name in buffers or not projected)
         opt.state[p][name] = t.to(device=device, dtype=dtype if floating else t.dtype)
 
@@ -196,9 +201,7 @@ def _convert(
         if old.projector_bits != new.projector_bits:
             store_matrix(fresh, P_old, ctx)
         else:
-            fresh.update(
-                {k: t if k in HOST_KEYS else t.to(p.device) for k, t in tensors.items() if k in PROJECTOR_KEYS}
-            )
+            fresh.update({k: t if on_host(k) else t.to(p.device) for k, t in tensors.items() if k in PROJECTOR_KEYS})
         what = "moments kept"
     elif old.projected and P_old is None and moments:
         moments.clear()

@@ -164,8 +164,8 @@ class StepMixin:
             return
         states = [self.state[p] for p in params]
         for w, state in zip(weights, states):
-            if not state:
-                init_rule_state(state, rule, tuple(w.shape), w.dtype, w.device, group)
+            if not state:  # torch's kernels read the counters: fused/capturable ones on the device, as torch's
+                init_rule_state(state, rule, tuple(w.shape), w.dtype, w.device, group, torch_kernel=rule == "adamw")
         if rule == "sgd":
             functional.dense_sgd(weights, grads, states, advance_all([s["step"] for s in states]), group)
         else:

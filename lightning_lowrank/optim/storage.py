@@ -54,10 +54,16 @@ def init_rule_state(
     dtype: torch.dtype,
     device: torch.device,
     group: Mapping[str, Any],
+    *,
+    torch_kernel: bool = False,
 ) -> None:
-    """A fresh step counter (a CPU float, as torch's) and the rule's buffers for a gradient of ``shape``; 8-bit
-    buffers are made as zero codes directly, never as a full-precision tensor."""
-    state["step"] = torch.tensor(0.0)
+    """A fresh step counter and the rule's buffers for a gradient of ``shape``; 8-bit buffers are made as zero codes
+    directly, never as a full-precision tensor.
+
+    ``torch_kernel``: the parameter is stepped by torch's own functional optimizer (``functional.dense_adam``), so
+    its counter goes where torch's would (``step_counter``); otherwise it is a CPU float read through ``host_ints``.
+    """
+    state["step"] = step_counter(group, device) if torch_kernel else torch.tensor(0.0)
     if rule == "sophia":
         state["hessian_updates"] = torch.tensor(0.0)  # probes folded into the curvature diagonal so far
     if rule == "sgd" and group["momentum"] == 0:
@@ -70,6 +76,19 @@ def init_rule_state(
             _put(state, key, q, meta.shape)
         else:
             state[key] = torch.zeros(meta.shape, dtype=dtype, device=device)
+
+
+def step_counter(group: Mapping[str, Any], device: torch.device) -> Tensor:
+    """A zero step counter where torch's Adam(W) keeps it: on the CPU (read there without a device sync), but on the
+    parameter's device for ``fused=True`` or ``capturable=True``, whose kernels take it as a device tensor (torch's
+    grouping lets a CPU counter through, and the CUDA fused kernel would then read a host pointer). Its dtype is
+    torch's ``_get_scalar_dtype``: float32, or float64 under a float64 default dtype (not with ``fused``)."""
+    fused = bool(group.get("fused"))
+    wide = torch.get_default_dtype() == torch.float64 and not fused
+    dtype = torch.float64 if wide else torch.float32
+    if fused or group.get("capturable"):
+        return torch.zeros((), dtype=dtype, device=device)
+    return torch.tensor(0.0, dtype=dtype)
 
 
 def stateless(group: Mapping[str, Any]) -> bool:
@@ -146,7 +165,9 @@ def store_moment(state: dict[str, Tensor], key: str, tensor: Tensor, signed: boo
 
 def _put(state: dict[str, Tensor], key: str, q: Mapping[str, Tensor], shape: torch.Size) -> None:
     state[f"{key}_codes"], state[f"{key}_absmax"] = q["codes"], q["absmax"]
-    state[f"{key}_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
+    kept = state.get(f"{key}_shape")  # a CPU tensor: reading it costs no sync; a new one would be made every step
+    if kept is None or kept.tolist() != list(shape):
+        state[f"{key}_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
 
 
 def _codes(state: Mapping[str, Tensor], key: str) -> dict[str, Tensor]:

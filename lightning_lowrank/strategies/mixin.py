@@ -10,13 +10,14 @@ import dataclasses
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any, get_type_hints
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import ParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -161,6 +162,20 @@ class LowRankMixin:
             for logger in trainer.loggers:
                 logger.log_metrics({"lowrank/nonfinite_steps": float(count)}, step=trainer.global_step)
         return output
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """As Lightning's, but a ``ProjectedOptimizer``'s state is not moved to the root device afterwards: its
+        ``load_state_dict`` already puts each tensor where it lives, and Lightning's move (all but ``step``) would
+        put seeds, ranks, counters and 8-bit shapes on the GPU, where every host read of them is a sync. A strategy
+        that loads optimizer state another way (FSDP2's distributed checkpoint) keeps its own."""
+        base = super().load_optimizer_state_dict  # type: ignore[misc]
+        if getattr(base, "__func__", None) is not Strategy.load_optimizer_state_dict:
+            base(checkpoint)
+            return
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(saved)
+            if not isinstance(optimizer, ProjectedOptimizer):
+                _optimizer_to_device(optimizer, self.root_device)
 
     def teardown(self) -> None:
         for opt in self.optimizers:
