@@ -2,13 +2,19 @@
 
 On a CPU machine every tensor is on the CPU, so a draw made on the host and copied to "the device", or a read of a
 device value, looks like any other op. With the model on the ``meta`` device standing in for ``cuda``, the two show
-up in a ``TorchDispatchMode``: a read is ``aten._local_scalar_dense`` of a non-CPU tensor (on a GPU a
-``cudaStreamSynchronize``; on meta it would raise, so the mode answers it with a harmless value), a copy from the
-host is ``aten._to_copy`` or ``aten.copy_`` from a CPU tensor to a non-CPU one (on a GPU a blocking copy for pageable
-memory). Counted for one steady step (no refresh, no first step) of every projector, rule, residual, 8-bit state,
-layer-wise mode and the DDP comm hook's code path. Reads as documented: the non-finite check's one flag per step
-(``nonfinite="skip"``/``"raise"``), none with ``"ignore"``; copies: none. CPU values (torch's own step counters,
-ours kept by ``host_ints``) cost no sync and are not counted.
+up in a ``TorchDispatchMode``:
+
+* a read: ``aten._local_scalar_dense`` of a non-CPU tensor, a copy of one to the host, or an op whose output shape
+  depends on the values (a boolean index). On a GPU each is a ``cudaStreamSynchronize``; on meta it would raise, so
+  the mode answers it with a harmless value (a finite flag, zeros).
+* a copy from the host: ``aten._to_copy`` or ``aten.copy_`` from a CPU tensor to a non-CPU one (on a GPU a blocking
+  copy for pageable memory).
+* host work: an op on CPU tensors of more than one element (a draw or a QR the GPU should make).
+
+Counted for one steady step (no refresh, no first step) of every projector, rule, residual, 8-bit state, the
+budget, layer-wise mode and the DDP comm hook's code path. Reads as documented: the non-finite check's one flag per
+step (``nonfinite="skip"``/``"raise"``), none with ``"ignore"``; copies and host work: none. CPU values (torch's own
+step counters, ours kept by ``host_ints``) cost no sync and are not counted.
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ class DeviceTraffic(TorchDispatchMode):
             target = kwargs.get("device")
             if target is not None and args[0].device.type == "cpu" and torch.device(target).type != "cpu":
                 self.copies.append(f"{_where()} {tuple(args[0].shape)}")
+            if target is not None and args[0].device.type != "cpu" and torch.device(target).type == "cpu":
+                self.reads.append(f"{_where()} to the host")  # a copy to the host waits for the device too
+                if args[0].device.type == "meta":  # which holds no data: zeros stand in
+                    return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
         # (a 0-d CPU tensor is a scalar operand, as torch's CPU step counters are: not a copy)
         if func is aten.copy_.default and args[1].device.type == "cpu" != args[0].device.type and args[1].dim() > 0:
             self.copies.append(f"{_where()} {tuple(args[1].shape)}")
@@ -124,6 +134,8 @@ CASES = {
     "apollo-mini": ("adamw", dict(residual="apollo", rank=1, apollo_scale_type="tensor")),
     "8-bit state": ("adamw", dict(state_bits=8)),
     "subset_norm": ("adamw", dict(projected_rule="subset_norm")),
+    "lazy_hessian (Sophia)": ("adamw", dict(preconditioner="lazy_hessian")),
+    "memory_budget": ("adamw", dict(memory_budget=1_500_000, rank_by="residual")),
     "adam (L2)": ("adam", dict()),
     "sgd momentum": ("sgd", dict()),
     "adafactor, random": ("adafactor", dict(projector="random")),

@@ -173,3 +173,46 @@ def test_what_needs_other_ranks_rows_is_refused_when_the_optimizer_is_built(tmp_
     for name, (_, match) in REFUSED.items():
         assert messages[name] is not None and match in messages[name], (name, messages[name])
         assert "sharded by FSDP2" in messages[name] or "FSDP2" in messages[name], messages[name]
+
+
+DECOMPOSITIONS = {"svd": "svd_projection", "rsvd": "randomized_svd_projection"}
+
+
+def _one_rank_decomposes_worker(rank: int, port: int, name: str, out: str) -> None:
+    """Rank 1's decomposition returns -P: still orthonormal, the same subspace, other bits (as another process's
+    cuSOLVER may). Each rank records what its decompositions returned."""
+    from lightning_lowrank.optim import projectors
+
+    decomposed = []
+    original = getattr(projectors, DECOMPOSITIONS[name])
+
+    def decompose(*args, **kwargs):
+        P = original(*args, **kwargs)
+        P = -P if rank == 1 else P
+        decomposed.append(P.clone())
+        return P
+
+    setattr(projectors, DECOMPOSITIONS[name], decompose)
+    with process_group(rank, port):
+        model = shard_linears(_model())
+        opt = _optimizer(model, dict(projector=name))
+        half = BATCH // WORLD
+        _train(model, opt, slice(rank * half, (rank + 1) * half))
+        P = [opt.projection_matrix(p) for p in opt.projected_params()]
+        torch.save({"P": P, "decomposed": decomposed}, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("name", ["svd", "rsvd"])
+def test_an_svd_refresh_is_decomposed_on_one_rank_and_shared(name, tmp_path):
+    """Each layer's decomposition runs on one rank (the layer in slot i of a refresh on rank i % 2) and every rank
+    steps with that P: ranks whose decompositions differ in their bits still hold one P per layer."""
+    mp.spawn(_one_rank_decomposes_worker, args=(free_port(), name, str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    for layer, (P0, P1) in enumerate(zip(r0["P"], r1["P"])):
+        assert torch.equal(P0, P1), layer
+    refreshes = STEPS // 2  # update_gap=2: steps 0, 2, 4, three layers each
+    assert (len(r0["decomposed"]), len(r1["decomposed"])) == (2 * refreshes, refreshes)
+    # the last refresh: layers 0 and 2 decomposed on rank 0, layer 1 on rank 1 (its -P)
+    owners = [r0["decomposed"][-2], r1["decomposed"][-1], r0["decomposed"][-1]]
+    for layer, (P, owned) in enumerate(zip(r0["P"], owners)):
+        assert torch.equal(P, owned), layer

@@ -5,7 +5,8 @@ import sys
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_lowrank import LowRankDDPStrategy
 from lightning_lowrank.strategies.comm import low_rank_comm_bytes
@@ -162,3 +163,71 @@ def test_layerwise_ddp_resumes_bit_for_bit_from_a_step_boundary_checkpoint(tmp_p
         assert torch.equal(resumed1["named"][name], p), name
     for a, b in zip(full0["P"], resumed0["P"]):
         assert torch.equal(a, b)
+
+
+NONCONTIGUOUS: list[str] = []  # collectives a worker called on a non-contiguous tensor (each fork has its own list)
+
+
+class TransposedNet(TinyNet):
+    """Two weights laid out transposed (so are their gradients) and a transposed buffer that differs per rank until
+    the strategy broadcasts rank 0's: tensors NCCL refuses to communicate as they are."""
+
+    def __init__(self):
+        super().__init__(scheduler=None, n=64, batch_size=8)
+        for layer in (self.attn, self.lm_head):  # attn is projected (sent in full at its refreshes), lm_head dense
+            layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t())
+        self.register_buffer("table", torch.arange(12.0).view(3, 4).t())
+        self.seen = []
+
+    def on_fit_start(self):
+        self.table.mul_(self.global_rank + 1)
+
+    def forward(self, x):
+        return super().forward(x) + 1e-3 * self.table.mean()
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(self.table.clone())  # after the strategy's broadcast of the buffers
+        return super().training_step(batch, batch_idx)
+
+
+def _recording(name, collective):
+    """``collective`` that also notes each non-contiguous tensor it is given (gloo takes them, NCCL does not)."""
+
+    def record(tensor, *args, **kwargs):
+        if not tensor.is_contiguous():
+            NONCONTIGUOUS.append(f"{name} {tuple(tensor.shape)}")
+        return collective(tensor, *args, **kwargs)
+
+    return record
+
+
+class SaveCollectives(Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        record = {"noncontiguous": NONCONTIGUOUS, "seen": pl_module.seen}
+        record["named"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save(record, f"{self.out_dir}/nc{trainer.global_rank}.pt")
+
+
+def test_layerwise_ddp_communicates_non_contiguous_buffers_and_gradients_through_contiguous_copies(
+    tmp_path, monkeypatch
+):
+    for name in ("broadcast", "all_reduce"):  # inherited by the forked workers
+        monkeypatch.setattr(dist, name, _recording(name, getattr(dist, name)))
+    torch.manual_seed(0)
+    model = TransposedNet()
+    assert not any(t.is_contiguous() for t in (model.attn.weight, model.lm_head.weight, model.table))
+    strategy = LowRankDDPStrategy(
+        rank=RANK, update_gap=GAP, layerwise=True, start_method="fork", timeout=HANG, memory_report=False
+    )
+    _two_processes(strategy, max_steps=3, callbacks=[SaveCollectives(tmp_path)]).fit(model)
+    r0, r1 = (torch.load(tmp_path / f"nc{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["noncontiguous"] == [] and r1["noncontiguous"] == []
+    rank0_table = torch.arange(12.0).view(3, 4).t()
+    assert len(r1["seen"]) == 3 and all(torch.equal(t, rank0_table) for t in r0["seen"] + r1["seen"])
+    for name, p in r0["named"].items():
+        assert torch.equal(p, r1["named"][name]), name  # the averaged gradients were written back on every rank
+    torch.manual_seed(0)
+    assert not torch.equal(r0["named"]["attn.weight"], TransposedNet().attn.weight)  # it trained

@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_lowrank.optim.collectives import all_reduce_async
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.functional import project_gradient
 from lightning_lowrank.optim.host_ints import retreat
@@ -280,7 +281,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             self._mismatch(f"this rank's next gradient is parameter {self._where[p][0]}")
         tensor = p.grad if low_rank is None else low_rank
         tensor.div_(dist.get_world_size(self._dist_group))  # as DDP: divide first, so the sum cannot overflow
-        work = dist.all_reduce(tensor, group=self._dist_group, async_op=True)
+        work = all_reduce_async(tensor, self._dist_group)  # a non-contiguous gradient goes through a copy (NCCL)
         self._in_flight.append((p, low_rank, work))
         self._sent += 1
         self._bytes[0] += tensor.numel() * tensor.element_size()

@@ -2,8 +2,9 @@
 
 By default a layer refreshes every ``update_gap`` of its own updates. A scheduler (the ``SubspaceRefresh`` callback)
 can take that decision over with ``external_schedule()`` and ``request_refresh(params)``; the refresh itself always
-runs inside ``step()``, on the final gradient. Under DDP each due layer is computed on one rank and broadcast.
-After a refresh the moments are carried into the new basis (``basis_change.py``).
+runs inside ``step()``, on the final gradient. Under DDP, and for FSDP2's SVDs, each due layer is computed on one
+rank and shared with the others: one collective per refresh step (``collectives.share_refreshes``). After a refresh
+the moments are carried into the new basis (``basis_change.py``).
 
 Host reads: a refresh reads the similarity of the old and new subspace (two scalars per layer, for the scheduler and
 the report); an ordinary step reads nothing.
@@ -22,12 +23,17 @@ from torch import Tensor
 
 from lightning_lowrank.optim import rules, sharding
 from lightning_lowrank.optim.basis_change import move_moments, rank_axis_keys
+from lightning_lowrank.optim.collectives import (
+    SEEDED_PROJECTORS,
+    Layout,
+    check_layout,
+    refresh_layout,
+    share_refreshes,
+)
 from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.projection import is_left, subspace_similarity
 from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext
-
-HOST_KEYS = frozenset({"proj_seed"})  # state read on the host at every step: kept on the CPU
 
 
 def has_subspace(state: dict[str, Tensor]) -> bool:
@@ -69,7 +75,7 @@ class RefreshInfo:
     timer: RefreshTimer | None  # this layer's refresh on this rank (None where another rank computed it)
     similarity: float | None  # mean squared cosine of principal angles to the previous subspace
     leading_similarity: float | None  # |cos| between the previous and new leading directions
-    computed_here: bool  # False when DDP sharding gave the work to another rank
+    computed_here: bool  # False when another rank computed it (DDP sharding, an FSDP2 SVD)
     leading_cosine: float | None = None  # the same cosine signed, as Q-GaLore queues it
 
     @property
@@ -84,7 +90,7 @@ class RefreshMixin:
 
     _refresh_requests: set[Tensor] | None  # None: fixed update_gap
     _shard: tuple[int, int, Any] | None  # (rank, world_size, process group)
-    sharded_refresh_bytes: int  # bytes this rank sent for refreshes of FSDP2-sharded layers (``sharding.refresh``)
+    sharded_refresh_bytes: int  # payload of the collectives of FSDP2-sharded layers' refreshes (``sharding.refresh``)
     last_refreshes: dict[Tensor, RefreshInfo]
 
     def external_schedule(self) -> None:
@@ -98,7 +104,7 @@ class RefreshMixin:
         self._refresh_requests.update(params)
 
     def shard_refreshes(self, group: Any = None) -> None:
-        """Under torch.distributed: compute each due refresh on one rank (layer i on rank i % world), broadcast it."""
+        """Under torch.distributed: compute each due refresh on one rank (layer i on rank i % world), share it."""
         self._shard = (dist.get_rank(group), dist.get_world_size(group), group)
 
     def refreshes_at_next_step(self, param: Tensor) -> bool:
@@ -117,13 +123,13 @@ class RefreshMixin:
         return param in self._refresh_requests
 
     def _refresh(self, due: list[tuple[Tensor, dict[str, Any], LayerContext]], slots: list[int] | None = None) -> None:
-        """Refresh the due layers: all computed here, or sharded over ranks and broadcast; then fix the moments.
+        """Refresh the due layers, then fix the moments.
 
-        Sharded, the layer in slot i (by default its place in ``due``) is computed on rank i % world."""
+        Each layer is computed by every rank (seeded projectors, one process) or by one rank of its process group
+        (``_refresh_owner``: the layer in slot i, by default its place in ``due``, on rank i % world), whose result
+        the others receive in one collective per group (``collectives.share_refreshes``)."""
         if not due:  # an ordinary step: nothing to refresh, no ranks to reallocate
             return
-        rank, world = (self._shard[0], self._shard[1]) if self._shard else (0, 1)
-        owners = [i % world for i in (slots if slots is not None else range(len(due)))]
         old = {
             p: self._projectors[group["projector"]].matrix(p, self.state[p], ctx)
             for p, group, ctx in due
@@ -131,19 +137,34 @@ class RefreshMixin:
         }
         if self.memory_budget is not None:
             self._reallocate(due, old)
-        timers = {}
-        for owner, (p, group, ctx) in zip(owners, due):
-            if owner == rank:
-                timer = RefreshTimer(p.device)
-                projector = self._projectors[group["projector"]]
-                if sharding.is_sharded(p):  # FSDP2: every rank refreshes, with the communication it needs
-                    self.sharded_refresh_bytes += sharding.refresh(projector, p, self.state[p], ctx)
-                else:
-                    projector.refresh(p, p.grad, self.state[p], ctx)
+        timers: dict[Tensor, RefreshTimer] = {}
+        shared: dict[int, tuple[Any, int, Tensor, list[tuple[dict[str, Tensor], Layout, int]]]] = {}
+        for slot, (p, group, ctx) in zip(slots if slots is not None else range(len(due)), due):
+            projector, state = self._projectors[group["projector"]], self.state[p]
+            process_group, owner, rank = self._refresh_owner(p, projector.name, slot)
+            here = owner is None or owner == rank
+            timer = RefreshTimer(p.device) if here else None
+            if sharding.is_sharded(p):  # FSDP2: every rank takes part in the collectives on the gradient
+                self.sharded_refresh_bytes += sharding.refresh(projector, p, state, ctx, decompose=here)
+            elif here:
+                projector.refresh(p, p.grad, state, ctx)
+            if here:
                 timers[p] = timer.stop()
-        if self._shard:
-            for owner, (p, _, _) in zip(owners, due):
-                self._broadcast_projector_state(p, src_index=owner)
+            if owner is None:
+                continue
+            bits = group["projector_bits"] is not None and projector.quantized_keys is not None
+            keys = projector.quantized_keys if bits else projector.state_keys
+            layout = refresh_layout(keys, ctx.dim(p), ctx.rank, ctx.dtype_for(p), group)
+            if here:
+                check_layout(state, layout, f"projector {projector.name!r}, layer {ctx.index}")
+            else:  # keys of another storage (loaded from a checkpoint with other options) go, as the owner's do
+                for key in PROJECTOR_KEYS.difference(k for k, _, _ in layout):
+                    state.pop(key, None)
+            shared.setdefault(id(process_group), (process_group, rank, p, []))[3].append((state, layout, owner))
+        for process_group, rank, p, layers in shared.values():
+            sent = share_refreshes(layers, rank, process_group, p.device)
+            if sharding.is_sharded(p):
+                self.sharded_refresh_bytes += sent
         for p, group, ctx in due:
             similarity, cosine = self._change_basis(p, group, ctx, old.get(p))
             leading = None if cosine is None else abs(cosine)
@@ -152,6 +173,26 @@ class RefreshMixin:
             )
             if self._refresh_requests is not None:
                 self._refresh_requests.discard(p)
+
+    def _refresh_owner(self, param: Tensor, projector: str, slot: int) -> tuple[Any, int | None, int]:
+        """(process group, the group rank that computes this refresh or None for every rank, this rank in it).
+
+        A refresh that reads the gradient is computed on one rank and received by the others: a decomposition
+        (cuSOLVER's SVD, a QR) is not documented as bitwise reproducible between processes, and ranks with different
+        P would update their rows (FSDP2) or their replicas (DDP) in different subspaces; sharing also splits the work.
+        Every rank computes what is derived from a seed (``SEEDED_PROJECTORS``), and an FSDP2 DCT refresh, whose
+        scores are all-reduced first."""
+        if projector in SEEDED_PROJECTORS:
+            return None, None, 0
+        if sharding.is_sharded(param):
+            if projector not in sharding.DECOMPOSED:
+                return None, None, 0
+            group = sharding.process_group(param)
+            return group, slot % dist.get_world_size(group), dist.get_rank(group)
+        if self._shard is None or self._shard[1] == 1:
+            return None, None, 0
+        rank, world, group = self._shard
+        return group, slot % world, rank
 
     def _change_basis(
         self, p: Tensor, group: dict[str, Any], ctx: LayerContext, P_old: Tensor | None
@@ -173,20 +214,3 @@ class RefreshMixin:
             # h restarts: the next probe's diagonal is taken whole (bias-corrected) or as (1 - beta) of it
             state["hessian_updates"].zero_()
         return similarity, cosine
-
-    def _broadcast_projector_state(self, param: Tensor, src_index: int) -> None:
-        state = self.state[param]
-        group = self._shard[2]
-        src = dist.get_global_rank(group, src_index) if group is not None else src_index
-        keys = [k for k in state if k in PROJECTOR_KEYS]
-        meta = [[(k, tuple(state[k].shape), state[k].dtype) for k in sorted(keys)]]
-        dist.broadcast_object_list(meta, src=src, group=group)
-        device = param.device
-        is_src = dist.get_rank() == src
-        for key, shape, dtype in meta[0]:
-            # Receivers fill a fresh tensor: the old one may still be referenced (the previous P, kept to compare).
-            tensor = state[key].to(device) if is_src else torch.empty(shape, dtype=dtype, device=device)
-            dist.broadcast(tensor, src=src, group=group)
-            state[key] = tensor.cpu() if key in HOST_KEYS else tensor
-        for key in [k for k in state if k in PROJECTOR_KEYS and k not in {m[0] for m in meta[0]}]:
-            del state[key]

@@ -9,10 +9,13 @@ A refresh needs statistics of the whole gradient. What each projector communicat
 * ``dct``: one all-reduce of the n column scores (sums of squares, or of absolute values for ``dct_norm="l1"``,
   over the local rows): exactly the single-device scores, n numbers per layer.
 * ``random``, ``gaussian``: nothing; P is rebuilt from a seed that every rank derives alike.
-* ``svd``, ``rsvd``: the gradient is gathered (m x n per layer and refresh) and decomposed on every rank as on one
-  device, so P is the single-device P to the last bit, signs included; the moments kept across a refresh
-  (``moments="keep"``) mean the same as on one device. (A Gram all-reduce, n x n, would give the same subspace with
-  other signs; for a wide weight, n > m, it would also send more.)
+* ``svd``, ``rsvd``: the gradient is gathered (m x n per layer and refresh) and decomposed as on one device, on one
+  rank (the layer in slot i of a refresh step on rank i % world), which shares P with the others (one collective
+  per refresh step, ``RefreshMixin._refresh``). Decomposing on every rank would assume that the decomposition gives
+  the same bits in every process, which cuSOLVER does not promise, and shards updated in different subspaces would
+  no longer make one weight. P is the single-device P to the last bit, signs included; the moments kept across a
+  refresh (``moments="keep"``) mean the same as on one device. (A Gram all-reduce, n x n, would give the same
+  subspace with other signs; for a wide weight, n > m, it would also send more.)
 
 Refused, because their formulas do not separate over rows: the ``online_pca`` projector, ``memory_budget``, the
 Subset-Norm and Adafactor inner rules, APOLLO-Mini's tensor-wise scale; Fira's and APOLLO's norm-growth limiter sums
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_lowrank.optim.collectives import SEEDED_PROJECTORS
 from lightning_lowrank.optim.dct_fft import dct_scores_fft
 from lightning_lowrank.optim.rules import MOMENT_KEYS
 
@@ -37,6 +41,7 @@ except ImportError:  # a torch built without distributed: nothing can be sharded
     DTensor, Shard = None, None
 
 SHARDED_PROJECTORS = ("svd", "rsvd", "dct", "random", "gaussian")
+DECOMPOSED = frozenset({"svd", "rsvd"})  # refreshed on one rank from the gathered gradient, then shared
 ROW_KEYS = frozenset(k for keys in MOMENT_KEYS.values() for k in keys)  # state with the weight's rows: the moments
 
 
@@ -75,10 +80,13 @@ def check(param: Tensor, group: dict[str, Any], projected: bool, rule: str, budg
         raise ValueError(f"Not supported for {where}: " + "; ".join(problems))
 
 
-def refresh(projector: Any, param: Tensor, state: dict[str, Tensor], ctx: Any) -> int:
-    """Refresh a sharded layer's subspace exactly as on one device; returns the bytes this rank sent."""
+def refresh(projector: Any, param: Tensor, state: dict[str, Tensor], ctx: Any, decompose: bool = True) -> int:
+    """Refresh a sharded layer's subspace exactly as on one device; returns the payload bytes of its collectives.
+
+    Every rank calls it; for ``DECOMPOSED`` projectors only the one with ``decompose`` computes P, and the caller
+    shares it."""
     grad = param.grad
-    if projector.name in ("random", "gaussian"):
+    if projector.name in SEEDED_PROJECTORS:
         projector.refresh(param, grad, state, ctx)
         return 0
     if projector.name == "dct":
@@ -86,8 +94,9 @@ def refresh(projector: Any, param: Tensor, state: dict[str, Tensor], ctx: Any) -
         dist.all_reduce(scores, group=process_group(grad))
         state["proj_idx"] = torch.topk(scores, ctx.rank, sorted=True).indices
         return scores.numel() * scores.element_size()
-    full = grad.full_tensor()  # an all-gather: every rank decomposes the same matrix
-    projector.refresh(param, full, state, ctx)
+    full = grad.full_tensor()  # an all-gather (a gather to the one rank that decomposes would send less)
+    if decompose:
+        projector.refresh(param, full, state, ctx)
     return (full.numel() - local(grad).numel()) * full.element_size()
 
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.collectives import broadcast_
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.strategies.checks import (
     check_bool,
@@ -136,9 +137,10 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.layerwise and self._syncs_buffers() and _world_size() > 1:
-            # DDP's broadcast_buffers: every forward uses rank 0's buffers (BatchNorm statistics, for one).
+            # DDP's broadcast_buffers: every forward uses rank 0's buffers (BatchNorm statistics, for one); a
+            # non-contiguous buffer goes through a contiguous copy (NCCL refuses it as it is).
             for buffer in self.lightning_module.buffers():
-                dist.broadcast(buffer, src=0)
+                broadcast_(buffer, src=0)
         return super().training_step(*args, **kwargs)
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
