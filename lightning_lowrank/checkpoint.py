@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.nonfinite import COUNT_KEY
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS, group_option_names
 from lightning_lowrank.optim.projection import is_left
 from lightning_lowrank.optim.refresh import has_subspace
 from lightning_lowrank.optim.resume import LOWRANK_GROUP_KEYS
-from lightning_lowrank.optim.rules import MOMENT_KEYS
+from lightning_lowrank.optim.rules import MOMENT_KEYS, projected_rule
 from lightning_lowrank.optim.state_convert import (
     decode_moments,
     fits,

@@ -5,6 +5,7 @@ import torch
 
 from lightning_lowrank.curvature import subspace_diagonal
 from lightning_lowrank.optim import ProjectedOptimizer, storage
+from lightning_lowrank.optim.storage import moment_view
 
 M, N = 4, 6
 LR, WD, BETA1, RHO, HBETA, EPS = 0.05, 0.1, 0.9, 0.5, 0.8, 1e-12
@@ -225,5 +226,5 @@ def test_with_8bit_state_the_curvature_is_stored_in_8_bits_and_read_back(monkeyp
     h = torch.rand(2, 8) - 0.2  # a Hutchinson diagonal may be negative
     opt.update_curvature({W: h})
     assert "hessian" not in opt.state[W] and opt.state[W]["hessian_codes"].dtype in (torch.int8, torch.uint8)
-    with opt._moments(W, "sophia", opt.param_groups[0]) as moments:
+    with moment_view(opt.state[W], "sophia", opt.param_groups[0], torch.float32) as moments:
         torch.testing.assert_close(moments["hessian"], h, atol=0.02, rtol=0.05)

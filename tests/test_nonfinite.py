@@ -102,7 +102,7 @@ def test_the_step_is_skipped_before_anything_is_touched_even_on_a_refresh():
         opt.step()
     _assert_same(_snapshot(model, opt), before)
     assert opt.last_refreshes == {}
-    assert opt._refresh_requests == set(opt.projected_params())  # still pending, for the next good step
+    assert opt.refresher.requests == set(opt.projected_params())  # still pending, for the next good step
 
 
 def test_only_the_first_skip_warns():

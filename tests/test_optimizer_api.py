@@ -58,12 +58,13 @@ def test_queries_survive_a_state_dict_round_trip_and_new_groups():
     assert fresh.is_projected(extra) and fresh.completed_steps(extra) == 0
 
 
-def test_nothing_outside_optim_uses_a_private_name_of_the_optimizer():
-    private = re.compile(r"\b(?:opt|optimizer|self\.optimizer|trainer\.optimizers\[\d\])\._(?!_)\w+")
+def test_nothing_uses_a_private_name_of_the_optimizer_or_a_projector_from_outside():
+    """The optimizer's own code says ``self._...``; every other module (resume.py, nonfinite.py, the strategies and
+    callbacks, ...) goes through public names, reading or writing."""
+    private = re.compile(r"\b(?:opt|optimizer|projector|self\.optimizer|trainer\.optimizers\[\d\])\._(?!_)\w+")
     offenders = [
         f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
         for path in PACKAGE.rglob("*.py")
-        if "optim" not in path.relative_to(PACKAGE).parts[:1]
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if private.search(line)
     ]

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lightning_lowrank.optim import ProjectedAdamW, rules
-from lightning_lowrank.optim.basis_change import move_moments as _move_moments
 from lightning_lowrank.optim.projection import online_pca_gradient, orthonormalize
+from lightning_lowrank.optim.refresh import move_moments as _move_moments
+from lightning_lowrank.optim.update import init_projected_state
 from tests.roundtrip import assert_resumes_bit_for_bit
 
 ALL = ["svd", "rsvd", "dct", "random", "online_pca"]
@@ -189,7 +190,7 @@ def test_moment_policies_at_a_refresh(left):
     for policy in ("keep", "reset", "rotate"):
         w = torch.nn.Parameter(torch.zeros(shape))
         opt = ProjectedAdamW([w], rank=3, moments=policy)
-        opt._init_projected_state(w, opt.param_groups[0])
+        init_projected_state(w, opt.state[w], opt.param_groups[0])
         state = opt.state[w]
         state["exp_avg"].copy_(torch.arange(1.0, 31.0).reshape(state["exp_avg"].shape))
         state["exp_avg_sq"].copy_(state["exp_avg"] ** 2)

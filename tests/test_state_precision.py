@@ -12,7 +12,7 @@ from lightning_lowrank import LowRankStrategy, plan
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.optim import ProjectedOptimizer, functional
 from lightning_lowrank.optim.costs import layer_cost, projector_bytes
-from lightning_lowrank.optim.options import state_dtype
+from lightning_lowrank.optim.storage import state_dtype
 from tests.models import TinyNet
 from tests.test_strategy import QUIET
 

@@ -27,8 +27,8 @@ from torch.optim import Optimizer
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.figures import MemoryReport
 from lightning_lowrank.optim import sharding
-from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.projected import ProjectedOptimizer
+from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.state_layout import STATE_KINDS
 
 REPLICATED_KINDS = ("projection", "scalars")  # P, indices, seeds, counters: the same on every rank

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules, storage
-from lightning_lowrank.optim.options import state_dtype
 from lightning_lowrank.optim.projection import projected_dim, projected_shape
 from lightning_lowrank.optim.ranks import LayerCost
+from lightning_lowrank.optim.rules import projected_rule
+from lightning_lowrank.optim.storage import state_dtype
 
 META = torch.device("meta")
 SCALAR_BYTES = 64  # bound on a projected layer's scalar state (step, rank, counters, weights) for the budget
@@ -31,13 +32,6 @@ PROJECTOR_BYTES_PER_RANK = {
 }
 
 
-def projected_rule(group: Mapping[str, Any]) -> str:
-    """The inner rule of a group's projected weights."""
-    if group["preconditioner"] == "lazy_hessian":
-        return "sophia"
-    return group["projected_rule"] or group["rule"]
-
-
 def meta_bytes(buffers: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in buffers.values())
 
@@ -51,7 +45,7 @@ def dense_state_bytes(param: Tensor, group: Mapping[str, Any]) -> int:
 
 def layer_cost(param: Tensor, group: Mapping[str, Any]) -> LayerCost:
     """A projected layer's state bytes as a function of its rank (moments, P or its indices, scalars), its moments
-    and P in the state dtype (``options.state_dtype``); the dense alternative in the weight's."""
+    and P in the state dtype (``storage.state_dtype``); the dense alternative in the weight's."""
     rule, dtype = projected_rule(group), state_dtype(group, param.dtype)
 
     def moments(rank: int) -> int:
@@ -81,7 +75,7 @@ def state_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: Ma
 def projector_bytes(param: Tensor, group: Mapping[str, Any], rank: int) -> int:
     """Bytes of one layer's projector at ``rank``: P (d x r, or its 8/4-bit codes with a float32 scale and zero per
     group), DCT indices, or a seed. A DCT basis shared by ``dct_scorer="matmul"`` is not in it. P is in the state
-    dtype (``options.state_dtype``)."""
+    dtype (``storage.state_dtype``)."""
     d, kind, bits = projected_dim(param.shape, group["side"]), group["projector"], group["projector_bits"]
     es = state_dtype(group, param.dtype).itemsize
     if kind in ("random", "gaussian"):

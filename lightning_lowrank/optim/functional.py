@@ -1,11 +1,12 @@
 """One layer's update as plain functions over tensors: project, inner rule, residual, project back.
 
-The optimizer (``projected.py``), its layer-wise twin (``layerwise.py``) and so the DDP comm hook all update a layer
-through these. ``moments`` is the rule's buffers (updated in place), ``state`` the layer's other tensors (the
-residual's last norm), ``step`` the update's 1-based count, known on the host. Nothing here reads a device value.
+The optimizer (``update.py`` picks this path or the multi-tensor one there), its layer-wise twin (``layerwise.py``)
+and so the DDP comm hook all update a layer through these. ``moments`` is the rule's buffers (updated in place),
+``state`` the layer's other tensors (the residual's last norm), ``step`` the update's 1-based count, known on the
+host. Nothing here reads a device value.
 
 P and the moments are in the layer's state dtype, which may differ from the weight's (bf16 weights keep float32 state
-by default, ``options.state_dtype``): the gradient is projected into the state dtype (``project_gradient``), the rule
+by default, ``storage.state_dtype``): the gradient is projected into the state dtype (``project_gradient``), the rule
 runs there, and the update is projected back in it and rounded once into the weight (``add_projected_back``); neither
 holds a float32 copy of a whole bf16 gradient. Residuals (``frugal``/``fira``/``apollo``) and Subset-Norm's complement
 work on the full gradient by type promotion, so with a wider state they hold full-size transients in it (their
@@ -21,8 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam
-from torch.optim.sgd import sgd
 
 from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.projection import is_left, project, project_back
@@ -148,64 +147,6 @@ def dense_update(
     direction, step_size = rules.direction(rule, grad, moments, step, group, param_rms)
     add_scaled(p, direction, step_size, -1.0)
     decay_after(p, rule, group)
-
-
-def dense_adam(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], group: Mapping[str, Any]
-) -> None:
-    """torch's own functional Adam(W) over a list of dense parameters: its foreach or fused kernels, the user's
-    ``foreach``/``fused``/``capturable`` choice, and step counters that it advances itself (on the CPU, or on the
-    parameters' device for fused/capturable: ``storage.step_counter``)."""
-    beta1, beta2 = group["betas"]
-    adam(
-        params,
-        grads,
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
-        [],
-        [s["step"] for s in states],
-        foreach=group.get("foreach"),
-        fused=group.get("fused"),
-        capturable=bool(group.get("capturable", False)),
-        has_complex=any(torch.is_complex(p) for p in params),
-        decoupled_weight_decay=group["decoupled_weight_decay"],
-        amsgrad=False,
-        beta1=beta1,
-        beta2=beta2,
-        lr=group["lr"],
-        weight_decay=group["weight_decay"],
-        eps=group["eps"],
-        maximize=False,
-    )
-
-
-def dense_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    steps: list[int],
-    group: Mapping[str, Any],
-) -> None:
-    """torch's own functional SGD over a list of dense parameters (``steps``: each update's 1-based count). torch
-    starts a momentum buffer as a copy of the first gradient: a buffer is handed over only from the second update."""
-    momentum = group["momentum"]
-    buffers = [s["momentum_buffer"] if momentum and t > 1 else None for s, t in zip(states, steps)]
-    sgd(
-        params,
-        grads,
-        buffers,
-        foreach=group.get("foreach"),
-        fused=group.get("fused"),
-        weight_decay=group["weight_decay"],
-        momentum=momentum,
-        lr=group["lr"],
-        dampening=group["dampening"],
-        nesterov=group["nesterov"],
-        maximize=False,
-    )
-    if momentum:
-        for s, buffer in zip(states, buffers):
-            s["momentum_buffer"] = buffer
 
 
 def decay_before(p: Tensor, grad: Tensor, rule: str, group: Mapping[str, Any]) -> Tensor:

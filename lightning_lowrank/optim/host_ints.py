@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,10 +83,12 @@ def advance_all(tensors: list[Tensor]) -> list[int]:
     return values
 
 
-def forget_all(states: Iterable[dict[str, Tensor]]) -> None:
+def forget_all(states: Iterable[Any]) -> None:
     """Drop the kept values of every tensor in ``states``: they may have been written in place by something else (a
     distributed checkpoint loads the saved counters into the live tensors), so ``read_int`` reads them again."""
     for state in states:
+        if not isinstance(state, dict):  # a load hook may keep other values in ``optimizer.state`` (torch's tests do)
+            continue
         for t in state.values():
             if _entry(t) is not None:
                 _VALUES.pop(id(t), None)

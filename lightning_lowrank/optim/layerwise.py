@@ -62,8 +62,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_lowrank.optim import update
 from lightning_lowrank.optim.collectives import all_reduce_async
-from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.functional import project_gradient
 from lightning_lowrank.optim.host_ints import retreat
 from lightning_lowrank.optim.nonfinite import (
@@ -75,6 +75,7 @@ from lightning_lowrank.optim.nonfinite import (
     warn_once,
 )
 from lightning_lowrank.optim.projected import ProjectedOptimizer
+from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.state_layout import state_kinds
 from lightning_lowrank.optim.storage import stateless
 
@@ -118,7 +119,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
 
     def state_kinds(self, param: Tensor) -> dict[str, str]:
         """As ``ProjectedOptimizer.state_kinds``, with the window's projected gradient (``KEY_KINDS``)."""
-        _, group = self._locate(param)
+        _, group = self.locate(param)
         projected = self.is_projected(param)
         return state_kinds(self.state[param], group, projected, KEY_KINDS if projected else None)
 
@@ -144,6 +145,13 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._distributed = True
         self.shard_refreshes(group)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's; once attached, the new group's parameters get their hooks too (Lightning's ``BaseFinetuning``
+        unfreezes layers this way)."""
+        super().add_param_group(param_group)
+        if getattr(self, "_handles", None):  # None while the constructor adds the first groups
+            self.attach()
+
     def detach(self) -> None:
         """Remove the hooks (the strategy does so at teardown, so a later fit on the same module is unaffected)."""
         for handle in self._handles:
@@ -163,7 +171,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         state = self.state[p]
         if group["residual"] != "none" or projected_rule(group) == "subset_norm" or group["projector"] == "online_pca":
             return True
-        return not state or self._is_due(p, state, group)
+        return not state or self.refresher.is_due(p, state, group)
 
     def _accumulate(self, p: Tensor) -> None:
         index, gi, on = self._where[p]
@@ -215,7 +223,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         state = self.state[p]
         gradient = p.grad if low_rank is None else low_rank
         first = not state and (on or not stateless(group))  # dense SGD without momentum never keeps state
-        refreshes = on and low_rank is None and not first and self._is_due(p, state, group)
+        refreshes = on and low_rank is None and not first and self.refresher.is_due(p, state, group)
         if self.nonfinite == "ignore":
             self._update_layer(p, group, index, on, low_rank)
         elif first or refreshes:  # checked here: see the module doc
@@ -228,20 +236,22 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
 
     def _update_layer(self, p: Tensor, group: dict[str, Any], index: int, on: bool, low_rank: Tensor | None) -> None:
         """One layer's update from its window gradient (``low_rank``, or ``p.grad`` in full)."""
-        if not on:
-            self._dense_step(p, group)
-            return
         state = self.state[p]
+        if not on:
+            update.update_dense_one(p, state, group)
+            return
         if not state:
-            self._init_projected_state(p, group)
+            update.init_projected_state(p, state, group)
         ctx = self._context(index, p, group)
+        projector = self._projectors[group["projector"]]
         if low_rank is None:  # the full gradient of the whole window: exactly what step() would see
-            if self._is_due(p, state, group, ctx.step):
-                self._refresh([(p, group, ctx)], slots=[self._slot[p]])  # refresh work spread over ranks
-            self._projected_step(p, group, ctx)
-            self._projectors[group["projector"]].after_update(p, p.grad, state, ctx)
+            P = None
+            if self.refresher.is_due(p, state, group, ctx.step):  # refresh work spread over ranks
+                P = self.refresher.refresh([(p, group, state, ctx)], self._projectors, None, [self._slot[p]])[p]
+            update.update_layer(p, state, projector.matrix(p, state, ctx) if P is None else P, group)
+            projector.after_update(p, p.grad, state, ctx)
         else:
-            self._projected_step(p, group, ctx, low_rank)
+            update.update_layer(p, state, projector.matrix(p, state, ctx), group, low_rank)
 
     def _take_back_nonfinite(self) -> None:
         """The end of a step: the layers whose updates were taken back (``TakeBack.settle``, one read) get their

@@ -1,72 +1,67 @@
-"""The lazy-Hessian API of ``ProjectedOptimizer`` (``preconditioner="lazy_hessian"``): what a ``CurvatureProbe``
-feeds in, and the per-layer curvature traces that ``memory_budget`` with ``rank_by="curvature"`` reads.
+"""The lazy Hessian (``preconditioner="lazy_hessian"``): what a ``CurvatureProbe`` feeds into a layer's state.
 
-The Sophia step itself is a rule (``rules.py``, ``"sophia"``); this mixin only folds fresh estimates into its state.
+The Sophia step itself is a rule (``rules.py``, ``"sophia"``); ``fold_curvature`` only folds a fresh estimate into its
+state, ``ProjectedOptimizer.update_curvature`` routes the estimates here. Also which layers take them, and the
+per-layer curvature traces that ``memory_budget`` with ``rank_by="curvature"`` reads (``set_layer_curvature``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules
+from lightning_lowrank.optim.budget import Placement
+from lightning_lowrank.optim.storage import moment_view
 
 
-class LazyHessianMixin:
-    """Curvature in, for ``ProjectedOptimizer`` (which owns ``state`` and the param groups)."""
+def fold_curvature(
+    param: Tensor,
+    state: dict[str, Tensor],
+    estimate: Tensor,
+    expected: tuple[int, ...],
+    group: dict[str, Any],
+    dtype: torch.dtype,
+) -> None:
+    """Fold one layer's fresh curvature diagonal (in its subspace coordinates, shaped ``expected``) into its lazy
+    Hessian, reused until the next probe. ``dtype``: the layer's state dtype."""
+    if "hessian_updates" not in state:
+        raise ValueError(
+            "update_curvature got a parameter without a lazy Hessian: it must be projected, in a group "
+            "with preconditioner='lazy_hessian', and have taken a step (see curvature_params())"
+        )
+    if tuple(estimate.shape) != expected:
+        raise ValueError(
+            f"curvature diagonal for {tuple(param.shape)} must have shape {expected} (P's coordinates), "
+            f"got {tuple(estimate.shape)}"
+        )
+    state["hessian_updates"] += 1
+    with moment_view(state, "sophia", group, dtype) as moments:
+        rules.fold_curvature_(
+            moments["hessian"],
+            estimate,
+            int(state["hessian_updates"]),
+            group["hessian_beta"],
+            group["hessian_bias_correction"],
+        )
 
-    def wants_curvature(self) -> bool:
-        """Whether some group uses ``preconditioner="lazy_hessian"`` and so waits for ``update_curvature``."""
-        return any(g["preconditioner"] == "lazy_hessian" and any(self._mask(g)) for g in self.param_groups)
 
-    def curvature_params(self) -> list[Tensor]:
-        """The projected weights whose lazy Hessian ``update_curvature`` refreshes (those that have stepped)."""
-        return [
-            p
-            for g in self.param_groups
-            if g["preconditioner"] == "lazy_hessian"
-            for p, on in zip(g["params"], self._mask(g))
-            if on and "hessian_updates" in self.state[p]
-        ]
+def curvature_params(placements: list[Placement], states: Mapping[Tensor, dict[str, Tensor]]) -> list[Tensor]:
+    """The projected weights of ``preconditioner="lazy_hessian"`` groups that have stepped (hold a lazy Hessian)."""
+    return [
+        p for p, g, on in placements if on and g["preconditioner"] == "lazy_hessian" and "hessian_updates" in states[p]
+    ]
 
-    @torch.no_grad()
-    def update_curvature(self, diagonals: Mapping[Tensor, Tensor]) -> None:
-        """Fold fresh curvature diagonals into the lazy Hessians, reused until the next call.
 
-        Each diagonal is in the layer's current subspace coordinates, shaped like its projected gradient: what
-        ``lightning_lowrank.curvature.subspace_diagonal`` returns for ``projection_matrix(param)``.
-        """
-        for p, estimate in diagonals.items():
-            index, group = self._locate(p)
-            state = self.state[p]
-            if "hessian_updates" not in state:
-                raise ValueError(
-                    "update_curvature got a parameter without a lazy Hessian: it must be projected, in a group "
-                    "with preconditioner='lazy_hessian', and have taken a step (see curvature_params())"
-                )
-            expected = self._projected_shape(p, group)
-            if tuple(estimate.shape) != expected:
-                raise ValueError(
-                    f"curvature diagonal for {tuple(p.shape)} must have shape {expected} (P's coordinates), "
-                    f"got {tuple(estimate.shape)}"
-                )
-            state["hessian_updates"] += 1
-            with self._moments(p, "sophia", group) as moments:
-                rules.fold_curvature_(
-                    moments["hessian"],
-                    estimate,
-                    int(state["hessian_updates"]),
-                    group["hessian_beta"],
-                    group["hessian_bias_correction"],
-                )
-
-    def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
-        """Record each projected layer's Hessian trace; with ``memory_budget`` and ``rank_by="curvature"`` the next
-        refreshes give rank in proportion to it. Layers that have not stepped yet are skipped."""
-        for p, trace in traces.items():
-            if not self.is_projected(p):
-                raise ValueError(f"set_layer_curvature got a parameter of shape {tuple(p.shape)} that is not projected")
-            if self.state[p]:
-                self.state[p]["curvature_trace"] = torch.tensor(float(trace))
+def set_layer_curvature(
+    traces: Mapping[Tensor, float], states: Mapping[Tensor, dict[str, Tensor]], projected: set[Tensor]
+) -> None:
+    """Record each projected layer's Hessian trace (layers that have not stepped yet are skipped)."""
+    for p, trace in traces.items():
+        if p not in projected:
+            raise ValueError(f"set_layer_curvature got a parameter of shape {tuple(p.shape)} that is not projected")
+        if states[p]:
+            states[p]["curvature_trace"] = torch.tensor(float(trace))

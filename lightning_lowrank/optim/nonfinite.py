@@ -8,13 +8,14 @@ Only a bad step reads more, to name the first bad parameter. Plain torch: no Lig
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from lightning_lowrank.optim.host_ints import on_host
+from lightning_lowrank.optim.sharding import all_ranks_finite, local
 
 # Where a checkpoint keeps the count of skipped steps: top level, and in the first param group too, because a
 # distributed checkpoint (DCP, FSDP2) keeps only "state" and "param_groups".
@@ -59,6 +60,21 @@ def _finite(tensors: list[Tensor], fused_norm: bool) -> Tensor:
     found = torch.zeros((), device=tensors[0].device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones((), device=found.device))
     return found == 0
+
+
+def nonfinite_gradient(
+    params: list[Tensor], label: Callable[[Tensor], str], sharded: bool = True
+) -> tuple[str, str] | None:
+    """None when every gradient of ``params`` is finite: one flag over all of them (``finite_flag``; FSDP2 shards
+    agreed over the ranks, unless ``sharded=False`` says none is sharded) and one read. Else (``label`` of the first
+    bad parameter, what it holds)."""
+    if any(p.grad.is_sparse for p in params):
+        raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
+    grads = [local(p.grad) for p in params] if sharded else [p.grad for p in params]
+    flag = finite_flag(grads)
+    if flag is None or bool(all_ranks_finite(flag, params) if sharded else flag):  # every rank must decide alike
+        return None
+    return first_nonfinite(zip([label(p) for p in params], grads))
 
 
 def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> tuple[str, str]:
@@ -108,8 +124,8 @@ def raise_nonfinite(where: str, kind: str, step: int, applied: str = "nothing wa
 
 def warn_once(optimizer: object, message: str) -> None:
     """The first skipped step of ``optimizer`` warns; later ones only count."""
-    if not getattr(optimizer, "_warned_nonfinite", False):
-        optimizer._warned_nonfinite = True  # type: ignore[attr-defined]
+    if not getattr(optimizer, "nonfinite_warned", False):
+        optimizer.nonfinite_warned = True  # type: ignore[attr-defined]
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 

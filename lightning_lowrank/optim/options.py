@@ -50,15 +50,6 @@ def check_choice(key: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"Unknown {key} {value!r}; choose one of {', '.join(map(repr, allowed))}")
 
 
-def state_dtype(group: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a projected weight's moments and P: the group's ``state_dtype``, else float32 for a half-precision
-    weight and the weight's own dtype otherwise (so float32 and float64 runs are unchanged)."""
-    name = group.get("state_dtype")
-    if name is not None:
-        return STATE_DTYPES[name]
-    return torch.float32 if param_dtype in HALF_DTYPES else param_dtype
-
-
 def _check_int(key: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"Invalid {key}: {value!r} (must be an int >= {low})")
@@ -375,3 +366,7 @@ class _Attrs:
 
     def __getattr__(self, name: str) -> Any:
         return self._group[name]
+
+
+# Options of the whole optimizer (the budget, the non-finite policy), not of a group.
+WHOLE_OPTIMIZER_OPTIONS = tuple(f.name for section in WHOLE_OPTIMIZER_SECTIONS for f in fields(section))

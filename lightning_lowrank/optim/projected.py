@@ -1,9 +1,9 @@
 """``ProjectedOptimizer``: an optimizer whose 2-D weights keep their state in a rank-r subspace.
 
-A thin shell: the per-layer math is ``functional.py`` (over ``rules.py``, ``residuals.py``, ``projection.py``), the
-options ``options.py``, the refresh schedule ``refresh.py``, per-layer ranks under a budget ``budget.py``, moment
-storage ``storage.py``. This class owns the param groups and ``state``, creates state lazily, runs ``step()`` and
-answers questions about its layers. ``ProjectedAdamW`` is the same class with the Adam(W) rule.
+The step in torch's shape (``torch/optim/adam.py``): ``step()`` checks the gradients (``nonfinite.py``); per group,
+``_init_group`` gathers the parameters with a gradient and creates state lazily; the due layers refresh
+(``refresh.Refresher``; ranks from ``budget.RankBudget`` under ``memory_budget``); each layer's P is built once; one
+update call per group (``update.py``) picks the multi-tensor or the single-layer path (``functional.py``).
 
 Which parameters are projected is decided per parameter by the group key ``lowrank_mask`` (a list of bools parallel
 to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank`` is not None). Everything lives in
@@ -14,7 +14,6 @@ to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields
 from itertools import chain
 from typing import Any
 
@@ -22,35 +21,26 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim.budget import BudgetMixin
-from lightning_lowrank.optim.costs import projected_rule
+from lightning_lowrank.optim import lazy_hessian, nonfinite, update
+from lightning_lowrank.optim.adopt import adopt_groups
+from lightning_lowrank.optim.budget import Placement, RankBudget, budget_bytes, keep_dense_where_projection_costs
+from lightning_lowrank.optim.costs import LayerCost
 from lightning_lowrank.optim.host_ints import forget_all, read_int
-from lightning_lowrank.optim.lazy_hessian import LazyHessianMixin
-from lightning_lowrank.optim.nonfinite import pop_count, with_count
-from lightning_lowrank.optim.options import (
-    SUPPORTED_OPTIMIZERS,
-    WHOLE_OPTIMIZER_SECTIONS,
-    OptimizerOptions,
-    state_dtype,
-    supported_names,
-    validate_group,
-)
-from lightning_lowrank.optim.projection import dct_basis, effective_rank
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
-from lightning_lowrank.optim.refresh import RefreshInfo, RefreshMixin, RefreshTimer
+from lightning_lowrank.optim.options import WHOLE_OPTIMIZER_OPTIONS, OptimizerOptions, validate_group
+from lightning_lowrank.optim.projection import dct_basis, effective_rank, projected_shape
+from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext, Projector
+from lightning_lowrank.optim.refresh import Refresher, RefreshInfo, RefreshTimer
 from lightning_lowrank.optim.resume import load_state
+from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.sharding import check as check_sharded
 from lightning_lowrank.optim.sharding import distributed_state_dict, is_sharded, local_state_dict
 from lightning_lowrank.optim.state_layout import state_kinds
-from lightning_lowrank.optim.stepping import StepMixin
+from lightning_lowrank.optim.storage import state_dtype
 
 __all__ = ["ProjectedAdamW", "ProjectedOptimizer", "RefreshInfo", "RefreshTimer"]
 
-# Options of the whole optimizer (the budget, the non-finite policy), not of a group.
-WHOLE_OPTIMIZER_OPTIONS = tuple(f.name for section in WHOLE_OPTIMIZER_SECTIONS for f in fields(section))
 
-
-class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin, Optimizer):
+class ProjectedOptimizer(Optimizer):
     """Low-rank optimizer state (GaLore and its successors) for selected 2-D weights; the rest is dense.
 
     Args:
@@ -66,10 +56,8 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
             (``lightning_lowrank.optim.options``): ``rank``, ``projector``, ``update_gap``, ``scale``, ``residual``,
             ``state_bits``, ``memory_budget``, ...
 
-    With the Adafactor rule, a weight is projected only where that holds fewer optimizer-state bytes than dense
-    Adafactor, whose factored second moment is already O(m + n): an SVD P of d x r alone is more than that, a seed
-    (``random``) or a DCT index set (``dct`` with ``dct_scorer="fft"``) at a small rank is not. The other weights are
-    trained densely (listed in ``kept_dense``), with one warning that names them.
+    Weights whose projection would hold more state than their dense rule (Adafactor's with an SVD-like P, SGD's
+    without momentum) stay dense, listed in ``kept_dense`` (``budget.keep_dense_where_projection_costs``).
     """
 
     def __init__(
@@ -97,25 +85,24 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
             lowrank_mask=None,
         )
         self._dct_bases: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-        self._slots: dict[Tensor, tuple[int, int, int]] = {}  # param -> (index, group, place in group); _locate
+        self._slots: dict[Tensor, tuple[int, int, int]] = {}  # param -> (index, group, place in group); locate
         self._projectors = {name: cls() for name, cls in PROJECTOR_CLASSES.items()}
-        self._refresh_requests = None
-        self._shard = None
-        self.last_refreshes: dict[Tensor, RefreshInfo] = {}
+        self.refresher = Refresher()
         self.memory_budget, self.rank_by = checked.memory_budget, checked.rank_by
+        self.budget = None if checked.memory_budget is None else RankBudget(checked.memory_budget, checked.rank_by)
         self.nonfinite = checked.nonfinite
         self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
         # Names of weights for messages (a strategy adds every parameter's module name).
         self.param_names: dict[Tensor, str] = dict(layer_names or {})
         super().__init__(params, defaults)
-        self.kept_dense: list[Tensor] = self._keep_dense_where_projection_costs(layer_names)
-        self.sharded_refresh_bytes = 0
-        for group in self.param_groups:  # FSDP2-sharded weights: refuse what would need other ranks' rows, now
-            for p, on in zip(group["params"], self._mask(group)):
-                if is_sharded(p):
-                    check_sharded(p, group, on, projected_rule(group), self.memory_budget is not None)
-        if self.memory_budget is not None:
-            self._check_budget_fits()
+        self.kept_dense: list[Tensor] = keep_dense_where_projection_costs(
+            self.placements(), self.memory_budget, layer_names
+        )
+        for p, group, on in self.placements():  # FSDP2-sharded weights: refuse what would need other ranks' rows, now
+            if is_sharded(p):
+                check_sharded(p, group, on, projected_rule(group), self.memory_budget is not None)
+        if self.budget is not None:
+            self.budget.check_fits(self.placements())
 
     @classmethod
     def from_optimizer(
@@ -129,34 +116,15 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         ``options`` are this class's keyword arguments (rank, projector, residual, ...). Sharing the dicts keeps
         the user's hyperparameters and what LR schedulers and Lightning wrote into them (``initial_lr``).
         """
-        if type(optimizer) not in SUPPORTED_OPTIMIZERS:
-            raise TypeError(
-                f"lightning_lowrank can project {supported_names()}, but configure_optimizers returned "
-                f"{type(optimizer).__module__}.{type(optimizer).__name__}. Return one of the supported optimizers, "
-                "or pass fallback='dense' to the strategy to keep this optimizer as it is."
-            )
-        rule, decoupled = SUPPORTED_OPTIMIZERS[type(optimizer)]
-        is_selected = projected if callable(projected) else (lambda p: p in projected)
-        per_group = {k: v for k, v in options.items() if k not in WHOLE_OPTIMIZER_OPTIONS}
-        for group in optimizer.param_groups:
-            for flag in ("amsgrad", "maximize"):
-                if group.get(flag):
-                    raise ValueError(
-                        f"lightning_lowrank does not support {flag}=True; set {flag}=False in the optimizer."
-                    )
-            for key, value in per_group.items():
-                group.setdefault(key, value)
-            group["rule"] = rule
-            group["decoupled_weight_decay"] = (
-                bool(group.get("decoupled_weight_decay", False)) if decoupled is None else decoupled
-            )
-            group["lowrank_mask"] = [bool(is_selected(p)) for p in group["params"]]
+        adopt_groups(optimizer, projected, {k: v for k, v in options.items() if k not in WHOLE_OPTIMIZER_OPTIONS})
         names = projected if isinstance(projected, Mapping) else None  # {weight: name}: names in messages
         return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], layer_names=names, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # Whether some parameter is an FSDP2 DTensor: only then does a step look into them (``sharding.local``).
+        self._sharded = getattr(self, "_sharded", False) or any(is_sharded(p) for p in group["params"])
         if group["projector"] is None:  # APOLLO's own projection for APOLLO, GaLore's SVD otherwise
             group["projector"] = "gaussian" if group["residual"] == "apollo" else "svd"
         validate_group(group)
@@ -168,7 +136,7 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         bf16 weight to the param's dtype), else converted (a changed rank or projector, a dense checkpoint, ...)
         with one warning that says what changed."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        count, state_dict = pop_count(state_dict)
+        count, state_dict = nonfinite.pop_count(state_dict)
         load_state(self, local_state_dict(params, state_dict), super().load_state_dict)
         forget_all(self.state.values())  # DCP writes counters into the live tensors: read them again
         self.nonfinite_steps = count
@@ -185,9 +153,74 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         goes on counting from (torch's optimizers ignore the extra key). The count is also in the first param group,
         the only place a distributed checkpoint keeps it."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        return distributed_state_dict(params, with_count(super().state_dict(), self.nonfinite_steps))
+        return distributed_state_dict(params, nonfinite.with_count(super().state_dict(), self.nonfinite_steps))
 
     # -- what a scheduler, a strategy or a report may ask of it ------------------------------------------------
+
+    @property
+    def last_refreshes(self) -> dict[Tensor, RefreshInfo]:
+        """What each refresh of the last ``step()`` did, by weight (empty after a step without one)."""
+        return self.refresher.last
+
+    @last_refreshes.setter
+    def last_refreshes(self, value: dict[Tensor, RefreshInfo]) -> None:
+        self.refresher.last = value
+
+    @property
+    def sharded_refresh_bytes(self) -> int:
+        """Payload of the collectives of FSDP2-sharded layers' refreshes so far (``sharding.refresh``)."""
+        return self.refresher.sharded_bytes
+
+    def external_schedule(self) -> None:
+        """Refresh only layers passed to ``request_refresh`` (and layers without a subspace yet)."""
+        self.refresher.external_schedule()
+
+    def request_refresh(self, params: Iterable[Tensor]) -> None:
+        """Refresh these layers at their next update (a skipped AMP step leaves the request pending)."""
+        self.refresher.request(params)
+
+    def shard_refreshes(self, group: Any = None) -> None:
+        """Under torch.distributed: compute each due refresh on one rank (layer i on rank i % world), share it."""
+        self.refresher.shard_over(group)
+
+    def refreshes_at_next_step(self, param: Tensor) -> bool:
+        """Whether the next ``step()`` refreshes ``param``'s subspace (read before the step: the counter has not moved,
+        and a scheduler's requests for this step are in)."""
+        _, group = self.locate(param)
+        return self.is_projected(param) and self.refresher.is_due(param, self.state[param], group)
+
+    def budget_bytes(self) -> tuple[int, dict[Tensor, LayerCost]]:
+        """What a memory budget must hold besides the projected layers, and each projected layer's cost model."""
+        return budget_bytes(self.placements())
+
+    def placements(self) -> list[Placement]:
+        """Every parameter, in order, as (param, its group, projected)."""
+        return [(p, g, on) for g in self.param_groups for p, on in zip(g["params"], self._mask(g))]
+
+    def wants_curvature(self) -> bool:
+        """Whether some group uses ``preconditioner="lazy_hessian"`` and so waits for ``update_curvature``."""
+        return any(g["preconditioner"] == "lazy_hessian" and any(self._mask(g)) for g in self.param_groups)
+
+    def curvature_params(self) -> list[Tensor]:
+        """The projected weights whose lazy Hessian ``update_curvature`` refreshes (those that have stepped)."""
+        return lazy_hessian.curvature_params(self.placements(), self.state)
+
+    @torch.no_grad()
+    def update_curvature(self, diagonals: Mapping[Tensor, Tensor]) -> None:
+        """Fold fresh curvature diagonals into the lazy Hessians, reused until the next call.
+
+        Each diagonal is in the layer's current subspace coordinates, shaped like its projected gradient: what
+        ``lightning_lowrank.curvature.subspace_diagonal`` returns for ``projection_matrix(param)``.
+        """
+        for p, estimate in diagonals.items():
+            _, group = self.locate(p)
+            shape = projected_shape(p.shape, self.layer_rank(p) if self.state[p] else group["rank"], group["side"])
+            lazy_hessian.fold_curvature(p, self.state[p], estimate, shape, group, state_dtype(group, p.dtype))
+
+    def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
+        """Record each projected layer's Hessian trace; with ``memory_budget`` and ``rank_by="curvature"`` the next
+        refreshes give rank in proportion to it. Layers that have not stepped yet are skipped."""
+        lazy_hessian.set_layer_curvature(traces, self.state, set(self.projected_params()))
 
     def projection_mask(self, group: dict[str, Any]) -> list[bool]:
         """Which of ``group["params"]`` are projected (in order)."""
@@ -207,12 +240,12 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         state = self.state[param]
         if "rank" in state:
             return read_int(state["rank"])
-        return effective_rank(param.shape, self._locate(param)[1]["rank"])
+        return effective_rank(param.shape, self.locate(param)[1]["rank"])
 
     def state_kinds(self, param: Tensor) -> dict[str, str]:
         """The kind (``state_layout.STATE_KINDS``) of every key of ``param``'s state, from what the components that
         keep it declare: the memory report's split. Raises ``UndeclaredStateError`` on a key none declares."""
-        _, group = self._locate(param)
+        _, group = self.locate(param)
         return state_kinds(self.state[param], group, self.is_projected(param))
 
     def projected_params(self) -> list[Tensor]:
@@ -220,7 +253,7 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
 
     def is_projected(self, param: Tensor) -> bool:
         """Whether ``param`` is updated in a low-rank subspace."""
-        _, group = self._locate(param)
+        _, group = self.locate(param)
         return self._mask(group)[self._slots[param][2]]
 
     def dct_bases(self) -> dict[tuple[int, torch.dtype, torch.device], Tensor]:
@@ -229,11 +262,11 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
 
     def projection_side(self, param: Tensor) -> str:
         """Which side ``param``'s P multiplies its gradient from: its group's ``side`` (``"auto"``: the smaller)."""
-        return self._locate(param)[1]["side"]
+        return self.locate(param)[1]["side"]
 
     def projection_matrix(self, param: Tensor) -> Tensor:
         """The current P (d x r) of a projected parameter."""
-        index, group = self._locate(param)
+        index, group = self.locate(param)
         return self._projectors[group["projector"]].matrix(param, self.state[param], self._context(index, param, group))
 
     # -- internals ----------------------------------------------------------------------------------------------
@@ -246,27 +279,20 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
             return [p.ndim == 2 for p in group["params"]]
         return mask
 
-    def _locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
+    def locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
         """(position among all parameters, its group) in O(1): a map rebuilt when the groups changed under it
         (a new group, or ``load_state_dict``, which installs new group dicts)."""
-        for attempt in range(2):
+        slot = self._slots.get(param)
+        if slot is None or slot[1] >= len(self.param_groups) or not _holds(self.param_groups[slot[1]], slot[2], param):
+            walk = ((p, g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"]))
+            self._slots = {p: (index, g, i) for index, (p, g, i) in enumerate(walk)}
             slot = self._slots.get(param)
-            if slot is not None:
-                index, g, i = slot
-                if g < len(self.param_groups) and i < len(self.param_groups[g]["params"]):
-                    group = self.param_groups[g]
-                    if group["params"][i] is param:
-                        return index, group
-            if attempt == 0:
-                self._slots = {
-                    p: (index, g, i)
-                    for index, (p, g, i) in enumerate(
-                        (p, g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])
-                    )
-                }
-        raise KeyError("parameter is not managed by this optimizer")
+            if slot is None:
+                raise KeyError("parameter is not managed by this optimizer")
+        return slot[0], self.param_groups[slot[1]]
 
-    def _basis(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def shared_basis(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The DCT basis of ``size`` shared by every layer that needs it (built once, kept in ``dct_bases()``)."""
         key = (size, dtype, device)
         if key not in self._dct_bases:
             self._dct_bases[key] = dct_basis(size, dtype=dtype, device=device)
@@ -278,10 +304,54 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
         state = self.state[param] if state is None else state
         step = read_int(state["step"]) if "step" in state else 0
         rank = read_int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
-        return LayerContext(index, step, rank, group, self._basis, state_dtype(group, param.dtype))
+        return LayerContext(index, step, rank, group, self.shared_basis, state_dtype(group, param.dtype))
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def _init_group(
+        self, group: dict[str, Any], start: int
+    ) -> tuple[list[Tensor], list[tuple[Tensor, dict[str, Tensor], LayerContext]]]:
+        """A group's parameters with a gradient: the dense ones, and the projected ones with their state (created
+        here at a layer's first step, unless a budget gives it a rank first) and context. ``start``: the index of
+        the group's first parameter among all of them."""
+        dense, projected = [], []
+        for index, (p, on) in enumerate(zip(group["params"], self._mask(group)), start):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
+            if not on:
+                dense.append(p)
+                continue
+            state = self.state[p]
+            if not state and self.budget is None:
+                update.init_projected_state(p, state, group)
+            projected.append((p, state, self._context(index, p, group, state)))
+        return dense, projected
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite (``nonfinite.nonfinite_gradient``: one flag, one read). When one is not,
+        nothing is touched yet: ``nonfinite="raise"`` raises naming the first such parameter, ``"skip"`` counts the
+        step (``nonfinite_steps``) and warns the first time. Pending refresh requests stay pending."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        labels = {p: nonfinite.parameter_label(p, self.locate(p)[0], self.param_names) for p in params}
+        bad = nonfinite.nonfinite_gradient(params, labels.__getitem__, self._sharded)
+        if bad is None:
+            return True
+        if self.nonfinite == "raise":
+            nonfinite.raise_nonfinite(*bad, self.completed_steps(next(p for p in params if labels[p] == bad[0])) + 1)
+        self.nonfinite_steps += 1
+        nonfinite.warn_once(self, nonfinite.skipped_message(self.nonfinite_steps, *bad))
+        return False
+
+    def projector(self, name: str) -> Projector:
+        """The projector behind ``projector=name`` (they keep nothing per layer: its state is in ``state[p]``)."""
+        return self._projectors[name]
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run ``closure`` first when given (Lightning runs forward/backward/clipping in it), then update.
+        """Run ``closure`` first when given (Lightning runs forward/backward/clipping in it), then update: check the
+        gradients, gather each group (``_init_group``) and update its dense parameters, refresh the due layers, build
+        each layer's P once and update each group's projected layers (``update.update_layers``).
 
         Called without a closure by ``GradScaler.step``; a step the scaler skips never reaches here,
         so the per-layer step counters (and the refresh schedule) only count real updates.
@@ -292,12 +362,37 @@ class ProjectedOptimizer(StepMixin, RefreshMixin, BudgetMixin, LazyHessianMixin,
                 loss = closure()
         # What torch's LR-scheduler step wrapper records; see the attribute set below.
         self._opt_called = True
-        self._update()
+        with torch.no_grad():
+            self.last_refreshes = {}
+            if self.nonfinite != "ignore" and not self._gradients_finite():
+                return loss
+            groups, due, start = [], [], 0
+            for group in self.param_groups:
+                dense, projected = self._init_group(group, start)
+                start += len(group["params"])
+                update.update_dense(dense, [self.state[p] for p in dense], group, self._sharded)
+                groups.append((group, projected))
+                for p, state, ctx in projected:
+                    if self.refresher.is_due(p, state, group, ctx.step):
+                        due.append((p, group, state, ctx))
+            budget = None if self.budget is None else (self.budget, self.state, self.placements())
+            Ps = self.refresher.refresh(due, self._projectors, budget, None, self._sharded) if due else {}
+            for group, projected in groups:
+                projector, layers = self._projectors[group["projector"]], []
+                for p, state, ctx in projected:
+                    layers.append(update.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
+                update.update_layers(layers, group, self._sharded)
+                for p, state, ctx in projected:
+                    projector.after_update(p, p.grad, state, ctx)
         return loss
 
     # LR schedulers wrap ``optimizer.step`` to detect a scheduler step before the first optimizer step.
     # This class records that itself (``_opt_called`` above), so schedulers rebound to it need no re-wrapping.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+def _holds(group: dict[str, Any], i: int, param: Tensor) -> bool:
+    return i < len(group["params"]) and group["params"][i] is param
 
 
 class ProjectedAdamW(ProjectedOptimizer):

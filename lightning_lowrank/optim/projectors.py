@@ -9,7 +9,7 @@ loads with ``weights_only=True`` and can be broadcast between DDP ranks.
 * ``after_update``: work done every step (only online PCA has any).
 
 P is built and kept in the layer's state dtype (``LayerContext.dtype``: float32 for bf16/fp16 weights by default, see
-``options.state_dtype``), whatever the gradient's dtype; decompositions of a half-precision gradient run in float32.
+``storage.state_dtype``), whatever the gradient's dtype; decompositions of a half-precision gradient run in float32.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from lightning_lowrank.optim.projection import (
     gaussian_projection,
     is_left,
     online_pca_gradient,
-    projected_dim,
     random_orthonormal,
     randomized_svd_projection,
     seeded_generator,
@@ -59,7 +58,7 @@ class LayerContext:
     rank: int  # effective rank, <= min(m, n)
     group: dict[str, Any]
     basis: Any  # callable (size, dtype, device) -> the optimizer's shared DCT basis
-    dtype: torch.dtype | None = None  # P's dtype, the layer's state dtype (``options.state_dtype``); None: the weight's
+    dtype: torch.dtype | None = None  # P's dtype, the layer's state dtype (``storage.state_dtype``); None: the weight's
 
     def dtype_for(self, param: Tensor) -> torch.dtype:
         return param.dtype if self.dtype is None else self.dtype
@@ -70,8 +69,8 @@ class LayerContext:
         return self.group.get("side", "auto")
 
     def dim(self, param: Tensor) -> int:
-        """d, the rows of this layer's P (``projection.projected_dim``)."""
-        return projected_dim(param.shape, self.side)
+        """d, the rows of this layer's P (``projection.projected_dim``: m on the left, n on the right)."""
+        return param.shape[0] if is_left(param.shape, self.group.get("side", "auto")) else param.shape[1]
 
     def generator(self, device: torch.device, salt: int = 0) -> torch.Generator:
         """A generator on ``device`` seeded by (seed, layer, step, salt): same draws on every rank and after resume
@@ -174,16 +173,16 @@ class DCTProjector(Projector):
         if ctx.group["dct_scorer"] == "fft":
             state["proj_idx"] = top_indices(dct_scores_fft(grad, is_left(param.shape, ctx.side), norm), ctx.rank)
         else:
-            state["proj_idx"] = dct_select(grad, ctx.rank, self._basis(param, ctx), norm, ctx.side)
+            state["proj_idx"] = dct_select(grad, ctx.rank, self.basis(param, ctx), norm, ctx.side)
 
     def matrix(self, param, state, ctx):
         d, idx = ctx.dim(param), state["proj_idx"]
         if ctx.group["dct_scorer"] == "fft":
             return dct_columns(d, idx, ctx.dtype_for(param), param.device)
-        return self._basis(param, ctx).index_select(1, idx)
+        return self.basis(param, ctx).index_select(1, idx)
 
     @staticmethod
-    def _basis(param: Tensor, ctx: LayerContext) -> Tensor:
+    def basis(param: Tensor, ctx: LayerContext) -> Tensor:
         """The shared basis, columns = basis vectors: DCT-II, or its transpose (a view) for ``dct_type=3``."""
         basis = ctx.basis(ctx.dim(param), ctx.dtype_for(param), param.device)
         return basis if ctx.group["dct_type"] == 2 else basis.T

@@ -9,7 +9,7 @@ the form the current options give it:
 * unchanged (the usual resume): loaded as saved, bit for bit; only dtypes follow the options (``_place``);
 * a changed rank or projector: the layer gets its new subspace at load, chosen by the new projector from the saved
   momentum (P_old m_low: the best stand-in for a gradient a checkpoint holds; ``state_convert.gradient_estimate``),
-  and its moments are carried from the saved P into it as ``moments=`` says, by ``basis_change.move_moments``, the
+  and its moments are carried from the saved P into it as ``moments=`` says, by ``refresh.move_moments``, the
   function a refresh uses: ``keep`` truncates or zero-pads the coordinates, ``rotate`` maps them through
   P_old^T P_new, ``reset`` zeroes them. The next scheduled refresh then picks the subspace from a real gradient;
 * dense state (a torch optimizer's checkpoint, or a layer that was not projected) of a layer projected now: the same
@@ -32,15 +32,14 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.basis_change import move_moments, rank_axis_keys
-from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.host_ints import on_host
-from lightning_lowrank.optim.options import GROUP_SECTIONS, TorchRuleOptions, state_dtype
+from lightning_lowrank.optim.options import GROUP_SECTIONS, TorchRuleOptions
 from lightning_lowrank.optim.projection import effective_rank, is_left, projected_shape
 from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, store_matrix
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
-from lightning_lowrank.optim.refresh import has_subspace
+from lightning_lowrank.optim.refresh import has_subspace, move_moments, rank_axis_keys
 from lightning_lowrank.optim.residuals import STATE_KEYS as RESIDUAL_KEYS
+from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.state_convert import (
     decode_moments,
     gradient_estimate,
@@ -51,13 +50,15 @@ from lightning_lowrank.optim.state_convert import (
     saved_rank,
     stores_matrix,
 )
-from lightning_lowrank.optim.storage import init_rule_state, store_moment
+from lightning_lowrank.optim.storage import init_rule_state, state_dtype, store_moment
 
 # The group keys the optimizer's current options decide on resume: every low-rank option, the rule and the mask.
 LOWRANK_GROUP_KEYS = frozenset(
     {"rule", "lowrank_mask"}
     | {f.name for section in GROUP_SECTIONS if section is not TorchRuleOptions for f in fields(section)}
 )
+# The counters a layer's state keeps as tensors (``storage.COUNTER_KINDS``); a checkpoint may hold them as numbers.
+COUNTER_KEYS = ("step", "hessian_updates")
 # Per-layer state besides the moments and P that a conversion keeps where the new options still use it.
 BOOKKEEPING_KEYS = frozenset({"residual_energy", "curvature_trace", "hessian_updates"}).union(*RESIDUAL_KEYS.values())
 _POLICY_TEXT = {
@@ -89,16 +90,21 @@ class Layout:
 
 def load_state(opt: Any, state_dict: dict[str, Any], torch_load: Callable[[dict[str, Any]], None]) -> None:
     """Load ``state_dict`` into ``opt`` (a ``ProjectedOptimizer``; ``torch_load``: torch's own loader)."""
+    state_dict = {**state_dict, "state": {k: _counters_as_tensors(v) for k, v in state_dict["state"].items()}}
     current = [{k: g[k] for k in LOWRANK_GROUP_KEYS if k in g} for g in opt.param_groups]
     # Tensors but the step counters are placed here (torch's loader would cast them to the param's dtype).
-    held = {
-        k: {n: t for n, t in v.items() if isinstance(t, Tensor) and n != "step"} for k, v in state_dict["state"].items()
+    # Entries that are not a layer's dict (what a load hook may keep in ``optimizer.state``) go to torch's loader.
+    layers = {k: v for k, v in state_dict["state"].items() if isinstance(v, dict)}
+    held = {k: {n: t for n, t in v.items() if isinstance(t, Tensor) and n != "step"} for k, v in layers.items()}
+    state = {
+        k: {n: t for n, t in v.items() if n not in held[k]} if k in layers else v
+        for k, v in state_dict["state"].items()
     }
-    state = {k: {n: t for n, t in v.items() if n not in held[k]} for k, v in state_dict["state"].items()}
     torch_load({**state_dict, "state": state})
     for group, options in zip(opt.param_groups, current):
-        for key, value in opt.defaults.items():  # options added since the checkpoint was written
-            group.setdefault(key, value)
+        for key, value in opt.defaults.items():  # options added since the checkpoint was written, but not the
+            if key != "differentiable":  # 'differentiable' torch's __setstate__ has just put into the defaults
+                group.setdefault(key, value)
         group.update(options)
     saved_groups = state_dict["param_groups"]
     saved_of = {i: g for g in saved_groups for i in g["params"]}
@@ -107,7 +113,7 @@ def load_state(opt: Any, state_dict: dict[str, Any], torch_load: Callable[[dict[
     changed: list[tuple[str, str, str]] = []
     for key, tensors in held.items():
         p = params[key]
-        index, group = opt._locate(p)
+        index, group = opt.locate(p)
         if tensors and "step" not in opt.state[p]:  # torch's SGD counts no steps; its buffer means one at least
             opt.state[p]["step"] = torch.tensor(1.0)
         saved_group = resolved_group(saved_of[key], group["rule"])
@@ -124,6 +130,15 @@ def load_state(opt: Any, state_dict: dict[str, Any], torch_load: Callable[[dict[
             opt.state[p]["step"] = saved.to("cpu", copy=True)  # a projected layer's is read on the host (host_ints)
     if changed:
         warn_rank_zero(change_warning(changed), stacklevel=3)
+
+
+def _counters_as_tensors(state: Any) -> Any:
+    """A layer's saved state with its counters as tensors: torch < 1.12 saved Adam's ``step`` as a Python number, and
+    torch's ``Adam.__setstate__`` makes it a tensor (default float dtype) at load; torch's loader keeps a number."""
+    if not isinstance(state, dict):
+        return state
+    number = {k for k in COUNTER_KEYS if k in state and not isinstance(state[k], Tensor)}
+    return {k: torch.tensor(float(v)) if k in number else v for k, v in state.items()}
 
 
 def _place(opt: Any, p: Tensor, group: dict[str, Any], tensors: dict[str, Tensor]) -> None:
@@ -193,9 +208,9 @@ def _convert(
     moments = decode_moments(tensors, old.rule, saved_group, dtype, p.device)
     P_old = None
     if old.projected and has_subspace(tensors):
-        P_old = saved_matrix(tuple(p.shape), tensors, saved_group, old.rank, dtype, p.device, opt._basis)
+        P_old = saved_matrix(tuple(p.shape), tensors, saved_group, old.rank, dtype, p.device, opt.shared_basis)
     # Not host_ints.read_int: a dense counter is advanced by torch, which that cache would miss.
-    ctx = LayerContext(index, int(step), new.rank or 0, group, opt._basis, dtype)
+    ctx = LayerContext(index, int(step), new.rank or 0, group, opt.shared_basis, dtype)
     fresh: dict[str, Tensor] = {}
     if new.projected and P_old is not None and _same_subspace(old, new) and old.side == new.side:
         if old.projector_bits != new.projector_bits:
@@ -258,7 +273,7 @@ def _into_new_subspace(
     if P_old is not None:
         out_of_subspace(full, old.rule, P_old, old.side == "left")
     scratch = {k: t for k, t in tensors.items() if k in PROJECTOR_KEYS} if old.projector == new.projector else {}
-    projector = opt._projectors[new.projector]
+    projector = opt.projector(new.projector)
     projector.refresh(p, gradient_estimate(full, tuple(p.shape), ctx.dtype, p.device), scratch, ctx)
     P_new = projector.matrix(p, scratch, ctx)
     fresh.update({k: t for k, t in scratch.items() if k in PROJECTOR_KEYS})

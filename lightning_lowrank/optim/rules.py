@@ -12,6 +12,7 @@ whenever a probe measures it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -196,3 +197,10 @@ def _adafactor(
     update = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
     denom = (update.norm(2, dtype=wide) / (math.sqrt(update.numel()) * group["d"])).clamp(min=1.0)
     return update, alpha / denom
+
+
+def projected_rule(group: Mapping[str, Any]) -> str:
+    """The inner rule of a group's projected weights."""
+    if group["preconditioner"] == "lazy_hessian":
+        return "sophia"
+    return group["projected_rule"] or group["rule"]

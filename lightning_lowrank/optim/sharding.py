@@ -11,7 +11,7 @@ A refresh needs statistics of the whole gradient. What each projector communicat
 * ``random``, ``gaussian``: nothing; P is rebuilt from a seed that every rank derives alike.
 * ``svd``, ``rsvd``: the gradient is gathered (m x n per layer and refresh) and decomposed as on one device, on one
   rank (the layer in slot i of a refresh step on rank i % world), which shares P with the others (one collective
-  per refresh step, ``RefreshMixin._refresh``). Decomposing on every rank would assume that the decomposition gives
+  per refresh step, ``Refresher.refresh``). Decomposing on every rank would assume that the decomposition gives
   the same bits in every process, which cuSOLVER does not promise, and shards updated in different subspaces would
   no longer make one weight. P is the single-device P to the last bit, signs included; the moments kept across a
   refresh (``moments="keep"``) mean the same as on one device. (A Gram all-reduce, n x n, would give the same
@@ -106,7 +106,7 @@ def _dct_partial_scores(projector: Any, param: Tensor, grad: Tensor, ctx: Any) -
     power = 2 if ctx.group["dct_norm"] == "l2" else 1
     if ctx.group["dct_scorer"] == "fft":
         return dct_scores_fft(grad, False, ctx.group["dct_norm"]).pow(power).contiguous()
-    basis = projector._basis(param, ctx)
+    basis = projector.basis(param, ctx)
     coefficients = grad.to(basis.dtype) @ basis
     return (coefficients.square() if power == 2 else coefficients.abs()).sum(dim=0)
 

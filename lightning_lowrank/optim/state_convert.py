@@ -1,8 +1,8 @@
 """Optimizer state moved between forms: full size and a subspace, 8-bit and full precision. Plain torch.
 
 Used when a checkpoint is resumed under other options (``resume.py``) and by the dense-checkpoint converter
-(``lightning_lowrank.checkpoint``). A buffer with a rank axis (``basis_change.rank_axis_keys``) crosses between the
-d-dimensional side of a weight and a rank-r subspace with P (d x r), as ``basis_change.move_moments`` maps a change
+(``lightning_lowrank.checkpoint``). A buffer with a rank axis (``refresh.rank_axis_keys``) crosses between the
+d-dimensional side of a weight and a rank-r subspace with P (d x r), as ``refresh.move_moments`` maps a change
 of basis (first moments with P, the others with P's elementwise square):
 
 * into the subspace: a first moment m -> P^T m, exact (the projection of an EMA of gradients is the EMA of their
@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.basis_change import rank_axis_keys
 from lightning_lowrank.optim.moments8bit import dequantize_moment
 from lightning_lowrank.optim.options import OptimizerOptions
 from lightning_lowrank.optim.projection import dct_basis, effective_rank, is_left, projected_dim
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
+from lightning_lowrank.optim.refresh import rank_axis_keys
 
 _DEFAULTS = OptimizerOptions().group_options()
 

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning_lowrank.optim import budget, residuals, rules, storage
-from lightning_lowrank.optim.costs import projected_rule
 from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES
+from lightning_lowrank.optim.rules import projected_rule
 
 # Optimizer state by kind. Every state tensor falls in exactly one, so the kinds add up to the optimizer state.
 STATE_KINDS = ("dense_moments", "projected_moments", "projection", "residual", "curvature", "scalars")

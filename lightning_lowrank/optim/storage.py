@@ -30,6 +30,7 @@ from lightning_lowrank.optim.moments8bit import (
     quantize_range_,
     zeros_moment,
 )
+from lightning_lowrank.optim.options import HALF_DTYPES, STATE_DTYPES
 
 QUANTIZED_SUFFIXES = ("_codes", "_absmax", "_shape")  # an 8-bit buffer `key` is kept as key_codes, key_absmax, ...
 MIN_QUANTIZED_NUMEL = 4096  # smaller buffers stay in full precision even with state_bits=8
@@ -40,6 +41,15 @@ STREAM_CHUNK = 2**20
 COUNTER_KINDS = {"": {"step": "scalars"}, "sophia": {"hessian_updates": "curvature"}}
 ELEMENTWISE_RULES = frozenset({"adamw", "sgd", "sophia"})  # rules whose buffers are all the gradient's shape
 _META = torch.device("meta")
+
+
+def state_dtype(group: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a projected weight's moments and P: the group's ``state_dtype``, else float32 for a half-precision
+    weight and the weight's own dtype otherwise (so float32 and float64 runs are unchanged)."""
+    name = group.get("state_dtype")
+    if name is not None:
+        return STATE_DTYPES[name]
+    return torch.float32 if param_dtype in HALF_DTYPES else param_dtype
 
 
 def quantizes(numel: int, group: Mapping[str, Any]) -> bool:
@@ -60,7 +70,7 @@ def init_rule_state(
     """A fresh step counter and the rule's buffers for a gradient of ``shape``; 8-bit buffers are made as zero codes
     directly, never as a full-precision tensor.
 
-    ``torch_kernel``: the parameter is stepped by torch's own functional optimizer (``functional.dense_adam``), so
+    ``torch_kernel``: the parameter is stepped by torch's own functional optimizer (``update.dense_adam``), so
     its counter goes where torch's would (``step_counter``); otherwise it is a CPU float read through ``host_ints``.
     """
     state["step"] = step_counter(group, device) if torch_kernel else torch.tensor(0.0)
