@@ -227,9 +227,8 @@ class ProjectedOptimizer(Optimizer):
         return self._mask(group)
 
     def completed_steps(self, param: Tensor) -> int:
-        """Updates ``param`` has taken (0 before its first, and always for a parameter that keeps no state: dense SGD
-        without momentum, as torch's); for a projected weight without a host read after the first time (a dense
-        parameter's counter is advanced by torch's own Adam, so it is read each time)."""
+        """Updates ``param`` has taken (0 before its first, and for dense SGD without momentum, as torch's); a
+        projected weight's read once (``host_ints``), a dense one's each time (torch's own Adam advances it)."""
         state = self.state[param]
         if "step" not in state:
             return 0
@@ -280,8 +279,7 @@ class ProjectedOptimizer(Optimizer):
         return mask
 
     def locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
-        """(position among all parameters, its group) in O(1): a map rebuilt when the groups changed under it
-        (a new group, or ``load_state_dict``, which installs new group dicts)."""
+        """(position among all parameters, its group) in O(1): a map, rebuilt when new groups were installed."""
         slot = self._slots.get(param)
         if slot is None or slot[1] >= len(self.param_groups) or not _holds(self.param_groups[slot[1]], slot[2], param):
             walk = ((p, g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"]))
@@ -334,15 +332,18 @@ class ProjectedOptimizer(Optimizer):
         nothing is touched yet: ``nonfinite="raise"`` raises naming the first such parameter, ``"skip"`` counts the
         step (``nonfinite_steps``) and warns the first time. Pending refresh requests stay pending."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        labels = {p: nonfinite.parameter_label(p, self.locate(p)[0], self.param_names) for p in params}
-        bad = nonfinite.nonfinite_gradient(params, labels.__getitem__, self._sharded)
+        bad = nonfinite.nonfinite_gradient(params, self._label, self._sharded)  # labels only on a bad step
         if bad is None:
             return True
         if self.nonfinite == "raise":
-            nonfinite.raise_nonfinite(*bad, self.completed_steps(next(p for p in params if labels[p] == bad[0])) + 1)
+            first = next(p for p in params if self._label(p) == bad[0])
+            nonfinite.raise_nonfinite(*bad, self.completed_steps(first) + 1)
         self.nonfinite_steps += 1
         nonfinite.warn_once(self, nonfinite.skipped_message(self.nonfinite_steps, *bad))
         return False
+
+    def _label(self, p: Tensor) -> str:
+        return nonfinite.parameter_label(p, self.locate(p)[0], self.param_names)
 
     def projector(self, name: str) -> Projector:
         """The projector behind ``projector=name`` (they keep nothing per layer: its state is in ``state[p]``)."""
