@@ -1,6 +1,6 @@
 """``memory_budget``: one byte budget for the whole optimizer, shared out as per-layer ranks (``RankBudget``).
 
-The cost model is ``costs.py``, the allocation ``ranks.py``; ``RankBudget`` decides the ranks of the layers due at a
+The cost model is ``costs.py``, the allocation ``allocate.py``; ``RankBudget`` decides the ranks of the layers due at a
 refresh and keeps them in their state. Also here: the check that keeps weights dense where projecting them would
 cost bytes (Adafactor's, SGD without momentum's), ``keep_dense_where_projection_costs``.
 
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lowrank.optim.allocate import LayerCost, allocate_ranks, min_budget
 from lightning_lowrank.optim.costs import dense_state_bytes, layer_cost, projection_saving
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.projection import effective_rank, project, projected_dim
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
-from lightning_lowrank.optim.ranks import LayerCost, allocate_ranks, min_budget
 from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.storage import state_dtype
 

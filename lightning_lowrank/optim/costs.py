@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules, storage
+from lightning_lowrank.optim.allocate import LayerCost
 from lightning_lowrank.optim.projection import projected_dim, projected_shape
-from lightning_lowrank.optim.ranks import LayerCost
 from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.storage import state_dtype
 

@@ -244,7 +244,7 @@ class BudgetOptions:
     """One memory budget for the whole optimizer (not per group).
 
     memory_budget: bytes for this optimizer's whole state (dense part, projected moments, projectors). Each projected
-        layer then gets its own rank, at most ``rank``, chosen at its refreshes (``ranks.py``): in proportion to its
+        layer then gets its own rank, at most ``rank``, chosen at its refreshes (``allocate.py``): in proportion to its
         curvature trace (``rank_by="curvature"``, fed by ``set_layer_curvature``; until the first one arrives, as for
         ``"residual"``) or to its gradient energy outside the current subspace (``rank_by="residual"``). A layer grows
         only into bytes free at that moment, so the state never exceeds the budget. Needs full-precision state and P.
