@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_optimizer_step.py --quick     # 60M, few steps: a smoke run
     .venv/bin/python benchmarks/bench_optimizer_step.py --dtype bfloat16  # bf16 weights and gradients
     .venv/bin/python benchmarks/bench_optimizer_step.py --small-layers  # 96 projected 64x64 layers, bench_small_layers
+    .venv/bin/python benchmarks/bench_optimizer_step.py --presets 130M --only adamw ours-svd --compile  # + compiled
     bash scripts/bench_env.sh                                       # installs the peers first (--no-deps)
 
 What is measured, per preset (GaLore's LLaMA configs, ``lightning_lowrank.memory.plan.PRESETS``): the seven 2-D weights
@@ -31,6 +32,7 @@ import math
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ PEER_PACKAGES = ("galore-torch", "q-galore-torch", "fira", "apollo-torch", "ista
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.json"
 MIB = 1024**2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILED_ROW = "ours-svd-compile"  # --compile: ours-svd with the optimizer's compile option
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="60M only, 4 ordinary + 1 refresh timed steps")
     parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="add the row ours-svd-compile: ours-svd with compile=BACKEND (default inductor; its compilation falls in "
+        "the untimed warm-up, its first step's time is in the JSON as first_step_ms)",
+    )
+    parser.add_argument(
         "--small-layers",
         action="store_true",
         help="the many-small-layers regime instead (benchmarks/bench_small_layers.py with its defaults)",
@@ -90,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     names = args.only or list(peers.BUILDERS)
+    if args.compile:
+        backend = True if args.compile == "inductor" else args.compile
+        peers.BUILDERS[COMPILED_ROW] = partial(peers.ours, projector="svd", compile=backend)
+        names = [*names, COMPILED_ROW]
     args.names = [peers.REFERENCE, *[n for n in names if n != peers.REFERENCE]]  # every ratio needs the reference
     return args
 
@@ -141,6 +157,7 @@ class Run:
         self.refresh: list[float] = []
         self.mismatches: list[int] = []
         self.refreshes_seen = 0
+        self.first_ms: float | None = None  # the first step: state, first subspace (and a compiled row's compilation)
         self.failure: str | None = None
         try:
             self.built = peers.build(name, self.params, cfg, self.device)
@@ -180,6 +197,8 @@ class Run:
             self.mismatches.append(i)
         if timed:
             (self.refresh if refresh else self.ordinary).append(ms)
+        if i == 0:
+            self.first_ms = ms
 
     def row(self) -> dict[str, Any]:
         """Medians (ms), state bytes and the refresh-schedule check; frees the optimizer."""
@@ -201,6 +220,7 @@ class Run:
             "step_ms_samples": ordinary,
             "refresh_ms_samples": [] if dense else self.refresh,
             "refresh_check": "n/a" if dense else check,
+            "first_step_ms": self.first_ms,
         }
         del self.built, self.params, self.buffers
         gc.collect()
@@ -240,6 +260,10 @@ def format_table(preset: dict[str, Any], amortise_gap: int) -> str:
         flag = "" if r["refresh_check"] in ("ok", "n/a") else "  (!) refresh schedule: " + r["refresh_check"]
         lines.append(f"{r['name']:<16}  " + "  ".join(f"{c:>12}" for c in cells) + flag)
     for r in preset["rows"]:
+        if r["status"] == "ok" and r["name"] == COMPILED_ROW:
+            lines.append(
+                f"  note: {r['name']}'s first step (state, subspace, compilation) took {r['first_step_ms']:.0f} ms"
+            )
         if r["status"] == "ok" and r["state_bytes"] > 1.01 * r["state_bytes_logical"]:
             lines.append(
                 f"  note: {r['name']} keeps {r['state_bytes'] / MIB:.2f} MiB alive for "

@@ -42,6 +42,7 @@ from lightning_lowrank.optim.state_convert import (
     saved_matrix,
     saved_rank,
 )
+from lightning_lowrank.optim.storage import holds_quantized
 
 __all__ = ["to_dense_checkpoint"]
 # Keys only a ProjectedOptimizer's groups hold (a torch optimizer's own are kept when its signature has them).
@@ -117,7 +118,7 @@ def dense_state_dict(
                 "no preconditioner)"
             )
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in saved.values()) else torch.float32
-        if not projected and not any(k.endswith("_codes") for k in saved):
+        if not projected and not holds_quantized(saved, rule):
             moments = {k: saved[k] for k in MOMENT_KEYS[rule] if k in saved}  # already torch's: kept as they are
         else:
             moments = decode_moments(saved, rule, group, dtype, "cpu")

@@ -15,6 +15,7 @@ from lightning_lowrank import CurvatureProbe, LowRankStrategy, MemoryPhases
 from lightning_lowrank.callbacks import memory_phases
 from lightning_lowrank.memory import LayerMemory, MemoryReport, render_memory_report
 from lightning_lowrank.memory.figures import format_bytes
+from lightning_lowrank.memory.report import PHASE_LABELS
 from lightning_lowrank.optim import storage
 from tests.models import TinyNet
 from tests.test_probe_cost import FakeAllocator
@@ -365,6 +366,7 @@ def test_memory_phases_records_each_phase_on_sampled_steps_only(monkeypatch):
     }
     assert allocator.resets == 8  # four phases on two sampled steps, none on the others
     assert phases.run_peak_allocated_bytes() == 9000  # the peak before the first reset is kept
+    assert set(PHASE_LABELS) == set(memory_phases.PHASES)  # the report has a label for every phase it records
 
 
 def test_memory_phases_does_nothing_without_cuda(monkeypatch, tmp_path):

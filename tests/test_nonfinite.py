@@ -282,3 +282,22 @@ def test_the_count_survives_a_checkpoint():
         ).state_dict()["nonfinite_steps"]
         == 0
     )
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise", "ignore"])
+def test_a_sparse_gradient_is_refused_before_anything_is_updated(nonfinite):
+    """One check, before the first update (also under ``nonfinite="ignore"``, where no finiteness check runs), and in
+    layer-wise mode in the layer's own hook."""
+    dense, embed = nn.Linear(8, 12), nn.Embedding(10, 12, sparse=True)
+    opt = ProjectedOptimizer(
+        [{"params": dense.parameters()}, {"params": embed.parameters()}], rank=2, nonfinite=nonfinite
+    )
+    before = [p.detach().clone() for p in dense.parameters()]
+    (dense(torch.randn(3, 8)).sum() + embed(torch.tensor([1, 2])).sum()).backward()
+    with pytest.raises(RuntimeError, match="do not support sparse gradients"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(dense.parameters(), before)) and not opt.state
+    layerwise = LayerwiseProjectedOptimizer(embed.parameters(), rank=2, nonfinite=nonfinite)
+    layerwise.attach()
+    with pytest.raises(RuntimeError, match="do not support sparse gradients"):
+        embed(torch.tensor([1, 2])).sum().backward()

@@ -62,13 +62,20 @@ def test_nothing_uses_a_private_name_of_the_optimizer_or_a_projector_from_outsid
     """The optimizer's own code says ``self._...``; every other module (resume.py, nonfinite.py, the strategies and
     callbacks, ...) goes through public names, reading or writing."""
     private = re.compile(r"\b(?:opt|optimizer|projector|self\.optimizer|trainer\.optimizers\[\d\])\._(?!_)\w+")
-    offenders = [
-        f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
-        for path in PACKAGE.rglob("*.py")
-        for number, line in enumerate(path.read_text().splitlines(), 1)
-        if private.search(line)
-    ]
+    offenders = package_lines_matching(private)
     assert not offenders, offenders
+
+
+def package_lines_matching(pattern: re.Pattern, skip: tuple[str, ...] = ()) -> list[str]:
+    """``path:line: text`` of every line of the package's code that ``pattern`` finds, but in the files ``skip`` names
+    (paths inside the package)."""
+    return [
+        f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.relative_to(PACKAGE).as_posix() not in skip
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
 
 
 def test_a_refresh_is_timed_on_this_rank():

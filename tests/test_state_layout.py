@@ -1,6 +1,7 @@
 """Optimizer state classified by what the components that keep it declare (``state_layout``), never by key names."""
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -8,13 +9,15 @@ import torch
 from torch import nn
 
 from lightning_lowrank.memory.accounting import account_memory
-from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim import ProjectedOptimizer, budget, layerwise, residuals, rules, storage
 from lightning_lowrank.optim.costs import projector_bytes
 from lightning_lowrank.optim.layerwise import LOWRANK_GRAD, LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.options import OptimizerOptions
 from lightning_lowrank.optim.projection import PROJECTORS, projected_shape
+from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES
 from lightning_lowrank.optim.residuals import RESIDUALS
-from lightning_lowrank.optim.state_layout import STATE_KINDS, UndeclaredStateError, merge_kinds
+from lightning_lowrank.optim.state_layout import MOMENTS, STATE_KINDS, UndeclaredStateError, merge_kinds
+from tests.test_optimizer_api import package_lines_matching
 
 TALL, WIDE, BIAS, RANK = (48, 16), (16, 48), (16,), 4
 # Large enough that 8-bit storage quantizes the projected moments (rank x 512 elements), whatever its size threshold;
@@ -172,13 +175,14 @@ def test_8bit_buffers_take_their_buffers_kind(rule):
     buffers = {"exp_avg", "exp_avg_sq", "momentum_buffer", "row_var", "col_var", "variance", "sum_sq", "hessian"}
     for name in ("tall", "wide"):
         kinds, projected = opt.state_kinds(params[name]), opt.is_projected(params[name])
+        state = opt.state[params[name]]
         if rule != "adafactor":  # its factored moments are small; and it keeps these weights dense
-            assert projected and any(k.endswith("_codes") for k in kinds), kinds  # the moments are quantized
+            assert projected and any(storage.is_quantized(state, k) for k in buffers), kinds  # quantized moments
+        stored = {k: base for base in buffers for q in (False, True) for k in storage.stored_keys(base, q)}
         for key, kind in kinds.items():
-            base = key.removesuffix("_codes").removesuffix("_absmax").removesuffix("_shape")
-            if base in buffers:
+            if key in stored:
                 moments = "projected_moments" if projected else "dense_moments"
-                assert kind == ("curvature" if base == "hessian" else moments), key
+                assert kind == ("curvature" if stored[key] == "hessian" else moments), key
     bias = opt.state_kinds(params["b"])  # quantized, or kept under its own key when small: dense moments either way
     assert set(bias.values()) == {"dense_moments", "scalars"} and bias["step"] == "scalars"
     report = _report(opt, params)
@@ -243,3 +247,34 @@ def test_foreign_optimizer_state_is_dense():
     assert report.state_by_kind["dense_moments"] == _nbytes(w) and sum(report.state_by_kind.values()) == _nbytes(w)
     report = account_memory([adam], [b], {})
     assert report.state_by_kind["dense_moments"] == 2 * _nbytes(b) and report.state_by_kind["scalars"] == 4
+
+
+def test_every_component_declares_its_state_keys_under_one_name():
+    """``STATE_KEYS``: key -> kind, one dict per variant where a component has variants (``state_layout``)."""
+    declarations = {
+        **{f"storage {rule}": keys for rule, keys in storage.STATE_KEYS.items()},
+        **{f"residual {name}": keys for name, keys in residuals.STATE_KEYS.items()},
+        **{f"projector {name}": cls.STATE_KEYS for name, cls in PROJECTOR_CLASSES.items()},
+        "budget": budget.STATE_KEYS,
+        "layerwise": layerwise.STATE_KEYS,
+    }
+    for owner, keys in declarations.items():
+        assert isinstance(keys, dict) and set(keys.values()) <= {*STATE_KINDS, MOMENTS}, owner
+    assert set(storage.STATE_KEYS) == set(rules.RULES)
+    assert set(residuals.STATE_KEYS) == set(RESIDUALS) and set(PROJECTOR_CLASSES) == set(PROJECTORS)
+    old = re.compile(r"\b(KEY_KINDS|COUNTER_KINDS|QUANTIZED_SUFFIXES|quantized_keys)\b|\.state_keys\b")
+    offenders = package_lines_matching(old, skip=("optim/storage.py",))  # QUANTIZED_SUFFIXES is its own
+    assert not offenders, offenders
+
+
+def test_only_storage_knows_the_8bit_layout():
+    """The 8-bit key suffixes are storage.py's (and the codec's): every other module asks ``storage`` (``stored_keys``,
+    ``is_quantized``, ``decoded_buffers``, ``stored_shape``, ``buffer_bytes``, ``host_key``)."""
+    buffers = "|".join(sorted({k for keys in rules.MOMENT_KEYS.values() for k in keys}))
+    layout = re.compile(
+        r"[\"'}]_(codes|absmax|shape)\b"  # "_codes", f"{key}_codes", endswith("_shape")
+        rf"|\b({buffers})_(codes|absmax|shape)\b"  # exp_avg_codes, hessian_shape, ...
+        r"|_absmax"
+    )
+    offenders = package_lines_matching(layout, skip=("optim/storage.py", "optim/moments8bit.py"))
+    assert not offenders, offenders

@@ -192,15 +192,20 @@ def test_zeros_moment_is_quantized_zeros():
             assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
 
 
-def test_small_buffers_stay_in_full_precision_and_the_byte_model_agrees():
-    """Under 4096 elements a buffer keeps its own key in full precision; the byte model counts each as stored."""
-    assert storage.MIN_QUANTIZED_NUMEL == 4096
-    shapes = [(16,), (4095,), (4096,), (64, 63), (64, 64), (300, 41)]
+def _stepped_8bit(shapes):
+    """Dense parameters of these shapes, one AdamW step with ``state_bits=8``."""
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = ProjectedOptimizer(params, rank=None, state_bits=8, state_block_size=BLOCK)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
+    return params, opt
+
+
+def test_small_buffers_stay_in_full_precision_and_the_byte_model_agrees():
+    """Under 4096 elements a buffer keeps its own key in full precision; the byte model counts each as stored."""
+    assert storage.MIN_QUANTIZED_NUMEL == 4096
+    params, opt = _stepped_8bit([(16,), (4095,), (4096,), (64, 63), (64, 64), (300, 41)])
     group = opt.param_groups[0]
     for p in params:
         state, n = opt.state[p], p.numel()
@@ -209,10 +214,41 @@ def test_small_buffers_stay_in_full_precision_and_the_byte_model_agrees():
             assert set(buffers) == {"exp_avg", "exp_avg_sq"} and buffers["exp_avg"].dtype == torch.float32
             want = 2 * 4 * n
         else:
-            assert set(buffers) == {f"{k}{s}" for k in ("exp_avg", "exp_avg_sq") for s in storage.QUANTIZED_SUFFIXES}
+            assert set(buffers) == {
+                k for b in ("exp_avg", "exp_avg_sq") for k in storage.stored_keys(b, quantized=True)
+            }
             want = 2 * (n + 4 * math.ceil(n / BLOCK) + 8 * p.dim())  # codes, float32 absmax per block, int64 shape
         assert sum(t.numel() * t.element_size() for t in buffers.values()) == want
         assert state_bytes("adamw", tuple(p.shape), p.dtype, group) == want
+
+
+def test_what_the_other_modules_ask_storage():
+    """The report, resume, the conversions and the cost model ask storage.py about the 8-bit layout instead of knowing
+    it: the keys a buffer is kept under, whether it is 8-bit, its shape, its bytes, its full-precision value, and which
+    keys live on the host."""
+    params, opt = _stepped_8bit([(300, 41), (8, 9)])  # 8-bit, and too small to quantize
+    group = opt.param_groups[0]
+    for p, quantized in zip(params, (True, False)):
+        state = opt.state[p]
+        assert set(state) == {"step"} | {
+            k for b in ("exp_avg", "exp_avg_sq") for k in storage.stored_keys(b, quantized)
+        }
+        assert storage.is_quantized(state, "exp_avg") == storage.holds_quantized(state, "adamw") == quantized
+        assert storage.stored_shape(state, "exp_avg_sq") == tuple(p.shape)
+        assert storage.stored_shape(state, "momentum_buffer") is None
+        held = {k: t.numel() * t.element_size() for k, t in state.items() if k != "step"}
+        meta = rules.init_state("adamw", tuple(p.shape), p.dtype, torch.device("meta"))
+        assert sum(storage.buffer_bytes(t, group) for t in meta.values()) == sum(held.values())
+        assert {k for k in state if storage.host_key(k)} == (
+            {"exp_avg_shape", "exp_avg_sq_shape"} if quantized else set()
+        )
+        decoded = storage.decoded_buffers(state, "adamw", torch.float64, BLOCK)
+        for key, value in decoded.items():
+            if quantized:
+                q = {"codes": state[f"{key}_codes"], "absmax": state[f"{key}_absmax"]}
+                assert torch.equal(value, dequantize_moment(q, p.shape, torch.float64, block_size=BLOCK))
+            else:
+                assert value is state[key]  # full precision: the state's own tensor, to update in place
 
 
 def test_plan_equals_measured_with_quantized_and_small_buffers():

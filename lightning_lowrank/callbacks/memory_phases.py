@@ -9,13 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-PHASES = ("forward", "backward", "optimizer_step", "batch_end")
-PHASE_LABELS = {
-    "forward": "forward",
-    "backward": "backward",
-    "optimizer_step": "optimizer step + refresh",
-    "batch_end": "batch end (probe, callbacks)",
-}
+PHASES = ("forward", "backward", "optimizer_step", "batch_end")  # the report labels them (memory.report.PHASE_LABELS)
 
 
 class MemoryPhases(Callback):

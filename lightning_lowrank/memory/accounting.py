@@ -27,8 +27,8 @@ from lightning_lowrank.memory.ranks import PlannedShards
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import ProjectedOptimizer
 from lightning_lowrank.optim.projection import projected_dim
+from lightning_lowrank.optim.projectors import quantized_projection
 from lightning_lowrank.optim.sharding import is_sharded, local
-from lightning_lowrank.optim.state_layout import quantized_projection
 
 UNNAMED = "(unnamed)"  # the row of parameters no module or name owns
 Piece = Callable[..., Tensor]  # (tensor, param=None, kind=None) -> the part of it this rank holds

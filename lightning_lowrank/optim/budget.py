@@ -19,14 +19,16 @@ from lightning_lowrank.optim.allocate import LayerCost, allocate_ranks, min_budg
 from lightning_lowrank.optim.costs import dense_state_bytes, layer_cost, projection_saving
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.projection import effective_rank, project, projected_dim
+from lightning_lowrank.optim.projectors import shares_dct_basis
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
 from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.storage import state_dtype
 
 RANK_FLOOR = 0.5  # under memory_budget, the share of an even split's rank that every layer keeps
 # A projected layer's state for the budget, by the memory report's kind (``state_layout``): its rank and gradient
-# energy (``_reallocate``, under memory_budget) and its Hessian trace (``ProjectedOptimizer.set_layer_curvature``).
-KEY_KINDS = {"rank": "scalars", "residual_energy": "curvature", "curvature_trace": "curvature"}
+# energy (``RankBudget.reallocate``, under memory_budget) and its Hessian trace
+# (``ProjectedOptimizer.set_layer_curvature``).
+STATE_KEYS = {"rank": "scalars", "residual_energy": "curvature", "curvature_trace": "curvature"}
 Placement = tuple[Tensor, dict[str, Any], bool]  # (param, its group, projected)
 
 
@@ -35,13 +37,14 @@ def budget_bytes(placements: Iterable[Placement]) -> tuple[int, dict[Tensor, Lay
     placements = list(placements)
     costs = {p: layer_cost(p, g) for p, g, on in placements if on}
     other = sum(dense_state_bytes(p, g) for p, g, on in placements if not on and p.requires_grad)
-    dct = {
-        (projected_dim(p.shape, g["side"]), state_dtype(g, p.dtype))  # built in the layers' state dtype
-        for p, g, on in placements
-        if on and g["projector"] == "dct" and g["dct_scorer"] == "matmul"
-    }
+    dct = {_dct_basis(p, g) for p, g, on in placements if on and shares_dct_basis(g)}
     other += sum(d * d * dtype.itemsize for d, dtype in dct)  # the shared DCT bases
     return other, costs
+
+
+def _dct_basis(p: Tensor, group: dict[str, Any]) -> tuple[int, torch.dtype]:
+    """The (size, dtype) of the shared DCT basis a layer scores with: built in the layers' state dtype."""
+    return projected_dim(p.shape, group["side"]), state_dtype(group, p.dtype)
 
 
 class RankBudget:
@@ -131,20 +134,18 @@ def keep_dense_where_projection_costs(
     stateless: list[tuple[int, Tensor, dict[str, Any], int]] = []  # momentum-free SGD: nothing to save
     bases_in_use: set[tuple[int, torch.dtype]] = set()  # DCT bases that projected non-Adafactor weights hold
     for index, (p, group, on) in enumerate(placements):
-        shared = group["projector"] == "dct" and group["dct_scorer"] == "matmul"
         if on and projected_rule(group) == "sgd" and group["rule"] == "sgd" and not group["momentum"]:
             stateless.append((index, p, group, 0))
         elif on and projected_rule(group) == "adafactor":
             rank = 1 if memory_budget is not None else effective_rank(p.shape, group["rank"])
             candidates.append((index, p, group, projection_saving(p, group, rank, memory_budget)))
-        elif on and shared:
-            bases_in_use.add((projected_dim(p.shape, group["side"]), state_dtype(group, p.dtype)))
+        elif on and shares_dct_basis(group):
+            bases_in_use.add(_dct_basis(p, group))
     kept = [c for c in candidates if c[3] <= 0]
     per_basis: dict[tuple[int, torch.dtype], list] = {}
     for c in candidates:
-        if c[3] > 0 and c[2]["projector"] == "dct" and c[2]["dct_scorer"] == "matmul":
-            key = (projected_dim(c[1].shape, c[2]["side"]), state_dtype(c[2], c[1].dtype))
-            per_basis.setdefault(key, []).append(c)
+        if c[3] > 0 and shares_dct_basis(c[2]):
+            per_basis.setdefault(_dct_basis(c[1], c[2]), []).append(c)
     for (d, dtype), members in per_basis.items():
         if (d, dtype) not in bases_in_use and sum(c[3] for c in members) <= d * d * dtype.itemsize:
             kept += members

@@ -61,15 +61,9 @@ def layer_cost(param: Tensor, group: Mapping[str, Any]) -> LayerCost:
 
 
 def state_bytes(rule: str, shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> int:
-    """Bytes of the rule's buffers for a gradient of ``shape``: as is, or (``state_bits=8``) one byte per element
-    with a float32 absmax per block and the int64 shape, for the buffers ``storage`` quantizes (the small ones stay
-    as they are: ``storage.MIN_QUANTIZED_NUMEL``)."""
-    buffers = rules.init_state(rule, shape, dtype, META)
-    block, total = group["state_block_size"], 0
-    for t in buffers.values():
-        n = t.numel()
-        total += n + 4 * -(-n // min(block, n)) + 8 * t.dim() if storage.quantizes(n, group) else n * t.element_size()
-    return total
+    """Bytes of the rule's buffers for a gradient of ``shape``, as ``storage`` keeps them (``storage.buffer_bytes``:
+    as they are, or in 8 bits under ``state_bits``)."""
+    return sum(storage.buffer_bytes(t, group) for t in rules.init_state(rule, shape, dtype, META).values())
 
 
 def projector_bytes(param: Tensor, group: Mapping[str, Any], rank: int) -> int:

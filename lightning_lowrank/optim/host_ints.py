@@ -16,16 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_lowrank.optim.storage import host_key
+
 # State kept on the CPU whatever the parameter's device, because the host reads it: seeds (P is rebuilt from one at
-# every step), a layer's rank under a budget, Sophia's probe count, and the shapes of 8-bit buffers (``*_shape``).
-# Step counters too, except a dense parameter's under torch's fused/capturable Adam (``storage.step_counter``).
+# every step), a layer's rank under a budget, Sophia's probe count, and the shapes of 8-bit buffers
+# (``storage.host_key``). Step counters too, except a dense parameter's under torch's fused/capturable Adam
+# (``storage.step_counter``).
 HOST_KEYS = frozenset({"proj_seed", "rank", "hessian_updates"})
-HOST_SUFFIXES = ("_shape",)
 
 
 def on_host(key: str) -> bool:
     """Whether state ``key`` (not ``step``: see ``HOST_KEYS``) lives on the CPU."""
-    return key in HOST_KEYS or key.endswith(HOST_SUFFIXES)
+    return key in HOST_KEYS or host_key(key)
 
 
 # id(tensor) -> [weak reference to it, its value]; an entry leaves when its tensor dies, and is checked for identity

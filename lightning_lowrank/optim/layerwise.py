@@ -71,6 +71,7 @@ from lightning_lowrank.optim.nonfinite import (
     first_nonfinite,
     parameter_label,
     raise_nonfinite,
+    refuse_sparse,
     skipped_message,
     warn_once,
 )
@@ -82,7 +83,11 @@ from lightning_lowrank.optim.storage import stateless
 LOWRANK_GRAD = "lowrank_grad"  # the state key of a projected layer's accumulated projected gradient
 # What this class keeps in a projected layer's state itself, by the memory report's kind (``state_layout``): the
 # window's gradient is an (r, n) or (m, r) buffer like the projected moments.
-KEY_KINDS = {LOWRANK_GRAD: "projected_moments"}
+STATE_KEYS = {LOWRANK_GRAD: "projected_moments"}
+LAYERWISE_COMPILE = (
+    "layerwise=True does not support compile: layer-wise updates run one layer at a time in backward hooks, not "
+    "through the step's compiled update. Drop one of them."
+)
 
 
 class LayerwiseProjectedOptimizer(ProjectedOptimizer):
@@ -95,6 +100,8 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
                 "layerwise=True does not support memory_budget: the budget allocates ranks jointly over all the "
                 "layers due to refresh at a step, and layer-wise updates refresh one layer at a time. Drop one of them."
             )
+        if self.compile:
+            raise ValueError(LAYERWISE_COMPILE)
         self._handles: list[Any] = []
         # param -> (index over all params, group index, projected); group *indices*: load_state_dict replaces the dicts
         self._where: dict[Tensor, tuple[int, int, bool]] = {}
@@ -118,25 +125,24 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         return {**super().__getstate__(), **detached}
 
     def state_kinds(self, param: Tensor) -> dict[str, str]:
-        """As ``ProjectedOptimizer.state_kinds``, with the window's projected gradient (``KEY_KINDS``)."""
+        """As ``ProjectedOptimizer.state_kinds``, with the window's projected gradient (``STATE_KEYS``)."""
         _, group = self.locate(param)
         projected = self.is_projected(param)
-        return state_kinds(self.state[param], group, projected, KEY_KINDS if projected else None)
+        return state_kinds(self.state[param], group, projected, STATE_KEYS if projected else None)
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
         """Register the update hooks on every trainable parameter (idempotent)."""
         self.detach()
-        index = -1
-        for gi, group in enumerate(self.param_groups):
-            for p, on in zip(group["params"], self._mask(group)):
-                index += 1
-                self._where[p] = (index, gi, on)
-                if on:
-                    self._slot[p] = len(self._slot)
-                if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        groups = enumerate(self.param_groups)
+        walk = ((gi, p, on) for gi, group in groups for p, on in zip(group["params"], self._mask(group)))
+        for index, (gi, p, on) in enumerate(walk):
+            self._where[p] = (index, gi, on)
+            if on:
+                self._slot[p] = len(self._slot)
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def all_reduce_in_hooks(self, group: Any = None) -> None:
         """Average every parameter's window gradient over the ranks of ``group`` in its final hook (see the module
@@ -160,8 +166,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
-        if p.grad is not None and p.grad.is_sparse:
-            raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
+        refuse_sparse([p.grad])
         if self._final:
             self._finish(p)
         else:

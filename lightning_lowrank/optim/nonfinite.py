@@ -62,14 +62,19 @@ def _finite(tensors: list[Tensor], fused_norm: bool) -> Tensor:
     return found == 0
 
 
+def refuse_sparse(grads: Iterable[Tensor | None]) -> None:
+    """Raise on a sparse gradient (None: a parameter without one): no update here takes one. Checked before anything
+    is updated (``ProjectedOptimizer.step``) or in the layer's own hook (layer-wise mode)."""
+    if any(g is not None and g.is_sparse for g in grads):
+        raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
+
+
 def nonfinite_gradient(
     params: list[Tensor], label: Callable[[Tensor], str], sharded: bool = True
 ) -> tuple[str, str] | None:
     """None when every gradient of ``params`` is finite: one flag over all of them (``finite_flag``; FSDP2 shards
     agreed over the ranks, unless ``sharded=False`` says none is sharded) and one read. Else (``label`` of the first
     bad parameter, what it holds)."""
-    if any(p.grad.is_sparse for p in params):
-        raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
     grads = [local(p.grad) for p in params] if sharded else [p.grad for p in params]
     flag = finite_flag(grads)
     if flag is None or bool(all_ranks_finite(flag, params) if sharded else flag):  # every rank must decide alike

@@ -60,6 +60,20 @@ def _check_positive(key: str, value: Any) -> None:
         raise ValueError(f"Invalid {key}: {value!r} (must be a number > 0)")
 
 
+def check_compile(value: Any) -> None:
+    """``compile`` is a bool or the name of a ``torch.compile`` backend (``torch._dynamo`` imported for a name only)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if value in backends:
+            return
+        raise ValueError(f"Unknown compile backend {value!r}; choose True, False or one of {', '.join(backends)}")
+    raise ValueError(f"Invalid compile: {value!r} (must be True, False or a torch.compile backend's name)")
+
+
 def _check_fraction(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {key}: {value!r} (must be in [0, 1))")
@@ -265,19 +279,27 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 @dataclass(frozen=True)
 class StepOptions:
-    """What one ``step()`` does with a gradient that is not finite (the whole optimizer, not per group).
+    """How one ``step()`` runs (the whole optimizer, not per group): what it does with a gradient that is not finite,
+    and whether its update is compiled.
 
     nonfinite: ``skip`` (default): when any gradient holds an inf or NaN, nothing is updated (parameters, moments,
         subspaces, step counters), a warning is given the first time and ``nonfinite_steps`` counts it; ``raise``:
         a ``FloatingPointError`` naming the first such layer and its step, with nothing applied; ``ignore``: no check
         (the update runs on whatever the gradient holds, as torch's AdamW does). The check is one multi-tensor
         kernel and one read of its flag per step; ``ignore`` saves both.
+    compile: ``True`` runs the Adam(W) update of the projected layers of the multi-tensor pass (no residual,
+        full-precision moments) as one ``torch.compile``-d function per layer (``compiled.py``), compiled once per
+        layer shape and dtype, never again as the step count or the learning rate change; a string names another
+        ``torch.compile`` backend (``"aot_eager"``, ``"cudagraphs"``, ...). The other updates, refreshes and
+        bookkeeping run eagerly. ``torch.compile(optimizer.step)`` does the same with inductor.
     """
 
     nonfinite: str = "skip"
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_compile(self.compile)
 
 
 GROUP_SECTIONS = (ProjectionOptions, RuleOptions, TorchRuleOptions, ResidualOptions, StateOptions)
@@ -326,10 +348,6 @@ def check_cross_options(o: Any) -> None:
 
 def group_option_names() -> tuple[str, ...]:
     return tuple(f.name for section in GROUP_SECTIONS for f in fields(section))
-
-
-def option_names() -> frozenset[str]:
-    return frozenset(f.name for f in fields(OptimizerOptions))
 
 
 def validate_group(group: Mapping[str, Any]) -> None:

@@ -21,14 +21,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim import lazy_hessian, nonfinite, update
+from lightning_lowrank.optim import compiled, lazy_hessian, nonfinite, update
 from lightning_lowrank.optim.adopt import adopt_groups
 from lightning_lowrank.optim.budget import Placement, RankBudget, budget_bytes, keep_dense_where_projection_costs
 from lightning_lowrank.optim.costs import LayerCost
 from lightning_lowrank.optim.host_ints import forget_all, read_int
 from lightning_lowrank.optim.options import WHOLE_OPTIMIZER_OPTIONS, OptimizerOptions, validate_group
 from lightning_lowrank.optim.projection import dct_basis, effective_rank, projected_shape
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext, Projector
+from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext, Projector, resolve_projector
 from lightning_lowrank.optim.refresh import Refresher, RefreshInfo, RefreshTimer
 from lightning_lowrank.optim.resume import load_state
 from lightning_lowrank.optim.rules import projected_rule
@@ -90,7 +90,7 @@ class ProjectedOptimizer(Optimizer):
         self.refresher = Refresher()
         self.memory_budget, self.rank_by = checked.memory_budget, checked.rank_by
         self.budget = None if checked.memory_budget is None else RankBudget(checked.memory_budget, checked.rank_by)
-        self.nonfinite = checked.nonfinite
+        self.nonfinite, self.compile = checked.nonfinite, checked.compile  # step options (``StepOptions``)
         self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
         # Names of weights for messages (a strategy adds every parameter's module name).
         self.param_names: dict[Tensor, str] = dict(layer_names or {})
@@ -125,8 +125,7 @@ class ProjectedOptimizer(Optimizer):
         group = self.param_groups[-1]
         # Whether some parameter is an FSDP2 DTensor: only then does a step look into them (``sharding.local``).
         self._sharded = getattr(self, "_sharded", False) or any(is_sharded(p) for p in group["params"])
-        if group["projector"] is None:  # APOLLO's own projection for APOLLO, GaLore's SVD otherwise
-            group["projector"] = "gaussian" if group["residual"] == "apollo" else "svd"
+        resolve_projector(group)
         validate_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -316,8 +315,6 @@ class ProjectedOptimizer(Optimizer):
         for index, (p, on) in enumerate(zip(group["params"], self._mask(group)), start):
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("lightning_lowrank optimizers do not support sparse gradients.")
             if not on:
                 dense.append(p)
                 continue
@@ -357,6 +354,8 @@ class ProjectedOptimizer(Optimizer):
         Called without a closure by ``GradScaler.step``; a step the scaler skips never reaches here,
         so the per-layer step counters (and the refresh schedule) only count real updates.
         """
+        if torch.compiler.is_compiling():  # torch.compile(optimizer.step): see ``compiled.eager_step``
+            return torch.compiler.disable(compiled.eager_step)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -365,6 +364,7 @@ class ProjectedOptimizer(Optimizer):
         self._opt_called = True
         with torch.no_grad():
             self.last_refreshes = {}
+            nonfinite.refuse_sparse(p.grad for group in self.param_groups for p in group["params"])
             if self.nonfinite != "ignore" and not self._gradients_finite():
                 return loss
             groups, due, start = [], [], 0
@@ -382,7 +382,7 @@ class ProjectedOptimizer(Optimizer):
                 projector, layers = self._projectors[group["projector"]], []
                 for p, state, ctx in projected:
                     layers.append(update.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
-                update.update_layers(layers, group, self._sharded)
+                update.update_layers(layers, group, self._sharded, self.compile)
                 for p, state, ctx in projected:
                     projector.after_update(p, p.grad, state, ctx)
         return loss

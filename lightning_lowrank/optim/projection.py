@@ -223,8 +223,12 @@ def gaussian_projection(
 
 
 def orthonormalize(P: Tensor) -> Tensor:
-    """Orthonormal basis of P's column space (P may have drifted, as online PCA's does)."""
-    return torch.linalg.qr(P.float()).Q
+    """Orthonormal basis of P's column space, in float32 (P may have drifted, as online PCA's does): QR, with each
+    column's sign chosen so that Q stays close to P (R's diagonal made non-negative), so online PCA's retraction moves P
+    no further than it has drifted. Signs change no projection P P^T and no principal angle."""
+    Q, R = torch.linalg.qr(P.float())
+    signs = torch.sign(torch.diagonal(R))
+    return Q * torch.where(signs == 0, 1.0, signs)  # not signs[signs == 0] = 1: a boolean index syncs on a GPU
 
 
 def subspace_similarity(P_old: Tensor, P_new: Tensor, orthonormal: bool = False) -> tuple[float, float]:

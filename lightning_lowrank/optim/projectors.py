@@ -1,7 +1,7 @@
 """The subspace families behind ``projector=``: how a layer's P is chosen, stored and rebuilt.
 
 Every projector has the same three methods and keeps nothing per layer itself: what a layer needs lives in
-the optimizer's ``state[p]`` under the keys its class declares (``state_keys``; tensors only), so it checkpoints,
+the optimizer's ``state[p]`` under the keys its class declares (``STATE_KEYS``; tensors only), so it checkpoints,
 loads with ``weights_only=True`` and can be broadcast between DDP ranks.
 
 * ``refresh``: choose a new subspace from the current gradient (at the schedule's refresh steps).
@@ -14,6 +14,7 @@ P is built and kept in the layer's state dtype (``LayerContext.dtype``: float32 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from lightning_lowrank.optim.projection import (
     gaussian_projection,
     is_left,
     online_pca_gradient,
+    orthonormalize,
     random_orthonormal,
     randomized_svd_projection,
     seeded_generator,
@@ -38,15 +40,9 @@ from lightning_lowrank.optim.projection import (
 )
 from lightning_lowrank.optim.quantize import dequantize, quantize
 
+# Where ``store_matrix`` keeps P: as it is, or under ``projector_bits`` as its codes, scale and zero.
 MATRIX_KEYS = ("proj", "proj_codes", "proj_scale", "proj_zero")
-
-
-def retract(P: Tensor) -> Tensor:
-    """The nearest-in-spirit orthonormal basis of P's columns: QR with signs chosen so that Q stays close to P."""
-    Q, R = torch.linalg.qr(P.float())
-    signs = torch.sign(torch.diagonal(R))
-    signs = torch.where(signs == 0, 1.0, signs)  # not signs[signs == 0] = 1: a boolean index syncs on a GPU
-    return (Q * signs).to(P.dtype)
+MATRIX_STATE = {"proj": "projection"}  # the STATE_KEYS of a projector that keeps P itself
 
 
 @dataclass
@@ -108,10 +104,10 @@ def decomposed(grad: Tensor, dtype: torch.dtype) -> Tensor:
 
 class Projector:
     name = ""
-    # The keys ``refresh``/``after_update`` keep in ``state[p]`` (the memory report's "projection"), and those kept
-    # instead under ``projector_bits`` (None: the same); ``state_layout`` reads them, nothing else names them.
-    state_keys: tuple[str, ...] = ()
-    quantized_keys: tuple[str, ...] | None = None
+    # The keys ``refresh``/``after_update`` keep in ``state[p]``, with their kind (``state_layout``: the memory
+    # report's "projection"). A projector that keeps P itself declares ``MATRIX_STATE``: ``store_matrix`` keeps it
+    # quantized under ``projector_bits`` (``projector_keys``). Nothing else names them.
+    STATE_KEYS: dict[str, str] = {}
 
     def refresh(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], ctx: LayerContext) -> None:
         raise NotImplementedError
@@ -127,7 +123,7 @@ class SVDProjector(Projector):
     """GaLore: the top-r singular vectors of the gradient. Exact, and the most expensive refresh."""
 
     name = "svd"
-    state_keys, quantized_keys = MATRIX_KEYS[:1], MATRIX_KEYS[1:]  # P, or its codes, scale and zero
+    STATE_KEYS = MATRIX_STATE  # P, or its codes, scale and zero under projector_bits
 
     def refresh(self, param, grad, state, ctx):
         dtype = ctx.dtype_for(param)
@@ -138,7 +134,7 @@ class RandomizedSVDProjector(Projector):
     """Randomized SVD: near-SVD subspaces for the cost of a few (d x k) @ (k x r) products."""
 
     name = "rsvd"
-    state_keys, quantized_keys = MATRIX_KEYS[:1], MATRIX_KEYS[1:]  # P, or its codes, scale and zero
+    STATE_KEYS = MATRIX_STATE  # P, or its codes, scale and zero under projector_bits
 
     def refresh(self, param, grad, state, ctx):
         group, dtype = ctx.group, ctx.dtype_for(param)
@@ -166,7 +162,7 @@ class DCTProjector(Projector):
     """
 
     name = "dct"
-    state_keys = ("proj_idx",)  # r int64 indices, also under projector_bits
+    STATE_KEYS = {"proj_idx": "projection"}  # r int64 indices, also under projector_bits
 
     def refresh(self, param, grad, state, ctx):
         norm = ctx.group["dct_norm"]
@@ -188,11 +184,17 @@ class DCTProjector(Projector):
         return basis if ctx.group["dct_type"] == 2 else basis.T
 
 
+def shares_dct_basis(group: Mapping[str, Any]) -> bool:
+    """Whether the group's projected layers hold the optimizer's shared d x d DCT basis (``dct_scorer="matmul"``;
+    one per size and dtype, ``ProjectedOptimizer.dct_bases``), which ``"fft"`` never builds."""
+    return group["projector"] == "dct" and group["dct_scorer"] == "matmul"
+
+
 class RandomProjector(Projector):
     """A random orthonormal basis (GoLore/Flora style), independent of the gradient: only a seed is stored."""
 
     name = "random"
-    state_keys = ("proj_seed",)
+    STATE_KEYS = {"proj_seed": "projection"}
 
     def refresh(self, param, grad, state, ctx):
         seed = derive_seed(ctx.group["seed"], ctx.index, ctx.step)
@@ -213,7 +215,7 @@ class GaussianProjector(Projector):
     """
 
     name = "gaussian"
-    state_keys = ("proj_seed",)
+    STATE_KEYS = {"proj_seed": "projection"}
 
     def refresh(self, param, grad, state, ctx):
         first = ctx.group["seed"] + ctx.index + 1
@@ -235,7 +237,7 @@ class OnlinePCAProjector(Projector):
     the update's scale and the moment rotation well defined."""
 
     name = "online_pca"
-    state_keys, quantized_keys = MATRIX_KEYS[:1], MATRIX_KEYS[1:]  # P, or its codes, scale and zero
+    STATE_KEYS = MATRIX_STATE  # P, or its codes, scale and zero under projector_bits
 
     def refresh(self, param, grad, state, ctx):
         dtype = ctx.dtype_for(param)
@@ -243,7 +245,8 @@ class OnlinePCAProjector(Projector):
 
     def after_update(self, param, grad, state, ctx):
         P = load_matrix(param, state, ctx)
-        P = retract(P - ctx.group["pca_lr"] * online_pca_gradient(P, grad, ctx.side).to(P.dtype))
+        step = P - ctx.group["pca_lr"] * online_pca_gradient(P, grad, ctx.side).to(P.dtype)
+        P = orthonormalize(step).to(P.dtype)  # the QR retraction
         store_matrix(state, P, ctx, stochastic=True)  # small steps would vanish under round-to-nearest
 
 
@@ -259,4 +262,29 @@ PROJECTOR_CLASSES: dict[str, type[Projector]] = {
     )
 }
 # Every key some projector keeps: a layer holding one has a subspace; a refresh broadcasts them.
-PROJECTOR_KEYS = frozenset(k for c in PROJECTOR_CLASSES.values() for k in (*c.state_keys, *(c.quantized_keys or ())))
+PROJECTOR_KEYS = frozenset(MATRIX_KEYS).union(*(cls.STATE_KEYS for cls in PROJECTOR_CLASSES.values()))
+
+
+def stores_matrix(projector: str) -> bool:
+    """Whether the projector keeps P itself (so ``projector_bits`` applies to it), not indices or a seed."""
+    return MATRIX_KEYS[0] in PROJECTOR_CLASSES[projector].STATE_KEYS
+
+
+def quantized_projection(group: Mapping[str, Any]) -> bool:
+    """Whether the group's projector keeps P quantized (it stores a matrix, and ``projector_bits`` is set)."""
+    return group["projector_bits"] is not None and stores_matrix(group["projector"])
+
+
+def projector_keys(group: Mapping[str, Any]) -> dict[str, str]:
+    """The keys the group's projector keeps for a layer, with their kind: its ``STATE_KEYS``, a stored P as
+    ``store_matrix`` keeps it (its codes, scale and zero under ``projector_bits``)."""
+    if quantized_projection(group):
+        return dict.fromkeys(MATRIX_KEYS[1:], MATRIX_STATE["proj"])
+    return PROJECTOR_CLASSES[group["projector"]].STATE_KEYS
+
+
+def resolve_projector(group: dict[str, Any]) -> None:
+    """Give a param group with ``projector=None`` its default: APOLLO's own projection (``gaussian``) for
+    ``residual="apollo"``, GaLore's SVD otherwise."""
+    if group["projector"] is None:
+        group["projector"] = "gaussian" if group["residual"] == "apollo" else "svd"

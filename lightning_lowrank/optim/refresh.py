@@ -34,14 +34,14 @@ from lightning_lowrank.optim.collectives import (
 )
 from lightning_lowrank.optim.host_ints import read_int
 from lightning_lowrank.optim.projection import is_left, subspace_similarity
-from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, Projector
+from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, Projector, projector_keys
 from lightning_lowrank.optim.rules import projected_rule
 from lightning_lowrank.optim.storage import moment_view
 from lightning_lowrank.optim.update import init_projected_state
 
 
 def has_subspace(state: dict[str, Tensor]) -> bool:
-    """Whether a layer holds a subspace: some projector's declared state (``Projector.state_keys``)."""
+    """Whether a layer holds a subspace: some projector's declared state (``Projector.STATE_KEYS``)."""
     return not PROJECTOR_KEYS.isdisjoint(state)
 
 
@@ -167,9 +167,7 @@ class Refresher:
                 timers[p] = timer.stop()
             if owner is None:
                 continue
-            bits = group["projector_bits"] is not None and projector.quantized_keys is not None
-            keys = projector.quantized_keys if bits else projector.state_keys
-            layout = refresh_layout(keys, ctx.dim(p), ctx.rank, ctx.dtype_for(p), group)
+            layout = refresh_layout(tuple(projector_keys(group)), ctx.dim(p), ctx.rank, ctx.dtype_for(p), group)
             if here:
                 check_layout(state, layout, f"projector {projector.name!r}, layer {ctx.index}")
             else:  # keys of another storage (loaded from a checkpoint with other options) go, as the owner's do

@@ -40,8 +40,8 @@ APOLLO_SCALE_TYPES = ("channel", "tensor")
 # Fira's residual: "scaled" is its code's G - scale P P^T G; "exact" the complement G - P P^T G (the same at scale 1).
 FIRA_COMPLEMENTS = ("scaled", "exact")
 RESIDUAL_NORM = "residual_norm"  # the limiter's last norm, ``limit_growth``
-# The state each residual keeps in ``state[p]`` (the memory report's "residual", ``state_layout``).
-STATE_KEYS = {"none": (), "frugal": (), "fira": (RESIDUAL_NORM,), "apollo": (RESIDUAL_NORM,)}
+# The state each residual keeps in ``state[p]``, with its kind (``state_layout``).
+STATE_KEYS = {"none": {}, "frugal": {}, "fira": {RESIDUAL_NORM: "residual"}, "apollo": {RESIDUAL_NORM: "residual"}}
 
 
 def channel_ratio(
@@ -84,7 +84,7 @@ def residual_update(
     """The full-size update to add besides the projected one, and the factor it is applied with relative to lr.
 
     ``back`` is P applied to ``low_rank`` (the part of ``grad`` inside the subspace). Returns (None, 0) for ``none``.
-    For ``apollo`` the returned update replaces the projected one (see ``replaces_projected``).
+    For ``apollo`` the returned update replaces the projected one (``functional.projected_update`` applies only it).
     """
     if kind == "none":
         return None, 0.0
@@ -100,8 +100,3 @@ def residual_update(
     if kind == "apollo":
         return limit_growth(grad * phi, state, group["limiter_gamma"], norm_of), 1.0
     raise ValueError(f"Unknown residual {kind!r}; choose one of {', '.join(RESIDUALS)}")
-
-
-def replaces_projected(kind: str) -> bool:
-    """APOLLO applies only its scaled full gradient; the others add to the projected update."""
-    return kind == "apollo"

@@ -35,7 +35,7 @@ from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.host_ints import on_host
 from lightning_lowrank.optim.options import GROUP_SECTIONS, TorchRuleOptions
 from lightning_lowrank.optim.projection import effective_rank, is_left, projected_shape
-from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, store_matrix
+from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, store_matrix, stores_matrix
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
 from lightning_lowrank.optim.refresh import has_subspace, move_moments, rank_axis_keys
 from lightning_lowrank.optim.residuals import STATE_KEYS as RESIDUAL_KEYS
@@ -48,7 +48,6 @@ from lightning_lowrank.optim.state_convert import (
     resolved_group,
     saved_matrix,
     saved_rank,
-    stores_matrix,
 )
 from lightning_lowrank.optim.storage import init_rule_state, state_dtype, store_moment
 
@@ -57,7 +56,7 @@ LOWRANK_GROUP_KEYS = frozenset(
     {"rule", "lowrank_mask"}
     | {f.name for section in GROUP_SECTIONS if section is not TorchRuleOptions for f in fields(section)}
 )
-# The counters a layer's state keeps as tensors (``storage.COUNTER_KINDS``); a checkpoint may hold them as numbers.
+# The counters a layer's state keeps as tensors (``storage.STATE_KEYS``); a checkpoint may hold them as numbers.
 COUNTER_KEYS = ("step", "hessian_updates")
 # Per-layer state besides the moments and P that a conversion keeps where the new options still use it.
 BOOKKEEPING_KEYS = frozenset({"residual_energy", "curvature_trace", "hessian_updates"}).union(*RESIDUAL_KEYS.values())

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.moments8bit import dequantize_moment
 from lightning_lowrank.optim.options import OptimizerOptions
 from lightning_lowrank.optim.projection import dct_basis, effective_rank, is_left, projected_dim
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
+from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext, resolve_projector
 from lightning_lowrank.optim.refresh import rank_axis_keys
+from lightning_lowrank.optim.storage import decoded_buffers, stored_shape
 
 _DEFAULTS = OptimizerOptions().group_options()
 
@@ -37,30 +37,16 @@ def resolved_group(saved: Mapping[str, Any], rule: str) -> dict[str, Any]:
     """A saved param group read with the library's defaults for keys it lacks (written before they existed, or by a
     torch optimizer), ``rule`` where it names none, and its projector resolved as ``add_param_group`` does."""
     group = {**_DEFAULTS, "rule": rule, "lowrank_mask": None, **saved}
-    if group["projector"] is None:
-        group["projector"] = "gaussian" if group["residual"] == "apollo" else "svd"
+    resolve_projector(group)
     return group
-
-
-def stores_matrix(projector: str) -> bool:
-    """Whether the projector keeps P itself (so ``projector_bits`` applies to it), not indices or a seed."""
-    return PROJECTOR_CLASSES[projector].quantized_keys is not None
 
 
 def decode_moments(
     state: Mapping[str, Tensor], rule: str, group: Mapping[str, Any], dtype: torch.dtype, device: torch.device | str
 ) -> dict[str, Tensor]:
     """The rule's buffers held in ``state``, in full precision (8-bit ones decoded), in ``dtype`` on ``device``."""
-    out = {}
-    for key in rules.MOMENT_KEYS[rule]:
-        if key in state:
-            out[key] = state[key].to(device=device, dtype=dtype)
-        elif f"{key}_codes" in state:
-            q = {"codes": state[f"{key}_codes"], "absmax": state[f"{key}_absmax"]}
-            shape = state[f"{key}_shape"].tolist()
-            decoded = dequantize_moment(q, shape, dtype, block_size=group["state_block_size"])
-            out[key] = decoded.to(device)
-    return out
+    buffers = decoded_buffers(state, rule, dtype, group["state_block_size"])
+    return {key: t.to(device=device, dtype=dtype) for key, t in buffers.items()}
 
 
 def _factor(key: str, P: Tensor, dtype: torch.dtype) -> Tensor:
@@ -130,12 +116,7 @@ def saved_matrix(
 
 def low_rank_shape(state: Mapping[str, Tensor], rule: str) -> tuple[int, int] | None:
     """The (a, b) shape of a projected layer's low-rank gradient, read from its buffers (None: it keeps none)."""
-    shapes = {}
-    for key in rules.MOMENT_KEYS[rule]:
-        if key in state:
-            shapes[key] = tuple(state[key].shape)
-        elif f"{key}_shape" in state:
-            shapes[key] = tuple(state[f"{key}_shape"].tolist())
+    shapes = {key: shape for key in rules.MOMENT_KEYS[rule] if (shape := stored_shape(state, key)) is not None}
     if "row_var" in shapes and "col_var" in shapes:
         return shapes["row_var"][0], shapes["col_var"][-1]
     full = [s for s in shapes.values() if len(s) == 2 and 1 not in s] or [s for s in shapes.values() if len(s) == 2]

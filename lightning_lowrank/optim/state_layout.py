@@ -1,15 +1,18 @@
 """What kind of optimizer state each key of a parameter's state holds, read from what the components declare.
 
-Every component that writes into ``state[p]`` declares the keys it writes, next to the code that writes them; this
+Every component that writes into ``state[p]`` declares the keys it writes, next to the code that writes them, under
+one name: ``STATE_KEYS``, a dict from each key to its kind (one per variant where the component has variants). This
 module only reads those declarations (the memory report's split by kind comes from here, never from key names):
 
-* the projector (``projectors.py``: ``state_keys``, or ``quantized_keys`` under ``projector_bits``): ``projection``;
-* the rule (``rules.MOMENT_KEYS``): its buffers, ``projected_moments`` or ``dense_moments`` by where it runs, but
-  ``curvature`` for ``rules.CURVATURE_KEYS`` (Sophia's diagonal);
-* the moment storage (``storage.py``): its counters (``COUNTER_KINDS``), and under ``state_bits`` each buffer also as
-  ``{key}{suffix}`` for ``QUANTIZED_SUFFIXES`` (a buffer may stay under its own key, e.g. a small one), same kind;
-* the residual (``residuals.STATE_KEYS``): ``residual``;
-* the budget (``budget.KEY_KINDS``): a projected layer's rank, gradient energy and Hessian trace.
+* the rule's storage (``storage.STATE_KEYS[rule]``): the step counter, Sophia's probe count, and the rule's buffers,
+  declared as ``"moments"`` (``MOMENTS``: ``projected_moments`` or ``dense_moments`` by where the rule runs) or as
+  ``curvature`` (Sophia's diagonal); under ``state_bits`` a buffer may be kept in 8 bits instead, under the keys
+  ``storage.stored_keys`` gives, same kind;
+* the projector (``Projector.STATE_KEYS``; a stored P is kept quantized under ``projector_bits``:
+  ``projectors.projector_keys``);
+* the residual (``residuals.STATE_KEYS[residual]``);
+* the budget (``budget.STATE_KEYS``): a projected layer's rank, gradient energy and Hessian trace;
+* an optimizer subclass, for what it keeps itself (``layerwise.STATE_KEYS``, passed as ``extra``).
 
 A key that none declares raises: a component forgot its declaration, and a guessed kind would misreport memory.
 Plain torch, no Lightning.
@@ -21,48 +24,31 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning_lowrank.optim import budget, residuals, rules, storage
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES
+from lightning_lowrank.optim.projectors import projector_keys
 from lightning_lowrank.optim.rules import projected_rule
 
 # Optimizer state by kind. Every state tensor falls in exactly one, so the kinds add up to the optimizer state.
 STATE_KINDS = ("dense_moments", "projected_moments", "projection", "residual", "curvature", "scalars")
+MOMENTS = "moments"  # a rule buffer's declared kind: projected_moments or dense_moments by where the rule runs
 
 
 class UndeclaredStateError(LookupError):
     """A state key that no component declares (a bug in the component that wrote it)."""
 
 
-def projector_keys(group: Mapping[str, Any]) -> tuple[str, ...]:
-    """The keys the group's projector keeps for a layer (its quantized form under ``projector_bits``)."""
-    cls = PROJECTOR_CLASSES[group["projector"]]
-    if group["projector_bits"] is not None and cls.quantized_keys is not None:
-        return cls.quantized_keys
-    return cls.state_keys
-
-
-def quantized_projection(group: Mapping[str, Any]) -> bool:
-    """Whether the group's projector keeps P quantized (it stores a matrix, and ``projector_bits`` is set)."""
-    cls = PROJECTOR_CLASSES[group["projector"]]
-    return group["projector_bits"] is not None and cls.quantized_keys is not None
-
-
 def declared_kinds(group: Mapping[str, Any], projected: bool) -> dict[str, str]:
     """Every key a parameter of ``group`` may hold, projected or dense, with its kind: what the components declare."""
     rule = projected_rule(group) if projected else group["rule"]
     moments = "projected_moments" if projected else "dense_moments"
-    buffers = {k: "curvature" if k in rules.CURVATURE_KEYS else moments for k in rules.MOMENT_KEYS[rule]}
+    kept = {key: moments if kind == MOMENTS else kind for key, kind in storage.STATE_KEYS[rule].items()}
     if group["state_bits"] is not None:
-        buffers |= {key + suffix: kind for key, kind in buffers.items() for suffix in storage.QUANTIZED_SUFFIXES}
-    parts: list[tuple[str, Mapping[str, str]]] = [
-        ("storage", storage.COUNTER_KINDS[""]),
-        ("storage", storage.COUNTER_KINDS.get(rule, {})),
-        (f"rule {rule!r}", buffers),
-    ]
+        kept |= {k: kept[key] for key in rules.MOMENT_KEYS[rule] for k in storage.stored_keys(key, quantized=True)}
+    parts: list[tuple[str, Mapping[str, str]]] = [(f"rule {rule!r}", kept)]
     if projected:
         parts += [
-            (f"projector {group['projector']!r}", dict.fromkeys(projector_keys(group), "projection")),
-            (f"residual {group['residual']!r}", dict.fromkeys(residuals.STATE_KEYS[group["residual"]], "residual")),
-            ("budget", budget.KEY_KINDS),
+            (f"projector {group['projector']!r}", projector_keys(group)),
+            (f"residual {group['residual']!r}", residuals.STATE_KEYS[group["residual"]]),
+            ("budget", budget.STATE_KEYS),
         ]
     return merge_kinds(parts)
 

@@ -3,7 +3,8 @@
 With ``state_bits=8`` a buffer ``key`` is kept as ``key_codes``, ``key_absmax`` and ``key_shape``, except a buffer of
 fewer than ``MIN_QUANTIZED_NUMEL`` elements (a bias, a norm's weight, Adafactor's row statistics), which stays a
 full-precision tensor under ``key``: its absmax and shape would save little or nothing, and it costs a quantization
-round trip at every step. ``costs.state_bytes`` counts the same way.
+round trip at every step. This module is the only one that knows that layout: the others ask it (``stored_keys``,
+``is_quantized``, ``decoded_buffers``, ``stored_shape``, ``buffer_bytes``, ``host_key``).
 
 Two ways to update them. ``moment_view`` hands over a dict of whole full-precision buffers (for 8-bit storage a
 dequantized copy, quantized back afterwards): what rules that are not elementwise (Adafactor's factored statistics,
@@ -37,8 +38,18 @@ MIN_QUANTIZED_NUMEL = 4096  # smaller buffers stay in full precision even with s
 # Elements per chunk of a streamed 8-bit update (rounded down to whole blocks, at least one): 4 MiB of float32, so the
 # dequantized moments and the rule's temporaries stay a few tens of MiB however large the tensor.
 STREAM_CHUNK = 2**20
-# The counters init_rule_state keeps beside the buffers, by rule ("": every rule), with their kind (state_layout.py).
-COUNTER_KINDS = {"": {"step": "scalars"}, "sophia": {"hessian_updates": "curvature"}}
+# What ``init_rule_state`` keeps for each rule, with its kind (``state_layout``): the step counter, Sophia's probe
+# count, and the rule's buffers: "moments" (``projected_moments`` or ``dense_moments``, by where the rule runs), but
+# ``curvature`` for ``rules.CURVATURE_KEYS``. Under ``state_bits`` a buffer may be kept as
+# ``stored_keys(key, quantized=True)`` instead.
+STATE_KEYS = {
+    rule: {
+        "step": "scalars",
+        **({"hessian_updates": "curvature"} if rule == "sophia" else {}),
+        **{key: "curvature" if key in rules.CURVATURE_KEYS else "moments" for key in buffers},
+    }
+    for rule, buffers in rules.MOMENT_KEYS.items()
+}
 ELEMENTWISE_RULES = frozenset({"adamw", "sgd", "sophia"})  # rules whose buffers are all the gradient's shape
 _META = torch.device("meta")
 
@@ -107,6 +118,56 @@ def stateless(group: Mapping[str, Any]) -> bool:
     return group["rule"] == "sgd" and not group["momentum"]
 
 
+def stored_keys(key: str, quantized: bool) -> tuple[str, ...]:
+    """The state keys buffer ``key`` is kept under: itself, or (``quantized``) its 8-bit codes, absmax and shape."""
+    return tuple(f"{key}{suffix}" for suffix in QUANTIZED_SUFFIXES) if quantized else (key,)
+
+
+def is_quantized(state: Mapping[str, Any], key: str) -> bool:
+    """Whether ``state`` holds buffer ``key`` in 8 bits."""
+    return f"{key}_codes" in state
+
+
+def holds_quantized(state: Mapping[str, Any], rule: str) -> bool:
+    """Whether ``state`` holds some buffer of ``rule`` in 8 bits."""
+    return any(is_quantized(state, key) for key in rules.MOMENT_KEYS[rule])
+
+
+def host_key(key: str) -> bool:
+    """Whether state ``key`` is one the host reads at every step, so kept on the CPU: an 8-bit buffer's shape."""
+    return key.endswith("_shape")
+
+
+def stored_shape(state: Mapping[str, Tensor], key: str) -> tuple[int, ...] | None:
+    """The shape of buffer ``key`` as ``state`` holds it, full precision or 8-bit (None: it holds none)."""
+    if key in state:
+        return tuple(state[key].shape)
+    if f"{key}_shape" in state:
+        return tuple(state[f"{key}_shape"].tolist())  # a CPU tensor: no device read
+    return None
+
+
+def decoded_buffers(state: Mapping[str, Tensor], rule: str, dtype: torch.dtype, block_size: int) -> dict[str, Tensor]:
+    """The rule's buffers ``state`` holds: the full-precision ones as they are (the same tensors), the 8-bit ones
+    decoded to ``dtype`` where their codes are (``block_size``: the group's ``state_block_size``)."""
+    out = {}
+    for key in rules.MOMENT_KEYS[rule]:
+        if key in state:
+            out[key] = state[key]
+        elif is_quantized(state, key):
+            out[key] = dequantize_moment(_codes(state, key), stored_shape(state, key), dtype, block_size=block_size)
+    return out
+
+
+def buffer_bytes(buffer: Tensor, group: Mapping[str, Any]) -> int:
+    """Bytes a buffer like ``buffer`` (a meta tensor will do) takes in state under ``group``'s options: as it is, or
+    (8-bit) one byte per element with a float32 absmax per block and its int64 shape."""
+    n = buffer.numel()
+    if not quantizes(n, group):
+        return n * buffer.element_size()
+    return n + 4 * -(-n // min(group["state_block_size"], n)) + 8 * buffer.dim()
+
+
 @contextmanager
 def moment_view(
     state: dict[str, Tensor], rule: str, group: Mapping[str, Any], dtype: torch.dtype
@@ -117,14 +178,7 @@ def moment_view(
     if group["state_bits"] is None:
         yield state
         return
-    block = group["state_block_size"]
-    moments = {}
-    for key in rules.MOMENT_KEYS[rule]:
-        if key in state:
-            moments[key] = state[key]
-        elif f"{key}_codes" in state:
-            shape = state[f"{key}_shape"].tolist()  # a CPU tensor: no device read
-            moments[key] = dequantize_moment(_codes(state, key), shape, dtype, block_size=block)
+    moments = decoded_buffers(state, rule, dtype, group["state_block_size"])
     yield moments
     for key, tensor in moments.items():
         store_moment(state, key, tensor, rules.MOMENT_KEYS[rule][key], group)
@@ -132,7 +186,7 @@ def moment_view(
 
 def streams(state: Mapping[str, Tensor], rule: str) -> bool:
     """Whether ``moment_chunks`` can update these buffers: an elementwise rule with some buffer in 8 bits."""
-    return rule in ELEMENTWISE_RULES and any(f"{key}_codes" in state for key in rules.MOMENT_KEYS[rule])
+    return rule in ELEMENTWISE_RULES and holds_quantized(state, rule)
 
 
 def moment_chunks(
@@ -146,7 +200,7 @@ def moment_chunks(
     block's codes depend on that block alone, the result is what ``moment_view`` gives over the whole tensor.
     """
     block = group["state_block_size"]
-    keys = [k for k in rules.MOMENT_KEYS[rule] if k in state or f"{k}_codes" in state]
+    keys = [k for k in rules.MOMENT_KEYS[rule] if k in state or is_quantized(state, k)]
     first = keys[0]
     n = state[first].numel() if first in state else state[f"{first}_codes"].numel()
     for start, stop in chunk_ranges(n, block, STREAM_CHUNK):
@@ -165,8 +219,8 @@ def moment_chunks(
 def store_moment(state: dict[str, Tensor], key: str, tensor: Tensor, signed: bool, group: Mapping[str, Any]) -> None:
     """Keep ``tensor`` as buffer ``key``: in 8 bits, or as it is when it is too small to be worth quantizing."""
     if not quantizes(tensor.numel(), group):
-        for suffix in QUANTIZED_SUFFIXES:
-            state.pop(f"{key}{suffix}", None)
+        for stored in stored_keys(key, quantized=True):
+            state.pop(stored, None)
         state[key] = tensor
         return
     state.pop(key, None)

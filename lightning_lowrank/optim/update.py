@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from lightning_lowrank.optim import functional, rules
+from lightning_lowrank.optim import compiled, functional, rules
 from lightning_lowrank.optim.host_ints import advance, advance_all
 from lightning_lowrank.optim.projection import effective_rank, is_left, projected_shape
 from lightning_lowrank.optim.projectors import LayerContext
@@ -64,13 +64,18 @@ def init_projected_state(
         state["rank"] = torch.tensor(rank, dtype=torch.int64)
 
 
-def update_layers(layers: Sequence[Layer], group: dict[str, Any], sharded: bool = True) -> None:
+def update_layers(
+    layers: Sequence[Layer], group: dict[str, Any], sharded: bool = True, compile: bool | str = False
+) -> None:
     """Update a group's projected layers: together where the rule allows (``can_batch``, and P and the
     moments in the weight's dtype), else one at a time. ``sharded=False``: no parameter is an FSDP2 DTensor (the
-    optimizer knows), so none is looked into."""
+    optimizer knows), so none is looked into. ``compile`` (the optimizer's option): those layers, in any state dtype,
+    each through the compiled ``compiled.adam_layer`` instead."""
     together = can_batch(group, projected_rule(group))
     batch = [
-        layer for layer in layers if together and layer.state["exp_avg"].dtype == layer.P.dtype == layer.param.dtype
+        layer
+        for layer in layers
+        if together and layer.state["exp_avg"].dtype == layer.P.dtype == (layer.P if compile else layer.param).dtype
     ]
     in_batch = {id(layer.param) for layer in batch}
     for layer in layers:
@@ -80,7 +85,11 @@ def update_layers(layers: Sequence[Layer], group: dict[str, Any], sharded: bool 
         steps = advance_all([layer.state["step"] for layer in batch])
         rows = local if sharded else _whole
         params, grads = [rows(layer.param) for layer in batch], [rows(layer.param.grad) for layer in batch]
-        projected_adam(params, [layer.P for layer in batch], [layer.state for layer in batch], steps, group, grads)
+        Ps, states = [layer.P for layer in batch], [layer.state for layer in batch]
+        if compile:
+            compiled.adam_layers(params, grads, Ps, states, steps, group, compile)
+        else:
+            projected_adam(params, Ps, states, steps, group, grads)
 
 
 def update_layer(

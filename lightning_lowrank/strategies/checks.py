@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
 
 from lightning_lowrank.config import LowRankConfig
+from lightning_lowrank.optim.layerwise import LAYERWISE_COMPILE
 from lightning_lowrank.strategies.mixin import LowRankMixin
 
 # The mixin's keywords that must be a bool (``check_bool``).
@@ -82,6 +83,8 @@ def check_combinations(strategy: Any) -> None:
     """After the strategy is built: combinations of its keywords that cannot work together."""
     if strategy.layerwise and strategy.lowrank_config.memory_budget is not None:
         raise ValueError(LAYERWISE_BUDGET)
+    if strategy.layerwise and strategy.lowrank_config.compile:
+        raise ValueError(LAYERWISE_COMPILE)
 
 
 def _get_precision_plugin(self: Any) -> Precision:
