@@ -100,7 +100,7 @@ import peers  # noqa: E402
 from peers import PeerUnavailable  # noqa: E402
 
 from lightning_lowrank.optim.projected import ProjectedOptimizer  # noqa: E402
-from lightning_lowrank.optim.projection import dct_basis, is_left  # noqa: E402
+from lightning_lowrank.optim.projection.bases import dct_basis, is_left  # noqa: E402
 from lightning_lowrank.schedule import RefreshPolicy, RefreshSchedule  # noqa: E402
 
 PATCH_NOTE = (

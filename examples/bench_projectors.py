@@ -36,8 +36,8 @@ from stdlib_data import RandomWindows, load_stdlib_bytes, train_val_split
 from torch import Tensor
 
 from lightning_lowrank.optim import ProjectedAdamW
-from lightning_lowrank.optim.projection import dct_basis, effective_rank, orthonormalize, project
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext
+from lightning_lowrank.optim.projection.bases import dct_basis, effective_rank, orthonormalize, project
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_CLASSES, LayerContext
 
 # LLaMA-60M/130M/350M weight shapes (attention, MLP) with the ranks GaLore used for them.
 SHAPES: list[tuple[str, tuple[int, int], int]] = [

@@ -27,11 +27,9 @@ from torch import Tensor
 
 from lightning_lowrank.optim.nonfinite import COUNT_KEY
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS, group_option_names
-from lightning_lowrank.optim.projection import is_left
-from lightning_lowrank.optim.refresh import has_subspace
-from lightning_lowrank.optim.resume import LOWRANK_GROUP_KEYS
-from lightning_lowrank.optim.rules import MOMENT_KEYS, projected_rule
-from lightning_lowrank.optim.state_convert import (
+from lightning_lowrank.optim.projection.bases import is_left
+from lightning_lowrank.optim.projection.refresh import has_subspace
+from lightning_lowrank.optim.state.convert import (
     decode_moments,
     fits,
     full_shape,
@@ -42,7 +40,9 @@ from lightning_lowrank.optim.state_convert import (
     saved_matrix,
     saved_rank,
 )
-from lightning_lowrank.optim.storage import holds_quantized
+from lightning_lowrank.optim.state.resume import LOWRANK_GROUP_KEYS
+from lightning_lowrank.optim.state.storage import holds_quantized
+from lightning_lowrank.optim.update.rules import MOMENT_KEYS, projected_rule
 
 __all__ = ["to_dense_checkpoint"]
 # Keys only a ProjectedOptimizer's groups hold (a torch optimizer's own are kept when its signature has them).

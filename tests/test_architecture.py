@@ -17,7 +17,7 @@ import torch
 
 import lightning_lowrank
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_CLASSES
 
 PACKAGE = Path(lightning_lowrank.__file__).parent
 

@@ -1,4 +1,4 @@
-"""The multi-tensor step (``update.projected_adam``) against GaLore-Adam written out per layer in plain dense math."""
+"""The multi-tensor step (``dispatch.projected_adam``) against GaLore-Adam written out per layer in plain dense math."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.optim import ProjectedOptimizer, update
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.update import dispatch
 
 SHAPES = [(6, 10), (10, 6), (8, 8), (6, 10)]  # tall, wide, square (projects on the right), a second of one shape
 
@@ -53,10 +54,10 @@ def _reference(W, grads, rank, lr, betas, eps, wd, form, decoupled, scale, gap):
 @pytest.mark.parametrize("chunk", [None, 40])  # 40 elements: each run of the multi-tensor pass holds 1 or 2 layers
 def test_batched_step_matches_dense_galore_adam(form, decoupled, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(update, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(dispatch, "CHUNK_ELEMENTS", chunk)
     calls = []
-    original_chunk = update._projected_adam
-    monkeypatch.setattr(update, "_projected_adam", lambda *a, **k: (calls.append(len(a[0])), original_chunk(*a, **k)))
+    original_chunk = dispatch._projected_adam
+    monkeypatch.setattr(dispatch, "_projected_adam", lambda *a, **k: (calls.append(len(a[0])), original_chunk(*a, **k)))
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     steps = 7
@@ -81,7 +82,7 @@ def test_batched_step_matches_dense_galore_adam(form, decoupled, chunk, monkeypa
     [dict(residual="fira"), dict(projected_rule="subset_norm"), dict(state_bits=8), dict(rule="sgd", momentum=0.9)],
 )
 def test_rules_the_batch_does_not_cover_step_one_layer_at_a_time(options, monkeypatch):
-    monkeypatch.setattr(update, "projected_adam", lambda *a, **k: pytest.fail("batched a rule it does not cover"))
+    monkeypatch.setattr(dispatch, "projected_adam", lambda *a, **k: pytest.fail("batched a rule it does not cover"))
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = ProjectedOptimizer(params, rank=2, **options)
     for _ in range(2):

@@ -14,8 +14,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from lightning_lowrank import LowRankConfig, LowRankStrategy
-from lightning_lowrank.optim import ProjectedOptimizer, compiled, update
+from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
+from lightning_lowrank.optim.update import compiled, dispatch
 
 SHAPES = [(6, 10), (10, 6), (8, 8), (6, 10)]  # tall, wide, square (projects on the right), a second of one shape
 GRAPHS = 3  # one per distinct shape
@@ -63,10 +64,10 @@ def test_the_update_compiles_once_per_layer_shape_whatever_the_step_and_the_lr()
 
 def test_control_python_float_step_sizes_compile_again_at_every_step(monkeypatch):
     """What the test above would see if the step sizes were Python floats: today's multi-tensor pass
-    (``update._projected_adam``), compiled as it is, is compiled again at every step (its step counts and lr are
+    (``dispatch._projected_adam``), compiled as it is, is compiled again at every step (its step counts and lr are
     constants of each graph)."""
-    today = torch.compile(update._projected_adam, backend="eager", dynamic=False)
-    monkeypatch.setattr(update, "_projected_adam", today)
+    today = torch.compile(dispatch._projected_adam, backend="eager", dynamic=False)
+    monkeypatch.setattr(dispatch, "_projected_adam", today)
     _, graphs, _ = _run()
     assert all(later > earlier for earlier, later in zip(graphs, graphs[1:])), graphs  # a new graph at every step
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.optim.dct_fft import dct2, dct_scores_fft
-from lightning_lowrank.optim.projection import dct_basis, dct_scores
+from lightning_lowrank.optim.projection.bases import dct_basis, dct_scores
+from lightning_lowrank.optim.projection.dct_fft import dct2, dct_scores_fft
 
 SIZES = [1, 2, 3, 7, 16, 31, 64]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

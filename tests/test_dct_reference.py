@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.dct_fft import dct_scores_fft
-from lightning_lowrank.optim.projection import dct_basis, dct_scores, dct_select, is_left, top_indices
+from lightning_lowrank.optim.projection.bases import dct_basis, dct_scores, dct_select, is_left, top_indices
+from lightning_lowrank.optim.projection.dct_fft import dct_scores_fft
 
 SHAPES = {"tall": (40, 16), "wide": (16, 40), "square": (24, 24), "odd": (17, 33)}
 RANK = 5

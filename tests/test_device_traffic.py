@@ -26,9 +26,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_lowrank.optim import ProjectedOptimizer, update
+from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
-from lightning_lowrank.optim.storage import step_counter
+from lightning_lowrank.optim.state.storage import step_counter
+from lightning_lowrank.optim.update import dispatch
 from lightning_lowrank.strategies import comm
 
 aten = torch.ops.aten
@@ -268,13 +269,13 @@ def test_torchs_fused_adam_gets_step_counters_on_the_parameters_device(monkeypat
     """torch keeps a fused (or capturable) Adam's counters on the parameter's device: its CUDA kernel reads them
     there. Checked on the tensors handed to torch's functional Adam, for the dense parameters."""
     seen = []
-    real = update.adam
+    real = dispatch.adam
 
     def recording_adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, state_steps, **kwargs):
         seen.append(([p.device for p in params], [s.device for s in state_steps], kwargs["fused"]))
         return real(params, grads, exp_avgs, exp_avg_sqs, max_sqs, state_steps, **kwargs)
 
-    monkeypatch.setattr(update, "adam", recording_adam)
+    monkeypatch.setattr(dispatch, "adam", recording_adam)
     model = _model()
     opt = _build("adamw fused", {}, model)
     _steady_step(opt, model)

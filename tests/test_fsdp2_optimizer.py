@@ -181,7 +181,7 @@ DECOMPOSITIONS = {"svd": "svd_projection", "rsvd": "randomized_svd_projection"}
 def _one_rank_decomposes_worker(rank: int, port: int, name: str, out: str) -> None:
     """Rank 1's decomposition returns -P: still orthonormal, the same subspace, other bits (as another process's
     cuSOLVER may). Each rank records what its decompositions returned."""
-    from lightning_lowrank.optim import projectors
+    from lightning_lowrank.optim.projection import projectors
 
     decomposed = []
     original = getattr(projectors, DECOMPOSITIONS[name])

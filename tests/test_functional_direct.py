@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from lightning_lowrank.optim import ProjectedOptimizer, functional
-from lightning_lowrank.optim.residuals import RESIDUAL_NORM, channel_ratio, limit_growth
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.update import functional
+from lightning_lowrank.optim.update.residuals import RESIDUAL_NORM, channel_ratio, limit_growth
 
 B1, B2, EPS, LR, WD = 0.9, 0.999, 1e-8, 0.01, 0.1
 

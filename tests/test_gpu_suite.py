@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_lowrank.optim.host_ints import read_int
-from lightning_lowrank.optim.projectors import RandomProjector
+from lightning_lowrank.optim.projection.projectors import RandomProjector
+from lightning_lowrank.optim.state.host_ints import read_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_suite  # noqa: E402
@@ -272,7 +272,8 @@ def test_a_sync_is_caught_and_recorded_with_where_in_the_package_it_happened():
     report = gpu_suite.check_syncs(step, 3, debug)
     assert report["synced"] and report["message"] == SYNC_TEXT
     assert (
-        report["where"][0].startswith("lightning_lowrank/optim/host_ints.py:") and "in read_int" in report["where"][0]
+        report["where"][0].startswith("lightning_lowrank/optim/state/host_ints.py:")
+        and "in read_int" in report["where"][0]
     )
     assert report["syncs_per_step"] == 2  # the warn pass counted every one
     (site,) = report["sites"]

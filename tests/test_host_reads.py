@@ -3,8 +3,8 @@
 Every read of a tensor's value from Python (``.item()``, ``int()``, ``bool()``, ``max(t, x)``) dispatches
 ``aten._local_scalar_dense``; on a GPU each one that touches device memory waits for the device. torch keeps its step
 counters on the CPU and reads each once per parameter and step (Adafactor reads more). Ours reads nothing for a
-projected layer (its step counter, seed and rank are read once per tensor, ``optim/host_ints.py``); dense parameters
-go through torch's own Adam, which reads their CPU step counters as torch does. The non-finite check
+projected layer (its step counter, seed and rank are read once per tensor, ``optim/state/host_ints.py``); dense
+parameters go through torch's own Adam, which reads their CPU step counters as torch does. The non-finite check
 (``nonfinite="skip"``, the default, or ``"raise"``) reads one flag per step, as a GradScaler does; ``"ignore"`` saves
 it. Counted on the CPU, where every read shows up the same way, in a steady-state step (no refresh, no first step).
 """

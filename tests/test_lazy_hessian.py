@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lightning_lowrank.curvature import subspace_diagonal
-from lightning_lowrank.optim import ProjectedOptimizer, storage
-from lightning_lowrank.optim.storage import moment_view
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.state import storage
+from lightning_lowrank.optim.state.storage import moment_view
 
 M, N = 4, 6
 LR, WD, BETA1, RHO, HBETA, EPS = 0.05, 0.1, 0.9, 0.5, 0.8, 1e-12

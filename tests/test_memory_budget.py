@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.allocate import LayerCost, allocate_ranks, min_budget
+from lightning_lowrank.optim.budget.allocate import LayerCost, allocate_ranks, min_budget
 
 
 def _state_bytes(opt):

@@ -16,7 +16,7 @@ from lightning_lowrank.callbacks import memory_phases
 from lightning_lowrank.memory import LayerMemory, MemoryReport, render_memory_report
 from lightning_lowrank.memory.figures import format_bytes
 from lightning_lowrank.memory.report import PHASE_LABELS
-from lightning_lowrank.optim import storage
+from lightning_lowrank.optim.state import storage
 from tests.models import TinyNet
 from tests.test_probe_cost import FakeAllocator
 from tests.test_strategy import QUIET, RecordingLogger

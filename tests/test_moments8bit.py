@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.optim.moments8bit import dequantize_moment, moment_bytes, quantize_moment
+from lightning_lowrank.optim.state.moments8bit import dequantize_moment, moment_bytes, quantize_moment
 
 EPS32 = torch.finfo(torch.float32).eps
 

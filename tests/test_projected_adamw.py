@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from lightning_lowrank.optim import ProjectedAdamW, rules
-from lightning_lowrank.optim.projection import project, project_back
+from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.optim.projection.bases import project, project_back
+from lightning_lowrank.optim.update import rules
 from tests.roundtrip import assert_resumes_bit_for_bit
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)

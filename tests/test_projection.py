@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.optim.projection import (
+from lightning_lowrank.optim.projection.bases import (
     dct_basis,
     dct_select,
     is_left,

@@ -11,7 +11,7 @@ import torch
 
 from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
-from lightning_lowrank.optim.projection import dct_basis
+from lightning_lowrank.optim.projection.bases import dct_basis
 
 LR, BETAS, EPS, WD, RANK = 0.01, (0.9, 0.999), 1e-8, 0.1, 3
 

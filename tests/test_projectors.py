@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from lightning_lowrank.optim import ProjectedAdamW, rules
-from lightning_lowrank.optim.projection import online_pca_gradient, orthonormalize
-from lightning_lowrank.optim.refresh import move_moments as _move_moments
-from lightning_lowrank.optim.update import init_projected_state
+from lightning_lowrank.optim import ProjectedAdamW
+from lightning_lowrank.optim.projection.bases import online_pca_gradient, orthonormalize
+from lightning_lowrank.optim.projection.refresh import move_moments as _move_moments
+from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update.dispatch import init_projected_state
 from tests.roundtrip import assert_resumes_bit_for_bit
 
 ALL = ["svd", "rsvd", "dct", "random", "online_pca"]

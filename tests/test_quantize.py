@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.optim.quantize import dequantize, quantize, quantized_bytes
+from lightning_lowrank.optim.state.quantize import dequantize, quantize, quantized_bytes
 
 EPS32 = torch.finfo(torch.float32).eps
 

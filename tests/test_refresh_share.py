@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.collectives import SEEDED_PROJECTORS, refresh_layout
-from lightning_lowrank.optim.projectors import PROJECTOR_KEYS
+from lightning_lowrank.optim.distributed.collectives import SEEDED_PROJECTORS, refresh_layout
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_KEYS
 from tests.fsdp2_spawn import WORLD, free_port, process_group
 
 STEPS, BATCH, GAP = 6, 8, 2

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lowrank import LowRankStrategy, ProjectedOptimizer
 from lightning_lowrank.memory import account_memory, plan
-from lightning_lowrank.optim import rules, storage
-from lightning_lowrank.optim.projection import projected_shape
+from lightning_lowrank.optim.projection.bases import projected_shape
+from lightning_lowrank.optim.state import storage
+from lightning_lowrank.optim.update import rules
 from tests.test_strategy import QUIET
 
 SHAPES = {"tall": (24, 16), "wide": (16, 24), "square": (16, 16)}

@@ -9,14 +9,17 @@ import torch
 from torch import nn
 
 from lightning_lowrank.memory.accounting import account_memory
-from lightning_lowrank.optim import ProjectedOptimizer, budget, layerwise, residuals, rules, storage
-from lightning_lowrank.optim.costs import projector_bytes
+from lightning_lowrank.optim import ProjectedOptimizer, layerwise
+from lightning_lowrank.optim.budget import rank_budget
+from lightning_lowrank.optim.budget.costs import projector_bytes
 from lightning_lowrank.optim.layerwise import LOWRANK_GRAD, LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.options import OptimizerOptions
-from lightning_lowrank.optim.projection import PROJECTORS, projected_shape
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES
-from lightning_lowrank.optim.residuals import RESIDUALS
-from lightning_lowrank.optim.state_layout import MOMENTS, STATE_KINDS, UndeclaredStateError, merge_kinds
+from lightning_lowrank.optim.projection.bases import PROJECTORS, projected_shape
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_CLASSES
+from lightning_lowrank.optim.state import storage
+from lightning_lowrank.optim.state.layout import MOMENTS, STATE_KINDS, UndeclaredStateError, merge_kinds
+from lightning_lowrank.optim.update import residuals, rules
+from lightning_lowrank.optim.update.residuals import RESIDUALS
 from tests.test_optimizer_api import package_lines_matching
 
 TALL, WIDE, BIAS, RANK = (48, 16), (16, 48), (16,), 4
@@ -255,7 +258,7 @@ def test_every_component_declares_its_state_keys_under_one_name():
         **{f"storage {rule}": keys for rule, keys in storage.STATE_KEYS.items()},
         **{f"residual {name}": keys for name, keys in residuals.STATE_KEYS.items()},
         **{f"projector {name}": cls.STATE_KEYS for name, cls in PROJECTOR_CLASSES.items()},
-        "budget": budget.STATE_KEYS,
+        "budget": rank_budget.STATE_KEYS,
         "layerwise": layerwise.STATE_KEYS,
     }
     for owner, keys in declarations.items():
@@ -263,7 +266,7 @@ def test_every_component_declares_its_state_keys_under_one_name():
     assert set(storage.STATE_KEYS) == set(rules.RULES)
     assert set(residuals.STATE_KEYS) == set(RESIDUALS) and set(PROJECTOR_CLASSES) == set(PROJECTORS)
     old = re.compile(r"\b(KEY_KINDS|COUNTER_KINDS|QUANTIZED_SUFFIXES|quantized_keys)\b|\.state_keys\b")
-    offenders = package_lines_matching(old, skip=("optim/storage.py",))  # QUANTIZED_SUFFIXES is its own
+    offenders = package_lines_matching(old, skip=("optim/state/storage.py",))  # QUANTIZED_SUFFIXES is its own
     assert not offenders, offenders
 
 
@@ -276,5 +279,5 @@ def test_only_storage_knows_the_8bit_layout():
         rf"|\b({buffers})_(codes|absmax|shape)\b"  # exp_avg_codes, hessian_shape, ...
         r"|_absmax"
     )
-    offenders = package_lines_matching(layout, skip=("optim/storage.py", "optim/moments8bit.py"))
+    offenders = package_lines_matching(layout, skip=("optim/state/storage.py", "optim/state/moments8bit.py"))
     assert not offenders, offenders

@@ -10,9 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lowrank import LowRankStrategy, plan
 from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.optim import ProjectedOptimizer, functional
-from lightning_lowrank.optim.costs import layer_cost, projector_bytes
-from lightning_lowrank.optim.storage import state_dtype
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.budget.costs import layer_cost, projector_bytes
+from lightning_lowrank.optim.state.storage import state_dtype
+from lightning_lowrank.optim.update import functional
 from tests.models import TinyNet
 from tests.test_strategy import QUIET
 

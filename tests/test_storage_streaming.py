@@ -15,15 +15,17 @@ import torch
 
 from lightning_lowrank import LowRankStrategy
 from lightning_lowrank.memory import MemoryReport, plan
-from lightning_lowrank.optim import ProjectedOptimizer, moments8bit, rules, storage
-from lightning_lowrank.optim.costs import state_bytes
-from lightning_lowrank.optim.moments8bit import (
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.budget.costs import state_bytes
+from lightning_lowrank.optim.state import moments8bit, storage
+from lightning_lowrank.optim.state.moments8bit import (
     chunk_ranges,
     dequantize_moment,
     dequantize_range,
     quantize_moment,
     quantize_range_,
 )
+from lightning_lowrank.optim.update import rules
 from tests.models import TinyNet
 from tests.test_host_reads import ScalarReads
 from tests.test_strategy import QUIET

@@ -307,7 +307,7 @@ def test_a_resume_through_the_strategy_keeps_host_state_on_the_host(monkeypatch)
     """Lightning's ``load_optimizer_state_dict`` moves every optimizer tensor but ``step`` to the root device; ours
     are placed by the optimizer's own ``load_state_dict``: seeds, ranks, counters and 8-bit shapes on the CPU (read
     on the host every step), the rest with its parameter. A meta root device stands in for a GPU."""
-    from lightning_lowrank.optim.host_ints import on_host
+    from lightning_lowrank.optim.state.host_ints import on_host
 
     torch.manual_seed(0)
     model = TinyNet(width=128, hidden=256, scheduler=None)

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lowrank import LowRankStrategy
-from lightning_lowrank.optim import storage
+from lightning_lowrank.optim.state import storage
 from tests.models import AdafactorNet, SGDNet, TinyNet
 from tests.test_strategy import QUIET, LossHistory
 

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from lightning_lowrank.optim import ProjectedOptimizer, projected, storage
-from lightning_lowrank.optim.residuals import residual_update
+from lightning_lowrank.optim import ProjectedOptimizer
+from lightning_lowrank.optim.budget import rank_budget
+from lightning_lowrank.optim.state import storage
+from lightning_lowrank.optim.update.residuals import residual_update
 from tests.roundtrip import assert_resumes_bit_for_bit
 
 
@@ -49,7 +51,7 @@ def _run_pair(torch_opt_cls, kwargs, shape, steps=8, **ours_kw):
 def test_projected_sgd_with_full_basis_matches_torch_sgd(shape, kwargs, monkeypatch):
     """Without momentum such a layer normally stays dense (projecting adds state to none); the rule's math is
     checked with that policy switched off."""
-    monkeypatch.setattr(projected, "keep_dense_where_projection_costs", lambda placements, budget, names: [])
+    monkeypatch.setattr(rank_budget, "keep_dense_where_projection_costs", lambda placements, budget, names: [])
     (w_ref, b_ref), (w, b), ours = _run_pair(torch.optim.SGD, kwargs, shape)
     assert ours.param_groups[0]["rule"] == "sgd" and ours.is_projected(w)
     torch.testing.assert_close(w.detach(), w_ref.detach(), atol=1e-6, rtol=0)
@@ -66,7 +68,7 @@ def test_projected_adafactor_with_full_basis_matches_torch_adafactor(shape, kwar
 
     An SVD P costs more than dense Adafactor, so such a layer normally stays dense; the rule's math is checked with
     that policy switched off."""
-    monkeypatch.setattr(projected, "keep_dense_where_projection_costs", lambda placements, budget, names: [])
+    monkeypatch.setattr(rank_budget, "keep_dense_where_projection_costs", lambda placements, budget, names: [])
     (w_ref, b_ref), (w, b), ours = _run_pair(torch.optim.Adafactor, kwargs, shape)
     assert ours.is_projected(w)
     state = ours.state[w]

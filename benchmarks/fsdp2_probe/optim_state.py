@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_lowrank.optim.host_ints import read_int
+from lightning_lowrank.optim.state.host_ints import read_int
 
 FAILURES = (Exception, dcp.api.CheckpointException)  # DCP raises CheckpointException, a BaseException
 

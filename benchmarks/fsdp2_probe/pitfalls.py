@@ -1,6 +1,6 @@
 """What bites an optimizer under FSDP2, 2 CPU ranks with gloo (docs/fsdp2-design.md, fact 7).
 
-1. torch's functional Adam (``torch.optim.adam.adam``, what ``update.dense_adam`` calls) on a DTensor
+1. torch's functional Adam (``torch.optim.adam.adam``, what ``dispatch.dense_adam`` calls) on a DTensor
    parameter with plain-tensor state, with DTensor state, and on the local tensors (run after 2);
 2. ``torch.nn.utils.clip_grad_norm_`` over FSDP2 gradients, against a single-device clip of the whole batch's;
 3. ``torch._foreach_*`` over lists of local shards, and over a list mixing DTensors and plain tensors;

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from lightning_lowrank.optim.dct_fft import dct_scores_fft
-from lightning_lowrank.optim.projection import dct_basis, dct_scores, randomized_svd_projection, svd_projection
+from lightning_lowrank.optim.projection.bases import dct_basis, dct_scores, randomized_svd_projection, svd_projection
+from lightning_lowrank.optim.projection.dct_fft import dct_scores_fft
 
 N, R = 64, 8
 M = 161  # rows (--rows): 161 = 81 + 80, uneven as FSDP2 splits them

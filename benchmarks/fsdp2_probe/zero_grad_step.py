@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_lowrank.optim import ProjectedAdamW
-from lightning_lowrank.optim.projection import PROJECTORS
+from lightning_lowrank.optim.projection.bases import PROJECTORS
 
 for projector in PROJECTORS:
     for residual in ("none", "fira"):

@@ -41,7 +41,7 @@ from lightning_lowrank.callbacks.probe_rerun import (
 )
 from lightning_lowrank.curvature import hutchinson, subspace_diagonal
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.projection import derive_seed
+from lightning_lowrank.optim.projection.bases import derive_seed
 
 ESTIMATORS = ("trace", "top_eigenvalues", "diagonal", "subspace_diagonal")
 

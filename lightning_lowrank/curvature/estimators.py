@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.projection import is_left
+from lightning_lowrank.optim.projection.bases import is_left
 
 
 def hvp(loss_grads: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor]:

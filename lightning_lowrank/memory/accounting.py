@@ -24,11 +24,11 @@ from lightning_lowrank.memory.baseline import RULE_NAMES, baseline_state_bytes, 
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, ModuleMemory, empty_kinds, tensor_bytes
 from lightning_lowrank.memory.groups import module_group
 from lightning_lowrank.memory.ranks import PlannedShards
+from lightning_lowrank.optim.distributed.sharding import is_sharded, local
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.projected import ProjectedOptimizer
-from lightning_lowrank.optim.projection import projected_dim
-from lightning_lowrank.optim.projectors import quantized_projection
-from lightning_lowrank.optim.sharding import is_sharded, local
+from lightning_lowrank.optim.projection.bases import projected_dim
+from lightning_lowrank.optim.projection.projectors import quantized_projection
 
 UNNAMED = "(unnamed)"  # the row of parameters no module or name owns
 Piece = Callable[..., Tensor]  # (tensor, param=None, kind=None) -> the part of it this rank holds

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_lowrank.memory.groups import GROUPS
-from lightning_lowrank.optim.state_layout import STATE_KINDS
+from lightning_lowrank.optim.state.layout import STATE_KINDS
 
 # Labels of the optimizer state's kinds (``STATE_KINDS``: every state tensor falls in exactly one).
 KIND_LABELS = {

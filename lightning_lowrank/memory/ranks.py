@@ -26,10 +26,10 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.figures import MemoryReport
-from lightning_lowrank.optim import sharding
+from lightning_lowrank.optim.distributed import sharding
 from lightning_lowrank.optim.projected import ProjectedOptimizer
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.state_layout import STATE_KINDS
+from lightning_lowrank.optim.state.layout import STATE_KINDS
+from lightning_lowrank.optim.update.rules import projected_rule
 
 REPLICATED_KINDS = ("projection", "scalars")  # P, indices, seeds, counters: the same on every rank
 _TOTALS = (

@@ -2,9 +2,9 @@
 
 from lightning_lowrank.optim.options import SUPPORTED_OPTIMIZERS, OptimizerOptions
 from lightning_lowrank.optim.projected import ProjectedAdamW, ProjectedOptimizer
-from lightning_lowrank.optim.projection import PROJECTORS
-from lightning_lowrank.optim.residuals import RESIDUALS
-from lightning_lowrank.optim.rules import RULES
+from lightning_lowrank.optim.projection.bases import PROJECTORS
+from lightning_lowrank.optim.update.residuals import RESIDUALS
+from lightning_lowrank.optim.update.rules import RULES
 
 __all__ = [
     "OptimizerOptions",

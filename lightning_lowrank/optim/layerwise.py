@@ -62,10 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lowrank.optim import update
-from lightning_lowrank.optim.collectives import all_reduce_async
-from lightning_lowrank.optim.functional import project_gradient
-from lightning_lowrank.optim.host_ints import retreat
+from lightning_lowrank.optim.distributed.collectives import all_reduce_async
 from lightning_lowrank.optim.nonfinite import (
     TakeBack,
     first_nonfinite,
@@ -76,9 +73,12 @@ from lightning_lowrank.optim.nonfinite import (
     warn_once,
 )
 from lightning_lowrank.optim.projected import ProjectedOptimizer
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.state_layout import state_kinds
-from lightning_lowrank.optim.storage import stateless
+from lightning_lowrank.optim.state.host_ints import retreat
+from lightning_lowrank.optim.state.layout import state_kinds
+from lightning_lowrank.optim.state.storage import stateless
+from lightning_lowrank.optim.update import dispatch
+from lightning_lowrank.optim.update.functional import project_gradient
+from lightning_lowrank.optim.update.rules import projected_rule
 
 LOWRANK_GRAD = "lowrank_grad"  # the state key of a projected layer's accumulated projected gradient
 # What this class keeps in a projected layer's state itself, by the memory report's kind (``state_layout``): the
@@ -243,20 +243,20 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         """One layer's update from its window gradient (``low_rank``, or ``p.grad`` in full)."""
         state = self.state[p]
         if not on:
-            update.update_dense_one(p, state, group)
+            dispatch.update_dense_one(p, state, group)
             return
         if not state:
-            update.init_projected_state(p, state, group)
+            dispatch.init_projected_state(p, state, group)
         ctx = self._context(index, p, group)
         projector = self._projectors[group["projector"]]
         if low_rank is None:  # the full gradient of the whole window: exactly what step() would see
             P = None
             if self.refresher.is_due(p, state, group, ctx.step):  # refresh work spread over ranks
                 P = self.refresher.refresh([(p, group, state, ctx)], self._projectors, None, [self._slot[p]])[p]
-            update.update_layer(p, state, projector.matrix(p, state, ctx) if P is None else P, group)
+            dispatch.update_layer(p, state, projector.matrix(p, state, ctx) if P is None else P, group)
             projector.after_update(p, p.grad, state, ctx)
         else:
-            update.update_layer(p, state, projector.matrix(p, state, ctx), group, low_rank)
+            dispatch.update_layer(p, state, projector.matrix(p, state, ctx), group, low_rank)
 
     def _take_back_nonfinite(self) -> None:
         """The end of a step: the layers whose updates were taken back (``TakeBack.settle``, one read) get their

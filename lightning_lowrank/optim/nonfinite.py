@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.host_ints import on_host
-from lightning_lowrank.optim.sharding import all_ranks_finite, local
+from lightning_lowrank.optim.distributed.sharding import all_ranks_finite, local
+from lightning_lowrank.optim.state.host_ints import on_host
 
 # Where a checkpoint keeps the count of skipped steps: top level, and in the first param group too, because a
 # distributed checkpoint (DCP, FSDP2) keeps only "state" and "param_groups".

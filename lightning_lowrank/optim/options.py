@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.optim
 
-from lightning_lowrank.optim.projection import PROJECTORS, SIDES
-from lightning_lowrank.optim.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
-from lightning_lowrank.optim.rules import ADAM_FORMS, RULES
+from lightning_lowrank.optim.projection.bases import PROJECTORS, SIDES
+from lightning_lowrank.optim.update.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
+from lightning_lowrank.optim.update.rules import ADAM_FORMS, RULES
 
 # The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
 SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]] = {

@@ -3,7 +3,7 @@
 The step in torch's shape (``torch/optim/adam.py``): ``step()`` checks the gradients (``nonfinite.py``); per group,
 ``_init_group`` gathers the parameters with a gradient and creates state lazily; the due layers refresh
 (``refresh.Refresher``; ranks from ``budget.RankBudget`` under ``memory_budget``); each layer's P is built once; one
-update call per group (``update.py``) picks the multi-tensor or the single-layer path (``functional.py``).
+update call per group (``dispatch.py``) picks the multi-tensor or the single-layer path (``functional.py``).
 
 Which parameters are projected is decided per parameter by the group key ``lowrank_mask`` (a list of bools parallel
 to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank`` is not None). Everything lives in
@@ -21,21 +21,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lowrank.optim import compiled, lazy_hessian, nonfinite, update
+from lightning_lowrank.optim import nonfinite
 from lightning_lowrank.optim.adopt import adopt_groups
-from lightning_lowrank.optim.budget import Placement, RankBudget, budget_bytes, keep_dense_where_projection_costs
-from lightning_lowrank.optim.costs import LayerCost
-from lightning_lowrank.optim.host_ints import forget_all, read_int
+from lightning_lowrank.optim.budget import rank_budget
+from lightning_lowrank.optim.budget.costs import LayerCost
+from lightning_lowrank.optim.distributed import sharding
 from lightning_lowrank.optim.options import WHOLE_OPTIMIZER_OPTIONS, OptimizerOptions, validate_group
-from lightning_lowrank.optim.projection import dct_basis, effective_rank, projected_shape
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext, Projector, resolve_projector
-from lightning_lowrank.optim.refresh import Refresher, RefreshInfo, RefreshTimer
-from lightning_lowrank.optim.resume import load_state
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.sharding import check as check_sharded
-from lightning_lowrank.optim.sharding import distributed_state_dict, is_sharded, local_state_dict
-from lightning_lowrank.optim.state_layout import state_kinds
-from lightning_lowrank.optim.storage import state_dtype
+from lightning_lowrank.optim.projection.bases import dct_basis, effective_rank, projected_shape
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_CLASSES, LayerContext, Projector, resolve_projector
+from lightning_lowrank.optim.projection.refresh import Refresher, RefreshInfo, RefreshTimer
+from lightning_lowrank.optim.state.host_ints import forget_all, read_int
+from lightning_lowrank.optim.state.layout import state_kinds
+from lightning_lowrank.optim.state.resume import load_state
+from lightning_lowrank.optim.state.storage import state_dtype
+from lightning_lowrank.optim.update import compiled, dispatch, lazy_hessian
+from lightning_lowrank.optim.update.rules import projected_rule
 
 __all__ = ["ProjectedAdamW", "ProjectedOptimizer", "RefreshInfo", "RefreshTimer"]
 
@@ -57,7 +57,7 @@ class ProjectedOptimizer(Optimizer):
             ``state_bits``, ``memory_budget``, ...
 
     Weights whose projection would hold more state than their dense rule (Adafactor's with an SVD-like P, SGD's
-    without momentum) stay dense, listed in ``kept_dense`` (``budget.keep_dense_where_projection_costs``).
+    without momentum) stay dense, listed in ``kept_dense`` (``rank_budget.keep_dense_where_projection_costs``).
     """
 
     def __init__(
@@ -89,18 +89,18 @@ class ProjectedOptimizer(Optimizer):
         self._projectors = {name: cls() for name, cls in PROJECTOR_CLASSES.items()}
         self.refresher = Refresher()
         self.memory_budget, self.rank_by = checked.memory_budget, checked.rank_by
-        self.budget = None if checked.memory_budget is None else RankBudget(checked.memory_budget, checked.rank_by)
+        self.budget = rank_budget.RankBudget(self.memory_budget, self.rank_by) if self.memory_budget else None
         self.nonfinite, self.compile = checked.nonfinite, checked.compile  # step options (``StepOptions``)
         self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
         # Names of weights for messages (a strategy adds every parameter's module name).
         self.param_names: dict[Tensor, str] = dict(layer_names or {})
         super().__init__(params, defaults)
-        self.kept_dense: list[Tensor] = keep_dense_where_projection_costs(
+        self.kept_dense: list[Tensor] = rank_budget.keep_dense_where_projection_costs(
             self.placements(), self.memory_budget, layer_names
         )
         for p, group, on in self.placements():  # FSDP2-sharded weights: refuse what would need other ranks' rows, now
-            if is_sharded(p):
-                check_sharded(p, group, on, projected_rule(group), self.memory_budget is not None)
+            if sharding.is_sharded(p):
+                sharding.check(p, group, on, projected_rule(group), self.memory_budget is not None)
         if self.budget is not None:
             self.budget.check_fits(self.placements())
 
@@ -124,7 +124,7 @@ class ProjectedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # Whether some parameter is an FSDP2 DTensor: only then does a step look into them (``sharding.local``).
-        self._sharded = getattr(self, "_sharded", False) or any(is_sharded(p) for p in group["params"])
+        self._sharded = getattr(self, "_sharded", False) or any(sharding.is_sharded(p) for p in group["params"])
         resolve_projector(group)
         validate_group(group)
 
@@ -136,7 +136,7 @@ class ProjectedOptimizer(Optimizer):
         with one warning that says what changed."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         count, state_dict = nonfinite.pop_count(state_dict)
-        load_state(self, local_state_dict(params, state_dict), super().load_state_dict)
+        load_state(self, sharding.local_state_dict(params, state_dict), super().load_state_dict)
         forget_all(self.state.values())  # DCP writes counters into the live tensors: read them again
         self.nonfinite_steps = count
 
@@ -152,7 +152,7 @@ class ProjectedOptimizer(Optimizer):
         goes on counting from (torch's optimizers ignore the extra key). The count is also in the first param group,
         the only place a distributed checkpoint keeps it."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        return distributed_state_dict(params, nonfinite.with_count(super().state_dict(), self.nonfinite_steps))
+        return sharding.distributed_state_dict(params, nonfinite.with_count(super().state_dict(), self.nonfinite_steps))
 
     # -- what a scheduler, a strategy or a report may ask of it ------------------------------------------------
 
@@ -190,9 +190,9 @@ class ProjectedOptimizer(Optimizer):
 
     def budget_bytes(self) -> tuple[int, dict[Tensor, LayerCost]]:
         """What a memory budget must hold besides the projected layers, and each projected layer's cost model."""
-        return budget_bytes(self.placements())
+        return rank_budget.budget_bytes(self.placements())
 
-    def placements(self) -> list[Placement]:
+    def placements(self) -> list[rank_budget.Placement]:
         """Every parameter, in order, as (param, its group, projected)."""
         return [(p, g, on) for g in self.param_groups for p, on in zip(g["params"], self._mask(g))]
 
@@ -320,7 +320,7 @@ class ProjectedOptimizer(Optimizer):
                 continue
             state = self.state[p]
             if not state and self.budget is None:
-                update.init_projected_state(p, state, group)
+                dispatch.init_projected_state(p, state, group)
             projected.append((p, state, self._context(index, p, group, state)))
         return dense, projected
 
@@ -349,7 +349,7 @@ class ProjectedOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` first when given (Lightning runs forward/backward/clipping in it), then update: check the
         gradients, gather each group (``_init_group``) and update its dense parameters, refresh the due layers, build
-        each layer's P once and update each group's projected layers (``update.update_layers``).
+        each layer's P once and update each group's projected layers (``dispatch.update_layers``).
 
         Called without a closure by ``GradScaler.step``; a step the scaler skips never reaches here,
         so the per-layer step counters (and the refresh schedule) only count real updates.
@@ -371,7 +371,7 @@ class ProjectedOptimizer(Optimizer):
             for group in self.param_groups:
                 dense, projected = self._init_group(group, start)
                 start += len(group["params"])
-                update.update_dense(dense, [self.state[p] for p in dense], group, self._sharded)
+                dispatch.update_dense(dense, [self.state[p] for p in dense], group, self._sharded)
                 groups.append((group, projected))
                 for p, state, ctx in projected:
                     if self.refresher.is_due(p, state, group, ctx.step):
@@ -381,8 +381,8 @@ class ProjectedOptimizer(Optimizer):
             for group, projected in groups:
                 projector, layers = self._projectors[group["projector"]], []
                 for p, state, ctx in projected:
-                    layers.append(update.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
-                update.update_layers(layers, group, self._sharded, self.compile)
+                    layers.append(dispatch.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
+                dispatch.update_layers(layers, group, self._sharded, self.compile)
                 for p, state, ctx in projected:
                     projector.after_update(p, p.grad, state, ctx)
         return loss

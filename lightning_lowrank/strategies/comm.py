@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.projection import project, project_back, projected_shape
+from lightning_lowrank.optim.projection.bases import project, project_back, projected_shape
 
 # Group options whose update reads the gradient outside the subspace, with why; refused with low_rank_comm.
 _NEEDS_FULL_GRADIENT = (

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.optim import ProjectedOptimizer
-from lightning_lowrank.optim.collectives import broadcast_
+from lightning_lowrank.optim.distributed.collectives import broadcast_
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.strategies.checks import (
     check_bool,

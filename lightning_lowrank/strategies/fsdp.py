@@ -3,8 +3,8 @@
 Lightning's ``ModelParallelStrategy`` with a 1-D data-parallel mesh: parameters, gradients and the optimizer state
 are all sharded by rows. Every weight projects on the right (``side="right"``), so the projected moments are
 sharded with it (local rows x r) and an ordinary step is shard-local; P is replicated (for DCT only its indices).
-What a refresh communicates, and what is refused, is in ``optim/sharding.py``; ``docs/fsdp2-design.md`` has the
-facts behind it.
+What a refresh communicates, and what is refused, is in ``optim/distributed/sharding.py``; ``docs/fsdp2-design.md``
+has the facts behind it.
 
 A module that defines ``configure_model`` shards itself there, as Lightning expects. One that does not is sharded by
 the strategy: ``fully_shard`` on each ``nn.Linear`` it projects, then on the root, so an unchanged module trains.

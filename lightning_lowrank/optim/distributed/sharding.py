@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lowrank.optim.collectives import SEEDED_PROJECTORS
-from lightning_lowrank.optim.dct_fft import dct_scores_fft
-from lightning_lowrank.optim.rules import MOMENT_KEYS
+from lightning_lowrank.optim.distributed.collectives import SEEDED_PROJECTORS
+from lightning_lowrank.optim.projection.dct_fft import dct_scores_fft
+from lightning_lowrank.optim.update.rules import MOMENT_KEYS
 
 try:
     from torch.distributed.tensor import DTensor, Shard

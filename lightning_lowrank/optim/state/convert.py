@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
 from lightning_lowrank.optim.options import OptimizerOptions
-from lightning_lowrank.optim.projection import dct_basis, effective_rank, is_left, projected_dim
-from lightning_lowrank.optim.projectors import PROJECTOR_CLASSES, LayerContext, resolve_projector
-from lightning_lowrank.optim.refresh import rank_axis_keys
-from lightning_lowrank.optim.storage import decoded_buffers, stored_shape
+from lightning_lowrank.optim.projection.bases import dct_basis, effective_rank, is_left, projected_dim
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_CLASSES, LayerContext, resolve_projector
+from lightning_lowrank.optim.projection.refresh import rank_axis_keys
+from lightning_lowrank.optim.state.storage import decoded_buffers, stored_shape
+from lightning_lowrank.optim.update import rules
 
 _DEFAULTS = OptimizerOptions().group_options()
 

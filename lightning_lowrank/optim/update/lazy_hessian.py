@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.budget import Placement
-from lightning_lowrank.optim.storage import moment_view
+from lightning_lowrank.optim.budget.rank_budget import Placement
+from lightning_lowrank.optim.state.storage import moment_view
+from lightning_lowrank.optim.update import rules
 
 
 def fold_curvature(

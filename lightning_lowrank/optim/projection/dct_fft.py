@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.projection import dct_norm_order
+from lightning_lowrank.optim.projection.bases import dct_norm_order
 
 # Dtypes torch.fft handles on every device; anything else (half, bfloat16) is transformed in float32.
 _FFT_DTYPES = (torch.float32, torch.float64)

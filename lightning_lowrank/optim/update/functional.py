@@ -1,6 +1,6 @@
 """One layer's update as plain functions over tensors: project, inner rule, residual, project back.
 
-The optimizer (``update.py`` picks this path or the multi-tensor one there), its layer-wise twin (``layerwise.py``)
+The optimizer (``dispatch.py`` picks this path or the multi-tensor one there), its layer-wise twin (``layerwise.py``)
 and so the DDP comm hook all update a layer through these. ``moments`` is the rule's buffers (updated in place),
 ``state`` the layer's other tensors (the residual's last norm), ``step`` the update's 1-based count, known on the
 host. Nothing here reads a device value.
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.projection import is_left, project, project_back
-from lightning_lowrank.optim.residuals import residual_update
+from lightning_lowrank.optim.projection.bases import is_left, project, project_back
+from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update.residuals import residual_update
 
 # The most elements of a weight-sized tensor cast to a wider state dtype at once (``project_gradient``,
 # ``add_projected_back``): 2^24, a 64 MiB float32 slice (a float32 copy of a 4096 x 11008 gradient is 180 MiB).

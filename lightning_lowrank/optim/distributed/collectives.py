@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lowrank.optim.host_ints import on_host
+from lightning_lowrank.optim.state.host_ints import on_host
 
 # Projectors whose P is rebuilt from a seed that every rank derives alike (from the group's seed, the layer and the
 # step, or the previous seed): every rank refreshes them itself, without reading the gradient or sending anything.

@@ -11,7 +11,7 @@ module only reads those declarations (the memory report's split by kind comes fr
 * the projector (``Projector.STATE_KEYS``; a stored P is kept quantized under ``projector_bits``:
   ``projectors.projector_keys``);
 * the residual (``residuals.STATE_KEYS[residual]``);
-* the budget (``budget.STATE_KEYS``): a projected layer's rank, gradient energy and Hessian trace;
+* the budget (``rank_budget.STATE_KEYS``): a projected layer's rank, gradient energy and Hessian trace;
 * an optimizer subclass, for what it keeps itself (``layerwise.STATE_KEYS``, passed as ``extra``).
 
 A key that none declares raises: a component forgot its declaration, and a guessed kind would misreport memory.
@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lightning_lowrank.optim import budget, residuals, rules, storage
-from lightning_lowrank.optim.projectors import projector_keys
-from lightning_lowrank.optim.rules import projected_rule
+from lightning_lowrank.optim.budget import rank_budget
+from lightning_lowrank.optim.projection.projectors import projector_keys
+from lightning_lowrank.optim.state import storage
+from lightning_lowrank.optim.update import residuals, rules
+from lightning_lowrank.optim.update.rules import projected_rule
 
 # Optimizer state by kind. Every state tensor falls in exactly one, so the kinds add up to the optimizer state.
 STATE_KINDS = ("dense_moments", "projected_moments", "projection", "residual", "curvature", "scalars")
@@ -48,7 +50,7 @@ def declared_kinds(group: Mapping[str, Any], projected: bool) -> dict[str, str]:
         parts += [
             (f"projector {group['projector']!r}", projector_keys(group)),
             (f"residual {group['residual']!r}", residuals.STATE_KEYS[group["residual"]]),
-            ("budget", budget.STATE_KEYS),
+            ("budget", rank_budget.STATE_KEYS),
         ]
     return merge_kinds(parts)
 

@@ -23,21 +23,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_lowrank.optim import rules, sharding
-from lightning_lowrank.optim.budget import Placement, RankBudget
-from lightning_lowrank.optim.collectives import (
+from lightning_lowrank.optim.budget.rank_budget import Placement, RankBudget
+from lightning_lowrank.optim.distributed import sharding
+from lightning_lowrank.optim.distributed.collectives import (
     SEEDED_PROJECTORS,
     Layout,
     check_layout,
     refresh_layout,
     share_refreshes,
 )
-from lightning_lowrank.optim.host_ints import read_int
-from lightning_lowrank.optim.projection import is_left, subspace_similarity
-from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, Projector, projector_keys
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.storage import moment_view
-from lightning_lowrank.optim.update import init_projected_state
+from lightning_lowrank.optim.projection.bases import is_left, subspace_similarity
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_KEYS, LayerContext, Projector, projector_keys
+from lightning_lowrank.optim.state.host_ints import read_int
+from lightning_lowrank.optim.state.storage import moment_view
+from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update.dispatch import init_projected_state
+from lightning_lowrank.optim.update.rules import projected_rule
 
 
 def has_subspace(state: dict[str, Tensor]) -> bool:

@@ -28,13 +28,20 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from lightning_lowrank.optim import compiled, functional, rules
-from lightning_lowrank.optim.host_ints import advance, advance_all
-from lightning_lowrank.optim.projection import effective_rank, is_left, projected_shape
-from lightning_lowrank.optim.projectors import LayerContext
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.sharding import global_norm, is_sharded, local
-from lightning_lowrank.optim.storage import init_rule_state, moment_chunks, moment_view, state_dtype, stateless, streams
+from lightning_lowrank.optim.distributed.sharding import global_norm, is_sharded, local
+from lightning_lowrank.optim.projection.bases import effective_rank, is_left, projected_shape
+from lightning_lowrank.optim.projection.projectors import LayerContext
+from lightning_lowrank.optim.state.host_ints import advance, advance_all
+from lightning_lowrank.optim.state.storage import (
+    init_rule_state,
+    moment_chunks,
+    moment_view,
+    state_dtype,
+    stateless,
+    streams,
+)
+from lightning_lowrank.optim.update import compiled, functional, rules
+from lightning_lowrank.optim.update.rules import projected_rule
 
 
 def _whole(t: Tensor) -> Tensor:

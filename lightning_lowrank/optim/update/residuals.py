@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.projection import is_left
+from lightning_lowrank.optim.projection.bases import is_left
 
 RESIDUALS = ("none", "frugal", "fira", "apollo")
 FRUGAL_RULES = ("signsgd", "sgd")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.storage import host_key
+from lightning_lowrank.optim.state.storage import host_key
 
 # State kept on the CPU whatever the parameter's device, because the host reads it: seeds (P is rebuilt from one at
 # every step), a layer's rank under a budget, Sophia's probe count, and the shapes of 8-bit buffers

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.allocate import LayerCost, allocate_ranks, min_budget
-from lightning_lowrank.optim.costs import dense_state_bytes, layer_cost, projection_saving
-from lightning_lowrank.optim.host_ints import read_int
-from lightning_lowrank.optim.projection import effective_rank, project, projected_dim
-from lightning_lowrank.optim.projectors import shares_dct_basis
+from lightning_lowrank.optim.budget.allocate import LayerCost, allocate_ranks, min_budget
+from lightning_lowrank.optim.budget.costs import dense_state_bytes, layer_cost, projection_saving
+from lightning_lowrank.optim.projection.bases import effective_rank, project, projected_dim
+from lightning_lowrank.optim.projection.projectors import shares_dct_basis
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.storage import state_dtype
+from lightning_lowrank.optim.state.host_ints import read_int
+from lightning_lowrank.optim.state.storage import state_dtype
+from lightning_lowrank.optim.update.rules import projected_rule
 
 RANK_FLOOR = 0.5  # under memory_budget, the share of an even split's rank that every layer keeps
 # A projected layer's state for the budget, by the memory report's kind (``state_layout``): its rank and gradient

@@ -31,16 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.host_ints import on_host
 from lightning_lowrank.optim.options import GROUP_SECTIONS, TorchRuleOptions
-from lightning_lowrank.optim.projection import effective_rank, is_left, projected_shape
-from lightning_lowrank.optim.projectors import PROJECTOR_KEYS, LayerContext, store_matrix, stores_matrix
+from lightning_lowrank.optim.projection.bases import effective_rank, is_left, projected_shape
+from lightning_lowrank.optim.projection.projectors import PROJECTOR_KEYS, LayerContext, store_matrix, stores_matrix
+from lightning_lowrank.optim.projection.refresh import has_subspace, move_moments, rank_axis_keys
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
-from lightning_lowrank.optim.refresh import has_subspace, move_moments, rank_axis_keys
-from lightning_lowrank.optim.residuals import STATE_KEYS as RESIDUAL_KEYS
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.state_convert import (
+from lightning_lowrank.optim.state.convert import (
     decode_moments,
     gradient_estimate,
     into_subspace,
@@ -49,7 +45,11 @@ from lightning_lowrank.optim.state_convert import (
     saved_matrix,
     saved_rank,
 )
-from lightning_lowrank.optim.storage import init_rule_state, state_dtype, store_moment
+from lightning_lowrank.optim.state.host_ints import on_host
+from lightning_lowrank.optim.state.storage import init_rule_state, state_dtype, store_moment
+from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update.residuals import STATE_KEYS as RESIDUAL_KEYS
+from lightning_lowrank.optim.update.rules import projected_rule
 
 # The group keys the optimizer's current options decide on resume: every low-rank option, the rule and the mask.
 LOWRANK_GROUP_KEYS = frozenset(

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules, storage
-from lightning_lowrank.optim.allocate import LayerCost
-from lightning_lowrank.optim.projection import projected_dim, projected_shape
-from lightning_lowrank.optim.rules import projected_rule
-from lightning_lowrank.optim.storage import state_dtype
+from lightning_lowrank.optim.budget.allocate import LayerCost
+from lightning_lowrank.optim.projection.bases import projected_dim, projected_shape
+from lightning_lowrank.optim.state import storage
+from lightning_lowrank.optim.state.storage import state_dtype
+from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update.rules import projected_rule
 
 META = torch.device("meta")
 SCALAR_BYTES = 64  # bound on a projected layer's scalar state (step, rank, counters, weights) for the budget

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.moments8bit import (
+from lightning_lowrank.optim.options import HALF_DTYPES, STATE_DTYPES
+from lightning_lowrank.optim.state.moments8bit import (
     chunk_ranges,
     dequantize_moment,
     dequantize_range,
@@ -31,7 +31,7 @@ from lightning_lowrank.optim.moments8bit import (
     quantize_range_,
     zeros_moment,
 )
-from lightning_lowrank.optim.options import HALF_DTYPES, STATE_DTYPES
+from lightning_lowrank.optim.update import rules
 
 QUANTIZED_SUFFIXES = ("_codes", "_absmax", "_shape")  # an 8-bit buffer `key` is kept as key_codes, key_absmax, ...
 MIN_QUANTIZED_NUMEL = 4096  # smaller buffers stay in full precision even with state_bits=8
@@ -81,7 +81,7 @@ def init_rule_state(
     """A fresh step counter and the rule's buffers for a gradient of ``shape``; 8-bit buffers are made as zero codes
     directly, never as a full-precision tensor.
 
-    ``torch_kernel``: the parameter is stepped by torch's own functional optimizer (``update.dense_adam``), so
+    ``torch_kernel``: the parameter is stepped by torch's own functional optimizer (``dispatch.dense_adam``), so
     its counter goes where torch's would (``step_counter``); otherwise it is a CPU float read through ``host_ints``.
     """
     state["step"] = step_counter(group, device) if torch_kernel else torch.tensor(0.0)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.projection import is_left
+from lightning_lowrank.optim.projection.bases import is_left
 
 RULES = ("adamw", "sgd", "adafactor", "subset_norm", "sophia")
 # Two ways to write Adam(W). "torch": torch.optim.AdamW, eps added after the bias correction of sqrt(v), decoupled

@@ -1,6 +1,6 @@
 """``compile=`` (and ``torch.compile(optimizer.step)``): a projected layer's Adam(W) update as one compiled function.
 
-What is compiled: ``adam_layer``, the math of the multi-tensor pass (``update.projected_adam``) for one layer: the
+What is compiled: ``adam_layer``, the math of the multi-tensor pass (``dispatch.projected_adam``) for one layer: the
 gradient projected, Adam's moments, the direction projected back and added, weight decay in either Adam form. A
 graph is the two matmuls and the elementwise work between them, which inductor fuses into a few kernels. It compiles
 once per layer shape, dtype, device and projection side (``dynamic=False``), and never again as the step count, the
@@ -11,7 +11,7 @@ the host from the step counts it already holds (``host_ints``), one row per laye
 per step; nothing reads the device. What stays a Python constant, so that changing it compiles again: the betas, eps,
 the Adam form, whether decay is L2, the projection side (set once in practice).
 
-Which layers: those of the multi-tensor pass (``update.can_batch``: rule Adam(W), no residual, full-precision
+Which layers: those of the multi-tensor pass (``dispatch.can_batch``: rule Adam(W), no residual, full-precision
 moments), in any state dtype: a bf16 weight with float32 state has its gradient cast to float32 whole here (the eager
 path casts it in slices, ``functional.project_gradient``). Everything else (residuals, 8-bit moments, SGD, Adafactor,
 Subset-Norm, Sophia, and the dense parameters through torch's own Adam(W)) runs eagerly, as without ``compile``. The
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim import rules
-from lightning_lowrank.optim.projection import is_left
+from lightning_lowrank.optim.projection.bases import is_left
+from lightning_lowrank.optim.update import rules
 
 # Columns of a layer's row in the step table, padded to ROW columns so that every row starts 16-byte aligned (inductor
 # assumes aligned inputs and copies a misaligned one first).
@@ -96,7 +96,7 @@ def adam_layers(
     group: Mapping[str, Any],
     backend: bool | str,
 ) -> None:
-    """``update.projected_adam``'s update, one compiled ``adam_layer`` call per layer (``backend``: True for
+    """``dispatch.projected_adam``'s update, one compiled ``adam_layer`` call per layer (``backend``: True for
     torch.compile's default, inductor, or a backend's name)."""
     rows = step_table(steps, group, group["scale"])
     tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}

@@ -21,9 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lowrank.optim.dct_fft import dct_scores_fft
-from lightning_lowrank.optim.host_ints import read_int
-from lightning_lowrank.optim.projection import (
+from lightning_lowrank.optim.projection.bases import (
     apollo_next_seed,
     dct_columns,
     dct_select,
@@ -38,7 +36,9 @@ from lightning_lowrank.optim.projection import (
     svd_projection,
     top_indices,
 )
-from lightning_lowrank.optim.quantize import dequantize, quantize
+from lightning_lowrank.optim.projection.dct_fft import dct_scores_fft
+from lightning_lowrank.optim.state.host_ints import read_int
+from lightning_lowrank.optim.state.quantize import dequantize, quantize
 
 # Where ``store_matrix`` keeps P: as it is, or under ``projector_bits`` as its codes, scale and zero.
 MATRIX_KEYS = ("proj", "proj_codes", "proj_scale", "proj_zero")
