@@ -1,8 +1,8 @@
 """How close an FSDP2-sharded run of the optimizer is to the single-process run (2 CPU processes, gloo).
 
-Runs each case of ``tests/test_fsdp2_optimizer.py`` (dct, svd, rsvd + Fira, random, DCT-fft/l1 with SGD) and prints
-the largest difference of any parameter after six steps (refreshes at steps 0, 2, 4) and the bytes one rank sent for
-refreshes.
+Runs each case of ``tests/optim/distributed/test_fsdp2_optimizer.py`` (dct, svd, rsvd + Fira, random, DCT-fft/l1 with
+SGD) and prints the largest difference of any parameter after six steps (refreshes at steps 0, 2, 4) and the bytes
+one rank sent for refreshes.
 
     .venv/bin/python benchmarks/fsdp2_equality.py
 """

@@ -3,7 +3,7 @@
     python benchmarks/gpu_suite.py                            # on a CUDA machine: a quick pass, then the full suite
     python benchmarks/gpu_suite.py --quick                    # the quick pass alone (estimated < 3 min on an H100)
     python benchmarks/gpu_suite.py --quick --device cpu       # the same code paths on a CPU, a few minutes
-    python benchmarks/gpu_suite.py --smoke --device cpu       # smaller still (what tests/test_gpu_suite.py runs)
+    python benchmarks/gpu_suite.py --smoke --device cpu       # smaller still (tests/integration/test_gpu_suite.py)
 
 It writes ``benchmarks/results/gpu_suite.json`` (every figure) and ``gpu_suite.md`` (the tables, with the device
 name, torch version and date; ``gpu_suite_cpu.*`` for a CPU run) into ``--out-dir`` after every table, row and
@@ -243,7 +243,7 @@ def cuda_test_ids(tests_dir: Path = ROOT / "tests") -> list[str]:
     """pytest node ids of the tests skipped without CUDA: test functions and classes with such a ``skipif``
     decorator, and whole files with such a ``pytestmark``."""
     ids = []
-    for path in sorted(tests_dir.glob("test_*.py")):
+    for path in sorted(tests_dir.rglob("test_*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         rel = path.relative_to(tests_dir.parent).as_posix()
         marked_file = any(

@@ -1,5 +1,5 @@
 """``strategy="lowrank_fsdp"`` end to end on 2 CPU processes: run as a script (Lightning's ``ModelParallelStrategy``
-launches the second process by re-running it), by ``tests/test_fsdp2_strategy.py``.
+launches the second process by re-running it), by ``tests/strategies/test_fsdp2_strategy.py``.
 
     python tests/fsdp2_trainer.py OUT_DIR
 

@@ -5,6 +5,7 @@ Module level so DDP spawn/fork workers can import them.
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -129,3 +130,38 @@ class SmallMLP(L.LightningModule):
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
+
+
+# -- shared by the Lightning tests ----------------------------------------------------------------------------------
+
+# A Trainer on the CPU that prints and writes nothing.
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    enable_checkpointing=False,
+)
+
+
+class RecordingLogger(Logger):
+    """Keeps every metric logged, for tests that read what the strategy logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = {}
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)

@@ -3,9 +3,9 @@
 Classes have no cap (issue 24): a class is as long as its one job needs; code is split by job, never to fit a count.
 """
 
-from pathlib import Path
+from tests import ROOT
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lightning_lowrank"
+PACKAGE = ROOT / "lightning_lowrank"
 MAX_FILE_LINES = 400
 
 

@@ -6,7 +6,7 @@ layer selection, the same full-rank drop, ``ProjectedOptimizer.from_optimizer`` 
 ``optimizer.step()`` once. Meta tensors have shapes and dtypes but no data, so the step creates exactly the state
 tensors the first training step creates, without computing anything or allocating their memory (a 7B model plans in
 seconds on a laptop). The report comes from the same ``account_memory`` the strategy's ``memory_report()`` uses, so
-the two agree by construction (``tests/test_plan.py`` checks them against each other after a real step).
+the two agree by construction (``tests/memory/test_plan.py`` checks them against each other after a real step).
 
 Two things cannot run on meta tensors, and are bridged here rather than changed in the optimizer:
 

@@ -16,7 +16,7 @@ moments), in any state dtype: a bf16 weight with float32 state has its gradient 
 path casts it in slices, ``functional.project_gradient``). Everything else (residuals, 8-bit moments, SGD, Adafactor,
 Subset-Norm, Sophia, and the dense parameters through torch's own Adam(W)) runs eagerly, as without ``compile``. The
 numbers are the eager pass's up to rounding: the back-projection's add is a multiply and an add, not ``addmm_``
-(``tests/test_compile.py``).
+(``tests/optim/update/test_compile.py``).
 """
 
 from __future__ import annotations

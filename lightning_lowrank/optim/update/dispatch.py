@@ -8,13 +8,14 @@ step each, 8-bit buffers streamed chunk by chunk. Each projected layer's P is bu
 passed in, with its weight and gradient (an FSDP2 shard's own rows, ``sharding.local``).
 
 The multi-tensor pass: ``functional.projected_update`` runs one layer at a time: per layer, a projection, about eight
-elementwise kernels for Adam's moments, a back-projection and an add. With many small layers those launches (a GPU)
-or per-op overheads (a CPU) dominate, as torch's ``_multi_tensor_adam`` exists to avoid. ``projected_adam`` updates
-the moments of all of a group's projected layers with ``torch._foreach_*`` ops (a handful of launches however many
+elementwise kernels for Adam's moments, a back-projection and an add. With many small layers those launches (a GPU) or
+per-op overheads (a CPU) dominate, as torch's ``_multi_tensor_adam`` exists to avoid. ``projected_adam`` updates the
+moments of all of a group's projected layers with ``torch._foreach_*`` ops (a handful of launches however many
 layers), and each layer's projection and back-projection are one matmul each (the back-projection fused with the add:
-``addmm_``). Its math is ``rules.direction("adamw", ...)`` in both Adam forms, op for op (``tests/test_batched.py``
-checks it against the single-layer path); only for what that path would do with nothing but the subspace: rule
-Adam(W), no residual, no Subset-Norm or lazy Hessian, full-precision moments in the weight's dtype (``can_batch``).
+``addmm_``). Its math is ``rules.direction("adamw", ...)`` in both Adam forms, op for op
+(``tests/optim/update/test_batched.py`` checks it against the single-layer path); only for what that path would do
+with nothing but the subspace: rule Adam(W), no residual, no Subset-Norm or lazy Hessian, full-precision moments in
+the weight's dtype (``can_batch``).
 """
 
 from __future__ import annotations
