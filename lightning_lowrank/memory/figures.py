@@ -22,6 +22,7 @@ KIND_LABELS = {
     "residual": "residual state",
     "curvature": "curvature state",
     "scalars": "step/rank counters",
+    "protected_bases": "protected bases",
 }
 
 

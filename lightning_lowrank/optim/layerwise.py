@@ -151,6 +151,12 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         self._distributed = True
         self.shard_refreshes(group)
 
+    def protect(self, bases: Any) -> None:
+        raise NotImplementedError(
+            "layerwise=True does not support protected subspaces yet: its updates run in gradient hooks, where the "
+            "confinement of each update is not applied. Use layerwise=False with ProtectedSubspaces."
+        )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's; once attached, the new group's parameters get their hooks too (Lightning's ``BaseFinetuning``
         unfreezes layers this way)."""
@@ -176,7 +182,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         state = self.state[p]
         if group["residual"] != "none" or projected_rule(group) == "subset_norm" or group["projector"] == "online_pca":
             return True
-        return not state or self.refresher.is_due(p, state, group)
+        return "step" not in state or self.refresher.is_due(p, state, group)
 
     def _accumulate(self, p: Tensor) -> None:
         index, gi, on = self._where[p]
@@ -227,7 +233,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         group = self.param_groups[gi]
         state = self.state[p]
         gradient = p.grad if low_rank is None else low_rank
-        first = not state and (on or not stateless(group))  # dense SGD without momentum never keeps state
+        first = "step" not in state and (on or not stateless(group))  # dense SGD without momentum never keeps state
         refreshes = on and low_rank is None and not first and self.refresher.is_due(p, state, group)
         if self.nonfinite == "ignore":
             self._update_layer(p, group, index, on, low_rank)
@@ -245,7 +251,7 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
         if not on:
             dispatch.update_dense_one(p, state, group)
             return
-        if not state:
+        if "step" not in state:
             dispatch.init_projected_state(p, state, group)
         ctx = self._context(index, p, group)
         projector = self._projectors[group["projector"]]

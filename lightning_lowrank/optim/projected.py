@@ -34,7 +34,7 @@ from lightning_lowrank.optim.state.host_ints import forget_all, read_int
 from lightning_lowrank.optim.state.layout import state_kinds
 from lightning_lowrank.optim.state.resume import load_state
 from lightning_lowrank.optim.state.storage import state_dtype
-from lightning_lowrank.optim.update import compiled, dispatch, lazy_hessian
+from lightning_lowrank.optim.update import compiled, dispatch, lazy_hessian, protect
 from lightning_lowrank.optim.update.rules import projected_rule
 
 __all__ = ["ProjectedAdamW", "ProjectedOptimizer", "RefreshInfo", "RefreshTimer"]
@@ -47,10 +47,8 @@ class ProjectedOptimizer(Optimizer):
         params: parameters or param-group dicts (groups may override every option but the budget's).
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
         decoupled_weight_decay: True for AdamW's decay, False for Adam's L2 penalty.
-        rule: the inner update, ``adamw`` (Adam with ``decoupled_weight_decay=False``), ``sgd`` (``momentum``,
-            ``dampening``, ``nesterov`` as torch.optim.SGD) or ``adafactor`` (``beta2_decay``, ``d``, ``eps`` as
-            torch.optim.Adafactor); it runs on the projected gradient of projected weights and on the full gradient
-            of the others.
+        rule: the inner update, ``adamw``, ``sgd`` or ``adafactor`` (their options as torch's optimizers'); it runs
+            on the projected gradient of projected weights and on the full gradient of the others.
         layer_names: names of the weights, for messages only (``from_optimizer`` takes them from a dict).
         **options: the low-rank options, each defined and documented once in ``OptimizerOptions``
             (``lightning_lowrank.optim.options``): ``rank``, ``projector``, ``update_gap``, ``scale``, ``residual``,
@@ -91,6 +89,7 @@ class ProjectedOptimizer(Optimizer):
         self.memory_budget, self.rank_by = checked.memory_budget, checked.rank_by
         self.budget = rank_budget.RankBudget(self.memory_budget, self.rank_by) if self.memory_budget else None
         self.nonfinite, self.compile = checked.nonfinite, checked.compile  # step options (``StepOptions``)
+        self._protected = False  # whether some weight has protected bases (``protect``)
         self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
         # Names of weights for messages (a strategy adds every parameter's module name).
         self.param_names: dict[Tensor, str] = dict(layer_names or {})
@@ -111,11 +110,8 @@ class ProjectedOptimizer(Optimizer):
         projected: set[Tensor] | Mapping[Tensor, str] | Callable[[Tensor], bool],
         **options: Any,
     ) -> ProjectedOptimizer:
-        """Build on the *same* param-group dicts as a torch AdamW, Adam, SGD or Adafactor, with its rule.
-
-        ``options`` are this class's keyword arguments (rank, projector, residual, ...). Sharing the dicts keeps
-        the user's hyperparameters and what LR schedulers and Lightning wrote into them (``initial_lr``).
-        """
+        """Build on the *same* param-group dicts as a torch AdamW, Adam, SGD or Adafactor, with its rule
+        (``adopt.py``); ``options``: this class's keyword arguments (rank, projector, residual, ...)."""
         adopt_groups(optimizer, projected, {k: v for k, v in options.items() if k not in WHOLE_OPTIMIZER_OPTIONS})
         names = projected if isinstance(projected, Mapping) else None  # {weight: name}: names in messages
         return cls(optimizer.param_groups, lr=optimizer.defaults["lr"], layer_names=names, **options)
@@ -129,28 +125,24 @@ class ProjectedOptimizer(Optimizer):
         validate_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but this optimizer's current low-rank options win over the saved ones (torch's own
-        hyperparameters come from the checkpoint), and each layer's state is loaded in the form they give it
-        (``resume.py``): as saved when they agree (dtypes kept: no cast of integer state or of float32 moments of a
-        bf16 weight to the param's dtype), else converted (a changed rank or projector, a dense checkpoint, ...)
-        with one warning that says what changed."""
+        """As torch's, but the current low-rank options win over the saved ones, and each layer's state is loaded as
+        saved where they agree, else converted with one warning (``state/resume.py``)."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         count, state_dict = nonfinite.pop_count(state_dict)
         load_state(self, sharding.local_state_dict(params, state_dict), super().load_state_dict)
         forget_all(self.state.values())  # DCP writes counters into the live tensors: read them again
         self.nonfinite_steps = count
+        self._protected = bool(self.protected_params())  # whether some weight's updates are confined (``protect``)
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch pickles only the defaults, the state and the groups; this optimizer's own attributes (the budget, the
-        non-finite policy and count, names, refresh requests) go too, so a copy (``copy.deepcopy``, multiprocessing)
-        steps like this one. As torch's, without the hooks; the DCT bases and the slot map are caches."""
+        """As torch's, with this optimizer's own attributes too (so a deepcopy steps alike); the DCT bases and the slot
+        map are caches."""
         hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
         return {**{k: v for k, v in self.__dict__.items() if k not in hooks}, "_dct_bases": {}, "_slots": {}}
 
     def state_dict(self) -> dict[str, Any]:
-        """As torch's, with the count of steps skipped for a non-finite gradient (``nonfinite=``), which a resumed run
-        goes on counting from (torch's optimizers ignore the extra key). The count is also in the first param group,
-        the only place a distributed checkpoint keeps it."""
+        """As torch's, with the count of skipped non-finite steps (also in group 0: a distributed checkpoint keeps
+        only state and groups)."""
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         return sharding.distributed_state_dict(params, nonfinite.with_count(super().state_dict(), self.nonfinite_steps))
 
@@ -183,8 +175,7 @@ class ProjectedOptimizer(Optimizer):
         self.refresher.shard_over(group)
 
     def refreshes_at_next_step(self, param: Tensor) -> bool:
-        """Whether the next ``step()`` refreshes ``param``'s subspace (read before the step: the counter has not moved,
-        and a scheduler's requests for this step are in)."""
+        """Whether the next ``step()`` refreshes ``param``'s subspace (asked before the step)."""
         _, group = self.locate(param)
         return self.is_projected(param) and self.refresher.is_due(param, self.state[param], group)
 
@@ -206,20 +197,36 @@ class ProjectedOptimizer(Optimizer):
 
     @torch.no_grad()
     def update_curvature(self, diagonals: Mapping[Tensor, Tensor]) -> None:
-        """Fold fresh curvature diagonals into the lazy Hessians, reused until the next call.
-
-        Each diagonal is in the layer's current subspace coordinates, shaped like its projected gradient: what
-        ``lightning_lowrank.curvature.subspace_diagonal`` returns for ``projection_matrix(param)``.
-        """
+        """Fold fresh curvature diagonals into the lazy Hessians, reused until the next call. Each is in the layer's
+        current subspace coordinates: what ``curvature.subspace_diagonal`` returns for ``projection_matrix(param)``."""
         for p, estimate in diagonals.items():
-            _, group = self.locate(p)
-            shape = projected_shape(p.shape, self.layer_rank(p) if self.state[p] else group["rank"], group["side"])
-            lazy_hessian.fold_curvature(p, self.state[p], estimate, shape, group, state_dtype(group, p.dtype))
+            group, state = self.locate(p)[1], self.state[p]
+            shape = projected_shape(p.shape, self.layer_rank(p) if "step" in state else group["rank"], group["side"])
+            lazy_hessian.fold_curvature(p, state, estimate, shape, group, state_dtype(group, p.dtype))
 
     def set_layer_curvature(self, traces: Mapping[Tensor, float]) -> None:
         """Record each projected layer's Hessian trace; with ``memory_budget`` and ``rank_by="curvature"`` the next
         refreshes give rank in proportion to it. Layers that have not stepped yet are skipped."""
         lazy_hessian.set_layer_curvature(traces, self.state, set(self.projected_params()))
+
+    def protect(self, bases: Mapping[Tensor, tuple[Tensor, Tensor]]) -> None:
+        """Confine every later update of each weight to the orthogonal complement of its protected singular
+        directions (U: m x k, V: n x k, orthonormal), as Sculpting Subspaces does (``update/protect.py``)."""
+        for p, (U, V) in bases.items():
+            self.locate(p)  # a parameter of this optimizer (KeyError otherwise)
+            protect.store_bases(self.state[p], p, U, V)
+        self._protected = bool(self.protected_params())
+
+    def unprotect(self, params: Iterable[Tensor] | None = None) -> None:  # drop them (every weight's: None)
+        for p in self.protected_params() if params is None else params:
+            protect.drop(self.state[p])
+        self._protected = bool(self.protected_params())
+
+    def protected_params(self) -> list[Tensor]:
+        return [p for p, _, _ in self.placements() if protect.is_protected(self.state[p])]
+
+    def protected_rank(self, param: Tensor) -> int:  # k, the number of protected directions (0: none)
+        return protect.protected_rank(self.state[param], param)
 
     def projection_mask(self, group: dict[str, Any]) -> list[bool]:
         """Which of ``group["params"]`` are projected (in order)."""
@@ -241,8 +248,7 @@ class ProjectedOptimizer(Optimizer):
         return effective_rank(param.shape, self.locate(param)[1]["rank"])
 
     def state_kinds(self, param: Tensor) -> dict[str, str]:
-        """The kind (``state_layout.STATE_KINDS``) of every key of ``param``'s state, from what the components that
-        keep it declare: the memory report's split. Raises ``UndeclaredStateError`` on a key none declares."""
+        """The kind (``state/layout.py``) of each key of ``param``'s state, as the components that keep it declare."""
         _, group = self.locate(param)
         return state_kinds(self.state[param], group, self.is_projected(param))
 
@@ -266,8 +272,6 @@ class ProjectedOptimizer(Optimizer):
         """The current P (d x r) of a projected parameter."""
         index, group = self.locate(param)
         return self._projectors[group["projector"]].matrix(param, self.state[param], self._context(index, param, group))
-
-    # -- internals ----------------------------------------------------------------------------------------------
 
     def _mask(self, group: dict[str, Any]) -> list[bool]:
         if group["rank"] is None:
@@ -295,9 +299,7 @@ class ProjectedOptimizer(Optimizer):
             self._dct_bases[key] = dct_basis(size, dtype=dtype, device=device)
         return self._dct_bases[key]
 
-    def _context(
-        self, index: int, param: Tensor, group: dict[str, Any], state: dict[str, Tensor] | None = None
-    ) -> LayerContext:
+    def _context(self, index: int, param: Tensor, group: dict[str, Any], state: dict | None = None) -> LayerContext:
         state = self.state[param] if state is None else state
         step = read_int(state["step"]) if "step" in state else 0
         rank = read_int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
@@ -308,9 +310,8 @@ class ProjectedOptimizer(Optimizer):
     def _init_group(
         self, group: dict[str, Any], start: int
     ) -> tuple[list[Tensor], list[tuple[Tensor, dict[str, Tensor], LayerContext]]]:
-        """A group's parameters with a gradient: the dense ones, and the projected ones with their state (created
-        here at a layer's first step, unless a budget gives it a rank first) and context. ``start``: the index of
-        the group's first parameter among all of them."""
+        """A group's parameters with a gradient: the dense ones, and the projected ones with their state (created at
+        a layer's first step, unless a budget gives it a rank first) and context; ``start``: its first's index."""
         dense, projected = [], []
         for index, (p, on) in enumerate(zip(group["params"], self._mask(group)), start):
             if p.grad is None:
@@ -319,15 +320,14 @@ class ProjectedOptimizer(Optimizer):
                 dense.append(p)
                 continue
             state = self.state[p]
-            if not state and self.budget is None:
+            if "step" not in state and self.budget is None:
                 dispatch.init_projected_state(p, state, group)
             projected.append((p, state, self._context(index, p, group, state)))
         return dense, projected
 
     def _gradients_finite(self) -> bool:
-        """Whether every gradient is finite (``nonfinite.nonfinite_gradient``: one flag, one read). When one is not,
-        nothing is touched yet: ``nonfinite="raise"`` raises naming the first such parameter, ``"skip"`` counts the
-        step (``nonfinite_steps``) and warns the first time. Pending refresh requests stay pending."""
+        """Whether every gradient is finite (one flag, one read); if not, nothing is touched yet: ``"raise"`` raises
+        naming the first bad parameter, ``"skip"`` counts the step and warns the first time."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         bad = nonfinite.nonfinite_gradient(params, self._label, self._sharded)  # labels only on a bad step
         if bad is None:
@@ -371,7 +371,7 @@ class ProjectedOptimizer(Optimizer):
             for group in self.param_groups:
                 dense, projected = self._init_group(group, start)
                 start += len(group["params"])
-                dispatch.update_dense(dense, [self.state[p] for p in dense], group, self._sharded)
+                dispatch.update_dense(dense, [self.state[p] for p in dense], group, self._sharded, self._protected)
                 groups.append((group, projected))
                 for p, state, ctx in projected:
                     if self.refresher.is_due(p, state, group, ctx.step):
@@ -382,7 +382,7 @@ class ProjectedOptimizer(Optimizer):
                 projector, layers = self._projectors[group["projector"]], []
                 for p, state, ctx in projected:
                     layers.append(dispatch.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
-                dispatch.update_layers(layers, group, self._sharded, self.compile)
+                dispatch.update_layers(layers, group, self._sharded, self.compile, self._protected)
                 for p, state, ctx in projected:
                     projector.after_update(p, p.grad, state, ctx)
         return loss

@@ -47,6 +47,7 @@ def _by_hand(rows: tuple[int, int]) -> dict[str, int]:
         "scalars": 4 * F32,  # one step per parameter
         "residual": 0,
         "curvature": 0,
+        "protected_bases": 0,  # nothing protected
     }
     return {
         "param_bytes": params,

@@ -222,7 +222,7 @@ HEADLINE = {
     "nonfinite_steps",
     "cpu_max_rss_bytes",
     *(f"state/{kind}_bytes" for kind in ("dense_moments", "projected_moments", "projection", "residual")),
-    *(f"state/{kind}_bytes" for kind in ("curvature", "scalars")),
+    *(f"state/{kind}_bytes" for kind in ("curvature", "scalars", "protected_bases")),
 }
 
 

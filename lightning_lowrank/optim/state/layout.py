@@ -26,11 +26,19 @@ from typing import Any
 from lightning_lowrank.optim.budget import rank_budget
 from lightning_lowrank.optim.projection.projectors import projector_keys
 from lightning_lowrank.optim.state import storage
-from lightning_lowrank.optim.update import residuals, rules
+from lightning_lowrank.optim.update import protect, residuals, rules
 from lightning_lowrank.optim.update.rules import projected_rule
 
 # Optimizer state by kind. Every state tensor falls in exactly one, so the kinds add up to the optimizer state.
-STATE_KINDS = ("dense_moments", "projected_moments", "projection", "residual", "curvature", "scalars")
+STATE_KINDS = (
+    "dense_moments",
+    "projected_moments",
+    "projection",
+    "residual",
+    "curvature",
+    "scalars",
+    "protected_bases",
+)
 MOMENTS = "moments"  # a rule buffer's declared kind: projected_moments or dense_moments by where the rule runs
 
 
@@ -45,7 +53,7 @@ def declared_kinds(group: Mapping[str, Any], projected: bool) -> dict[str, str]:
     kept = {key: moments if kind == MOMENTS else kind for key, kind in storage.STATE_KEYS[rule].items()}
     if group["state_bits"] is not None:
         kept |= {k: kept[key] for key in rules.MOMENT_KEYS[rule] for k in storage.stored_keys(key, quantized=True)}
-    parts: list[tuple[str, Mapping[str, str]]] = [(f"rule {rule!r}", kept)]
+    parts: list[tuple[str, Mapping[str, str]]] = [(f"rule {rule!r}", kept), ("protection", protect.STATE_KEYS)]
     if projected:
         parts += [
             (f"projector {group['projector']!r}", projector_keys(group)),

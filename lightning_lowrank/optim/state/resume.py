@@ -47,7 +47,7 @@ from lightning_lowrank.optim.state.convert import (
 )
 from lightning_lowrank.optim.state.host_ints import on_host
 from lightning_lowrank.optim.state.storage import init_rule_state, state_dtype, store_moment
-from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update import protect, rules
 from lightning_lowrank.optim.update.residuals import STATE_KEYS as RESIDUAL_KEYS
 from lightning_lowrank.optim.update.rules import projected_rule
 
@@ -59,6 +59,7 @@ LOWRANK_GROUP_KEYS = frozenset(
 # The counters a layer's state keeps as tensors (``storage.STATE_KEYS``); a checkpoint may hold them as numbers.
 COUNTER_KEYS = ("step", "hessian_updates")
 # Per-layer state besides the moments and P that a conversion keeps where the new options still use it.
+PROTECTED_KEYS = frozenset(protect.STATE_KEYS)  # a weight's protected bases: kept as saved through any change
 BOOKKEEPING_KEYS = frozenset({"residual_energy", "curvature_trace", "hessian_updates"}).union(*RESIDUAL_KEYS.values())
 _POLICY_TEXT = {
     "keep": "kept coordinate by coordinate (moments='keep')",
@@ -150,7 +151,7 @@ def _place(opt: Any, p: Tensor, group: dict[str, Any], tensors: dict[str, Tensor
     for name, t in tensors.items():
         # Seeds, ranks, counters and 8-bit shapes stay on the CPU: the host reads them, which there costs no sync.
         device = "cpu" if on_host(name) else p.device
-        floating = t.is_floating_point() and (name in buffers or not projected)
+        floating = t.is_floating_point() and (name in buffers or not projected) and name not in PROTECTED_KEYS
         opt.state[p][name] = t.to(device=device, dtype=dtype if floating else t.dtype)
 
 
@@ -246,6 +247,7 @@ def _convert(
         kept |= {"residual_energy", "curvature_trace"} & set(tensors)
         fresh["rank"] = torch.tensor(new.rank, dtype=torch.int64)
     fresh.update({k: tensors[k].to(p.device) for k in kept if new.projected})
+    fresh.update({k: t.to(p.device) for k, t in tensors.items() if k in PROTECTED_KEYS})  # whatever the new form
     opt.state[p] = fresh
     dropped = sorted(set(moments) - set(rules.MOMENT_KEYS[new.rule]))
     dropped += sorted(k for k in tensors if k in BOOKKEEPING_KEYS and k not in fresh)  # e.g. Fira's limiter norm

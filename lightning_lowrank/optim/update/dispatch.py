@@ -41,7 +41,7 @@ from lightning_lowrank.optim.state.storage import (
     stateless,
     streams,
 )
-from lightning_lowrank.optim.update import compiled, functional, rules
+from lightning_lowrank.optim.update import compiled, functional, protect, rules
 from lightning_lowrank.optim.update.rules import projected_rule
 
 
@@ -73,21 +73,32 @@ def init_projected_state(
 
 
 def update_layers(
-    layers: Sequence[Layer], group: dict[str, Any], sharded: bool = True, compile: bool | str = False
+    layers: Sequence[Layer],
+    group: dict[str, Any],
+    sharded: bool = True,
+    compile: bool | str = False,
+    protected: bool = True,
 ) -> None:
     """Update a group's projected layers: together where the rule allows (``can_batch``, and P and the
     moments in the weight's dtype), else one at a time. ``sharded=False``: no parameter is an FSDP2 DTensor (the
     optimizer knows), so none is looked into. ``compile`` (the optimizer's option): those layers, in any state dtype,
-    each through the compiled ``compiled.adam_layer`` instead."""
+    each through the compiled ``compiled.adam_layer`` instead. ``protected=False``: no layer has protected bases
+    (``protect.py``); those that have update one at a time, their update confined."""
     together = can_batch(group, projected_rule(group))
+    guarded = {id(layer.param) for layer in layers if protected and protect.is_protected(layer.state)}
     batch = [
         layer
         for layer in layers
-        if together and layer.state["exp_avg"].dtype == layer.P.dtype == (layer.P if compile else layer.param).dtype
+        if together
+        and id(layer.param) not in guarded
+        and layer.state["exp_avg"].dtype == layer.P.dtype == (layer.P if compile else layer.param).dtype
     ]
     in_batch = {id(layer.param) for layer in batch}
     for layer in layers:
-        if id(layer.param) not in in_batch:
+        if id(layer.param) in guarded:
+            with protect.confined(layer.param, layer.state):
+                update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
+        elif id(layer.param) not in in_batch:
             update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
     if batch:
         steps = advance_all([layer.state["step"] for layer in batch])
@@ -124,10 +135,29 @@ def update_layer(
 
 
 def update_dense(
-    params: Sequence[Tensor], states: Sequence[dict[str, Tensor]], group: dict[str, Any], sharded: bool = True
+    params: Sequence[Tensor],
+    states: Sequence[dict[str, Tensor]],
+    group: dict[str, Any],
+    sharded: bool = True,
+    protected: bool = True,
 ) -> None:
     """A group's dense parameters: torch's own Adam(W) or SGD over the whole list where the rule is torch's in full
-    precision, else one ``update_dense_one`` each. Their state is created here at their first step."""
+    precision, else one ``update_dense_one`` each. Their state is created here at their first step. Those with
+    protected bases (none when ``protected=False``) update one at a time, their update confined (``protect.py``)."""
+    if protected and any(protect.is_protected(s) for s in states):
+        plain = [(p, s) for p, s in zip(params, states) if not protect.is_protected(s)]
+        _update_dense([p for p, _ in plain], [s for _, s in plain], group, sharded)
+        for p, s in zip(params, states):
+            if protect.is_protected(s):
+                with protect.confined(p, s):
+                    _update_dense([p], [s], group, sharded)
+        return
+    _update_dense(params, states, group, sharded)
+
+
+def _update_dense(
+    params: Sequence[Tensor], states: Sequence[dict[str, Tensor]], group: dict[str, Any], sharded: bool
+) -> None:
     if not params:
         return
     rule = group["rule"]
@@ -142,7 +172,7 @@ def update_dense(
             update_dense_one(p, state, group, sharded)
         return
     for w, state in zip(weights, states):
-        if not state:  # torch's kernels read the counters: fused/capturable ones on the device, as torch's
+        if "step" not in state:  # torch's kernels read the counters: fused/capturable ones on the device, as torch's
             init_rule_state(state, rule, tuple(w.shape), w.dtype, w.device, group, torch_kernel=rule == "adamw")
     if rule == "sgd":
         dense_sgd(weights, grads, states, advance_all([s["step"] for s in states]), group)
@@ -159,7 +189,7 @@ def update_dense_one(p: Tensor, state: dict[str, Tensor], group: dict[str, Any],
     if stateless(group):
         dense_sgd([w], [g], [{}], [1], group)
         return
-    if not state:
+    if "step" not in state:  # its first update (a state may hold protected bases before it)
         init_rule_state(state, rule, tuple(w.shape), w.dtype, w.device, group)
     step = advance(state["step"])
     if streams(state, rule) and w.is_contiguous():

@@ -63,5 +63,5 @@ def set_layer_curvature(
     for p, trace in traces.items():
         if p not in projected:
             raise ValueError(f"set_layer_curvature got a parameter of shape {tuple(p.shape)} that is not projected")
-        if states[p]:
+        if "step" in states[p]:
             states[p]["curvature_trace"] = torch.tensor(float(trace))
