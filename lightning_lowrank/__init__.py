@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CurvatureProbe": "lightning_lowrank.callbacks",
     "MemoryPhases": "lightning_lowrank.callbacks",
+    "ProtectedSubspaces": "lightning_lowrank.callbacks",
     "SubspaceRefresh": "lightning_lowrank.callbacks",
     "LowRankConfig": "lightning_lowrank.config",
     "MemoryReport": "lightning_lowrank.memory",

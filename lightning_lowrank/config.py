@@ -14,20 +14,22 @@ class LowRankConfig(LowRankOptions):
     and checked in ``lightning_lowrank.optim.options``), plus which modules to project.
 
     A weight whose smaller side is <= ``rank`` stays dense (with a warning at setup): projecting it saves nothing.
+    ``rank=None`` projects nothing: the module's optimizer with its full state, inside a ``ProjectedOptimizer`` (what
+    ``ProtectedSubspaces`` needs to confine updates without low-rank state).
 
     inner: the strategy's name for ``projected_rule`` (``"subset_norm"``); give one or the other.
     target_modules: module-name globs to project (default: every ``nn.Linear`` but output heads).
     exclude: module-name globs never to project.
     """
 
-    rank: int = 128  # a strategy always projects: no None here
+    rank: int | None = 128  # None: no projected layer (full optimizer state)
     inner: str | None = None
     target_modules: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(f"rank must be a positive int, got {self.rank!r} (or None: no low-rank state)")
         if self.inner is not None:
             check_choice("inner", self.inner, (None, "subset_norm"))  # by the name the user gave it
             if self.projected_rule not in (None, self.inner):

@@ -70,8 +70,11 @@ def _check_patterns(kind: str, patterns: Sequence[str], names: dict[str, nn.Modu
             )
 
 
-def drop_full_rank(selected: dict[Tensor, str], rank: int) -> dict[Tensor, str]:
-    """Weights whose smaller side is <= rank would store more than their dense optimizer; train them densely."""
+def drop_full_rank(selected: dict[Tensor, str], rank: int | None) -> dict[Tensor, str]:
+    """Weights whose smaller side is <= rank would store more than their dense optimizer; train them densely.
+    ``rank=None`` (no low-rank state): none is projected."""
+    if rank is None:
+        return {}
     full = {p: name for p, name in selected.items() if rank >= min(p.shape)}
     if full:
         shown = ", ".join(f"{name} {tuple(p.shape)}" for p, name in list(full.items())[:8])

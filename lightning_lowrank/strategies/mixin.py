@@ -38,7 +38,9 @@ class LowRankMixin:
     Keyword arguments (see ``LowRankConfig`` for their defaults; any other keyword goes to the Lightning base):
 
     Args:
-        rank: subspace rank per projected weight; weights whose smaller side is <= rank stay dense.
+        rank: subspace rank per projected weight; weights whose smaller side is <= rank stay dense. None projects
+            nothing: the module's optimizer with its full state, as a ``ProjectedOptimizer`` (``ProtectedSubspaces``
+            confines its updates).
         projector: ``svd``, ``rsvd``, ``dct``, ``random``, ``gaussian`` (APOLLO's) or ``online_pca``; None:
             ``gaussian`` with ``residual="apollo"``, else ``svd``.
         update_gap: optimizer steps between subspace refreshes (a ``SubspaceRefresh`` callback overrides it).
