@@ -35,7 +35,8 @@ def warn_negative_saving(report: MemoryReport) -> None:
     costly = report.costly_layers()
     if not costly and report.saving_bytes >= 0:
         return
-    if report.saving_bytes + report.state_by_kind.get("protected_bases", 0) >= 0:
+    protected = report.state_by_kind.get("protected_bases", 0)
+    if protected and report.saving_bytes + protected >= 0:
         return  # the protected bases (ProtectedSubspaces) are the price of protection, not a misconfigured state
     base = report.baseline
     total = f"in total it saves {report.saving_text()}"
