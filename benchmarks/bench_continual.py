@@ -27,7 +27,7 @@ source, then Shakespeare, the KJV and Debian's fortunes; benchmark-only installs
 ``--tasks stdlib`` needs nothing: the stdlib split into pseudo-tasks (code, then the reference manual's prose, the
 codec tables, the library's text files). ``--quick`` (the test's smoke run) uses it, with a tiny model.
 
-    python benchmarks/bench_continual.py --cache benchmarks/results/continual_runs.jsonl   # the study (~40 min)
+    python benchmarks/bench_continual.py --cache benchmarks/results/continual_runs.jsonl   # ~55 min, 1 thread
     python benchmarks/bench_continual.py --quick                                          # seconds
 """
 
