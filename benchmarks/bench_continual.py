@@ -18,7 +18,9 @@ Every method starts from the same pretrained weights (per seed) and sees the sam
 smaller step rather than by protection), ``lowrank-dct`` / ``lowrank-svd`` (low-rank state, no protection),
 ``protected-uniform`` / ``-progressive`` / ``-adaptive`` (``ProtectedSubspaces`` over ``LowRankStrategy(rank=None)``,
 full AdamW state), ``protected-head`` (uniform, with ``lm_head`` protected too: the callback's default leaves output
-heads free), ``protected-dct`` / ``protected-svd`` (uniform protection with low-rank state).
+heads free), ``protected-dct`` / ``protected-svd`` (uniform protection with low-rank state, P chosen from the
+gradient), and ``protected-dct-complement`` / ``protected-svd-complement`` (the same with
+``protected_refresh="complement"``: P chosen from the part of the gradient the protection lets through).
 
 Task sequences (``examples/continual_data.py``): ``--tasks corpora`` (the default) pretrains on the CPython stdlib's
 source, then Shakespeare, the KJV and Debian's fortunes; benchmark-only installs, never a package dependency:
@@ -79,6 +81,7 @@ class Method:
     torch_adamw: bool = False  # the baseline: torch's AdamW under the default strategy
     lr_scale: float = 1.0  # times --lr: the controls that learn less by a smaller step instead of by protection
     targets: tuple[str, ...] | None = None  # ProtectedSubspaces' target_modules (None: its default, heads left out)
+    protected_refresh: str = "gradient"  # the low-rank P chosen from the gradient or its protected complement
 
 
 METHODS = {
@@ -94,6 +97,8 @@ METHODS = {
     "protected-head": Method(schedule="uniform", targets=("*_proj", "lm_head")),  # the output head protected too
     "protected-dct": Method(lowrank="dct", schedule="uniform"),
     "protected-svd": Method(lowrank="svd", schedule="uniform"),
+    "protected-dct-complement": Method(lowrank="dct", schedule="uniform", protected_refresh="complement"),
+    "protected-svd-complement": Method(lowrank="svd", schedule="uniform", protected_refresh="complement"),
 }
 
 
@@ -250,6 +255,7 @@ def _strategy(method: Method, seed: int, args: argparse.Namespace) -> Any:
     options: dict[str, Any] = dict(rank=None)
     if method.lowrank:
         options = dict(rank=args.rank, projector=method.lowrank, update_gap=args.update_gap, scale=args.scale)
+        options["protected_refresh"] = method.protected_refresh
     return lightning_lowrank.LowRankStrategy(**options, seed=seed, memory_report=False, memory_json=False)
 
 

@@ -32,6 +32,7 @@ MOMENT_POLICIES = ("keep", "reset", "rotate")
 RANK_BY = ("curvature", "residual")
 DCT_SCORERS = ("matmul", "fft")
 DCT_NORMS = ("l2", "l1")
+PROTECTED_REFRESH = ("gradient", "complement")
 STATE_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -100,6 +101,9 @@ class ProjectionOptions:
     side: which side P multiplies the gradient G (m x n) from: ``auto`` (GaLore's: the smaller side, P^T G for
         m < n, G P otherwise, so P is min(m, n) x r), ``right`` (G P always: moments m x r, P n x r; what FSDP2 needs,
         as it shards rows) or ``left`` (P^T G always).
+    protected_refresh: for a weight with protected subspaces (``ProtectedSubspaces``), the gradient a refresh
+        chooses P from: ``gradient`` (as it is) or ``complement`` ((I - U Uᵀ) G (I - V Vᵀ), the part of it the
+        protection lets through, so no rank is spent on directions the confinement removes).
     """
 
     rank: int | None = 128
@@ -117,6 +121,7 @@ class ProjectionOptions:
     dct_type: int = 2
     pca_lr: float = 0.1
     side: str = "auto"
+    protected_refresh: str = "gradient"
 
     def __post_init__(self) -> None:
         rank = self.rank
@@ -132,6 +137,7 @@ class ProjectionOptions:
             )
         check_choice("projector_bits", self.projector_bits, (None, 4, 8))
         check_choice("side", self.side, SIDES)
+        check_choice("protected_refresh", self.protected_refresh, PROTECTED_REFRESH)
         check_choice("dct_scorer", self.dct_scorer, DCT_SCORERS)
         check_choice("dct_norm", self.dct_norm, DCT_NORMS)
         check_choice("dct_type", self.dct_type, (2, 3))

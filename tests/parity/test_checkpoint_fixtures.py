@@ -46,6 +46,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints"
 CONFIGS = ("svd", "dct", "8bit", "random", "random64", "fira")
 MAIN_COMMIT = "b68acbaa0779b1d15449b186795539dc3243357f"
 TORCH_ADDED_GROUP_KEYS = ("differentiable",)
+# Group options added after the fixtures were written: a loaded group takes their default (the behaviour it was
+# saved with), and nothing else.
+ADDED_GROUP_OPTIONS = {"protected_refresh": "gradient"}
 V010_COMMIT = "48c10d76a6fe4ee26d29ba3ccfc31f68bf662269"
 
 
@@ -86,6 +89,8 @@ def test_main_checkpoint_loads_as_it_was_saved(config):
     for group in loaded["param_groups"]:
         for key in TORCH_ADDED_GROUP_KEYS:
             group.pop(key, None)
+        for key, default in ADDED_GROUP_OPTIONS.items():
+            assert group.pop(key) == default, key
     _assert_same(loaded, fixture["optimizer"], "state_dict")
 
 

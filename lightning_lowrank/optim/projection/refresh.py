@@ -36,7 +36,7 @@ from lightning_lowrank.optim.projection.bases import is_left, subspace_similarit
 from lightning_lowrank.optim.projection.projectors import PROJECTOR_KEYS, LayerContext, Projector, projector_keys
 from lightning_lowrank.optim.state.host_ints import read_int
 from lightning_lowrank.optim.state.storage import moment_view
-from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update import protect, rules
 from lightning_lowrank.optim.update.dispatch import init_projected_state
 from lightning_lowrank.optim.update.rules import projected_rule
 
@@ -163,7 +163,7 @@ class Refresher:
             if on_shards:  # FSDP2: every rank takes part in the collectives on the gradient
                 self.sharded_bytes += sharding.refresh(projector, p, state, ctx, decompose=here)
             elif here:
-                projector.refresh(p, p.grad, state, ctx)
+                projector.refresh(p, refresh_gradient(p, group, state), state, ctx)
             if here:
                 timers[p] = timer.stop()
             if owner is None:
@@ -208,6 +208,14 @@ class Refresher:
             return None, None, 0
         rank, world, group = self.shard
         return group, slot % world, rank
+
+
+def refresh_gradient(p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> Tensor:
+    """The gradient a refresh chooses P from: ``p.grad``, or for a protected weight under
+    ``protected_refresh="complement"`` its part in the protected complement (``protect.confine``)."""
+    if group["protected_refresh"] == "complement" and protect.is_protected(state):
+        return protect.confine(p.grad, state).to(p.grad.dtype)
+    return p.grad
 
 
 def change_basis(
