@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-from lightning_lowrank.optim.options import LowRankOptions, check_choice
+from lightning_lowrank.optim.checks import check_choice
+from lightning_lowrank.optim.options import LowRankOptions
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 import torch.optim
 
+from lightning_lowrank.optim.checks import check_choice, check_compile, check_fraction, check_int, check_positive
 from lightning_lowrank.optim.projection.bases import PROJECTORS, SIDES
+from lightning_lowrank.optim.update.muon import ADJUST_LR_FNS, NS_DTYPES
 from lightning_lowrank.optim.update.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
-from lightning_lowrank.optim.update.rules import ADAM_FORMS, RULES
+from lightning_lowrank.optim.update.rules import ADAM_FORMS, BASE_RULES
 
 # The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
 SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]] = {
@@ -27,6 +29,13 @@ SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]]
     torch.optim.Adam: ("adamw", None),
     torch.optim.SGD: ("sgd", False),
     torch.optim.Adafactor: ("adafactor", True),
+    torch.optim.Muon: ("muon", True),
+}
+# Options whose update Muon's rule has no place for, with why (refused for a Muon group).
+NOT_FOR_MUON = {
+    ("residual", "apollo"): "APOLLO scales the raw gradient by Adam-moment norms, which Muon does not keep",
+    ("projected_rule", "subset_norm"): "Subset-Norm replaces the projected rule's step size, Muon's is its own",
+    ("preconditioner", "lazy_hessian"): "Sophia's clipped Newton step would replace Muon's orthogonalized one",
 }
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 RANK_BY = ("curvature", "residual")
@@ -44,40 +53,6 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def supported_names() -> str:
     return ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
-
-
-def check_choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"Unknown {key} {value!r}; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {key}: {value!r} (must be an int >= {low})")
-
-
-def _check_positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"Invalid {key}: {value!r} (must be a number > 0)")
-
-
-def check_compile(value: Any) -> None:
-    """``compile`` is a bool or the name of a ``torch.compile`` backend (``torch._dynamo`` imported for a name only)."""
-    if isinstance(value, bool):
-        return
-    if isinstance(value, str):
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if value in backends:
-            return
-        raise ValueError(f"Unknown compile backend {value!r}; choose True, False or one of {', '.join(backends)}")
-    raise ValueError(f"Invalid compile: {value!r} (must be True, False or a torch.compile backend's name)")
-
-
-def _check_fraction(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {key}: {value!r} (must be in [0, 1))")
 
 
 @dataclass(frozen=True)
@@ -146,10 +121,10 @@ class ProjectionOptions:
                 "dct_type=3 (DCT-AdamW's matmul basis) scores with the shared basis: use dct_scorer='matmul'"
             )
         for key, low in (("update_gap", 1), ("proj_group_size", 1), ("rsvd_oversample", 0), ("rsvd_niter", 0)):
-            _check_int(key, getattr(self, key), low)
-        _check_int("seed", self.seed, 0)
-        _check_positive("scale", self.scale)
-        _check_positive("pca_lr", self.pca_lr)
+            check_int(key, getattr(self, key), low)
+        check_int("seed", self.seed, 0)
+        check_positive("scale", self.scale)
+        check_positive("pca_lr", self.pca_lr)
 
 
 @dataclass(frozen=True)
@@ -167,6 +142,8 @@ class RuleOptions:
         clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe folds in
         through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected unless
         ``hessian_bias_correction=False``, Sophia's own plain EMA from zero), reused between probes.
+    ns_dtype: the dtype Muon's Newton-Schulz iteration runs in: ``bfloat16`` (torch.optim.Muon's), ``float32`` or
+        ``float64``.
     """
 
     adam_form: str | None = None
@@ -175,8 +152,10 @@ class RuleOptions:
     rho: float = 0.04
     hessian_beta: float = 0.99
     hessian_bias_correction: bool = True
+    ns_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        check_choice("ns_dtype", self.ns_dtype, tuple(NS_DTYPES))
         check_choice("adam_form", self.adam_form, (None, *ADAM_FORMS))
         check_choice("projected_rule", self.projected_rule, (None, "subset_norm"))
         check_choice("preconditioner", self.preconditioner, (None, "lazy_hessian"))
@@ -186,8 +165,8 @@ class RuleOptions:
                 f"projected_rule={self.projected_rule!r} (the strategy's `inner`) or the preconditioner"
             )
         check_choice("hessian_bias_correction", self.hessian_bias_correction, (True, False))
-        _check_fraction("hessian_beta", self.hessian_beta)
-        _check_positive("rho", self.rho)
+        check_fraction("hessian_beta", self.hessian_beta)
+        check_positive("rho", self.rho)
 
 
 @dataclass(frozen=True)
@@ -197,6 +176,8 @@ class TorchRuleOptions:
 
     momentum, dampening, nesterov: as torch.optim.SGD (the ``sgd`` rule).
     beta2_decay, d: as torch.optim.Adafactor (the ``adafactor`` rule).
+    ns_coefficients, ns_steps, adjust_lr_fn: as torch.optim.Muon (the ``muon`` rule, with ``momentum``, ``nesterov``
+        and ``eps``; ``from_optimizer`` takes Muon's own values, 0.95, True and 1e-7 by default).
     """
 
     momentum: float = 0.0
@@ -204,11 +185,20 @@ class TorchRuleOptions:
     nesterov: bool = False
     beta2_decay: float = -0.8
     d: float = 1.0
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    ns_steps: int = 5
+    adjust_lr_fn: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("nesterov", self.nesterov, (True, False))
-        _check_fraction("momentum", self.momentum)
-        _check_positive("d", self.d)
+        check_choice("adjust_lr_fn", self.adjust_lr_fn, ADJUST_LR_FNS)
+        coefficients = self.ns_coefficients
+        if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+            raise ValueError(f"Invalid ns_coefficients: {coefficients!r} (must be three numbers a, b, c)")
+        if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int) or not 1 <= self.ns_steps < 100:
+            raise ValueError(f"Invalid ns_steps: {self.ns_steps!r} (must be an int in [1, 100), as torch's Muon)")
+        check_fraction("momentum", self.momentum)
+        check_positive("d", self.d)
 
 
 @dataclass(frozen=True)
@@ -233,8 +223,8 @@ class ResidualOptions:
         check_choice("frugal_rule", self.frugal_rule, FRUGAL_RULES)
         check_choice("fira_complement", self.fira_complement, FIRA_COMPLEMENTS)
         check_choice("apollo_scale_type", self.apollo_scale_type, APOLLO_SCALE_TYPES)
-        _check_positive("residual_lr_scale", self.residual_lr_scale)
-        _check_positive("limiter_gamma", self.limiter_gamma)
+        check_positive("residual_lr_scale", self.residual_lr_scale)
+        check_positive("limiter_gamma", self.limiter_gamma)
 
 
 @dataclass(frozen=True)
@@ -255,7 +245,7 @@ class StateOptions:
 
     def __post_init__(self) -> None:
         check_choice("state_bits", self.state_bits, (None, 8))
-        _check_int("state_block_size", self.state_block_size, 1)
+        check_int("state_block_size", self.state_block_size, 1)
         check_choice("state_dtype", self.state_dtype, (None, *STATE_DTYPES))
 
 
@@ -369,7 +359,11 @@ def validate_group(group: Mapping[str, Any]) -> None:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
     if not 0.0 <= wd:
         raise ValueError(f"Invalid weight_decay value: {wd} (must be >= 0)")
-    check_choice("rule", group["rule"], RULES[:3])
+    check_choice("rule", group["rule"], BASE_RULES)
+    if group["rule"] == "muon":
+        for (key, value), why in NOT_FOR_MUON.items():
+            if group[key] == value:
+                raise ValueError(f"{key}={value!r} does not apply to torch.optim.Muon: {why}")
     for section in GROUP_SECTIONS:
         section(**{f.name: group[f.name] for f in fields(section)})
     check_cross_options(_Attrs(group))

@@ -48,7 +48,13 @@ MAIN_COMMIT = "b68acbaa0779b1d15449b186795539dc3243357f"
 TORCH_ADDED_GROUP_KEYS = ("differentiable",)
 # Group options added after the fixtures were written: a loaded group takes their default (the behaviour it was
 # saved with), and nothing else.
-ADDED_GROUP_OPTIONS = {"protected_refresh": "gradient"}
+ADDED_GROUP_OPTIONS = {
+    "protected_refresh": "gradient",
+    "ns_dtype": "bfloat16",
+    "ns_coefficients": (3.4445, -4.7750, 2.0315),
+    "ns_steps": 5,
+    "adjust_lr_fn": None,
+}
 V010_COMMIT = "48c10d76a6fe4ee26d29ba3ccfc31f68bf662269"
 
 

@@ -42,16 +42,18 @@ def projected_update(
     rule: str,
     step: int,
     norm: Callable[[Tensor], Tensor] | None = None,
+    shape: torch.Size | None = None,
 ) -> None:
     """Update ``p`` with its full gradient ``grad`` through the subspace of ``P`` (and the group's residual).
 
     ``norm``: the Frobenius norm the residual's growth limiter takes (for the rows of a sharded weight, summed over
-    the ranks: ``sharding.global_norm``); by default ``Tensor.norm``."""
+    the ranks: ``sharding.global_norm``); by default ``Tensor.norm``. ``shape``: the whole weight's where ``p`` is
+    its rows (Muon's step size reads it)."""
     lr, scale, side = float(group["lr"]), group["scale"], group["side"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
     low_rank = project_gradient(grad, P, side)
-    direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms, full_grad=grad)
+    direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms, grad, shape or p.shape)
     if rule == "subset_norm":  # Subspace-Momentum: the complement takes an SGD step at the subset's rate
         complement = (grad - project_back(low_rank, P, p.shape, side)) * rules.subset_norm_scale(moments, group["eps"])
         add_scaled(p, project_back(direction, P, p.shape, side) + complement, step_size, -scale)
@@ -86,7 +88,7 @@ def low_rank_update(
         low_rank = low_rank.add(project_gradient(p, P, side), alpha=wd)
     else:
         decay_before(p, low_rank, rule, group)  # decoupled: shrinks p (unless it decays after the update)
-    direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms)
+    direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms, shape=p.shape)
     add_projected_back(p, direction, P, step_size, -scale, side)
     decay_after(p, rule, group)
 
@@ -144,7 +146,7 @@ def dense_update(
     """The rule on the full gradient (what its torch optimizer does)."""
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
-    direction, step_size = rules.direction(rule, grad, moments, step, group, param_rms)
+    direction, step_size = rules.direction(rule, grad, moments, step, group, param_rms, shape=p.shape)
     add_scaled(p, direction, step_size, -1.0)
     decay_after(p, rule, group)
 

@@ -4,9 +4,9 @@ Each rule is two plain functions over tensors: ``init_state`` makes its buffers 
 ``direction`` updates them in place and returns ``(direction, step_size)``; the caller applies
 ``param -= step_size * direction`` (after mapping the direction back to the full shape when projected).
 With a full identity basis each rule reproduces its torch optimizer: ``adamw`` = torch.optim.AdamW/Adam,
-``sgd`` = torch.optim.SGD with momentum, ``adafactor`` = torch.optim.Adafactor (tested). ``sophia`` is the
-lazy-Hessian rule: its curvature diagonal is not built from gradients here but folded in by ``fold_curvature_``
-whenever a probe measures it.
+``sgd`` = torch.optim.SGD with momentum, ``adafactor`` = torch.optim.Adafactor, ``muon`` = torch.optim.Muon
+(tested). ``sophia`` is the lazy-Hessian rule: its curvature diagonal is not built from gradients here but folded in
+by ``fold_curvature_`` whenever a probe measures it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim.projection.bases import is_left
+from lightning_lowrank.optim.update import muon
 
-RULES = ("adamw", "sgd", "adafactor", "subset_norm", "sophia")
+RULES = ("adamw", "sgd", "adafactor", "muon", "subset_norm", "sophia")
+BASE_RULES = RULES[:4]  # those of a torch optimizer (a group's ``rule``); the others replace it on projected weights
 # Two ways to write Adam(W). "torch": torch.optim.AdamW, eps added after the bias correction of sqrt(v), decoupled
 # decay before the update. "hf": transformers' AdamW, which the GaLore, Fira and APOLLO reference code copy: eps added
 # to sqrt(v) itself, both bias corrections folded into the step size lr * sqrt(1 - beta2^t) / (1 - beta1^t), and
@@ -31,6 +33,7 @@ ADAM_FORMS = ("torch", "hf")
 MOMENT_KEYS: dict[str, dict[str, bool]] = {
     "adamw": {"exp_avg": True, "exp_avg_sq": False},
     "sgd": {"momentum_buffer": True},
+    "muon": {"momentum_buffer": True},
     "adafactor": {"row_var": False, "col_var": False, "variance": False},
     "subset_norm": {"exp_avg": True, "sum_sq": False},
     "sophia": {"exp_avg": True, "hessian": True},  # a Hutchinson diagonal can be negative
@@ -81,7 +84,7 @@ def init_state(rule: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtyp
 
     if rule == "adamw":
         return {"exp_avg": zeros(*shape), "exp_avg_sq": zeros(*shape)}
-    if rule == "sgd":
+    if rule in ("sgd", "muon"):
         return {"momentum_buffer": zeros(*shape)}
     if rule == "adafactor":
         if len(shape) >= 2:
@@ -104,12 +107,14 @@ def direction(
     group: dict[str, Any],
     param_rms: float | Tensor = 0.0,
     full_grad: Tensor | None = None,
+    shape: torch.Size | tuple[int, ...] | None = None,
 ) -> tuple[Tensor, float | Tensor]:
     """Update ``state`` with ``grad`` (the step-th update, from 1) and return (direction, step size); the step size is
     a Python number, or for Adafactor a 0-d device tensor.
 
     ``param_rms`` (RMS of the full weight before weight decay) is only used by Adafactor's relative step;
-    ``full_grad`` (the unprojected gradient) by Subset-Norm, whose step sizes follow the full gradient's norms.
+    ``full_grad`` (the unprojected gradient) by Subset-Norm, whose step sizes follow the full gradient's norms;
+    ``shape`` (the full weight's, by default the gradient's) by Muon's learning-rate adjustment.
     """
     lr = float(group["lr"])
     if rule == "adamw":
@@ -133,6 +138,8 @@ def direction(
         return (grad.add(buf, alpha=momentum) if group["nesterov"] else buf), lr
     if rule == "adafactor":
         return _adafactor(grad, state, step, group, lr, param_rms)
+    if rule == "muon":  # torch.optim.Muon's, on whatever basis the gradient is in (``muon.py``)
+        return muon.direction(grad, state["momentum_buffer"], group, grad.shape if shape is None else shape)
     if rule == "subset_norm":
         # Subspace-Momentum's momentum (the caller adds the complement as plain SGD) with Subset-Norm step sizes:
         # AdaGrad-Norm over each subset, lr / sqrt(sum of the subset's squared gradient norms so far).
