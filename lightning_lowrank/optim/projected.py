@@ -209,12 +209,12 @@ class ProjectedOptimizer(Optimizer):
         refreshes give rank in proportion to it. Layers that have not stepped yet are skipped."""
         lazy_hessian.set_layer_curvature(traces, self.state, set(self.projected_params()))
 
-    def protect(self, bases: Mapping[Tensor, tuple[Tensor, Tensor]]) -> None:
-        """Confine every later update of each weight to the orthogonal complement of its protected singular
-        directions (U: m x k, V: n x k, orthonormal), as Sculpting Subspaces does (``update/protect.py``)."""
+    def protect(self, bases: Mapping[Tensor, tuple[Tensor, Tensor]], bits: int | None = None) -> None:
+        """Confine every later update of each weight to the orthogonal complement of its protected directions (U: m x
+        k, V: n x k, orthonormal; Sculpting Subspaces), the bases kept in float32 or ``bits`` 8 / 4 (``protect.py``)."""
         for p, (U, V) in bases.items():
             self.locate(p)  # a parameter of this optimizer (KeyError otherwise)
-            protect.store_bases(self.state[p], p, U, V)
+            protect.store_bases(self.state[p], p, U, V, bits)
         self._protected = bool(self.protected_params())
 
     def unprotect(self, params: Iterable[Tensor] | None = None) -> None:  # drop them (every weight's: None)

@@ -85,6 +85,9 @@ def _core_error(start, end, k):
         (dict(importance_batches=2.0), r"importance_batches must be an int >= 1, got 2.0"),
         (dict(target_modules=[]), r"target_modules must name at least one pattern"),
         (dict(exclude=[""]), r"exclude entries must be non-empty strings"),
+        (dict(bits=16), r"bits must be None \(float32 bases\), 8 or 4, got 16"),
+        (dict(bits=8.0), r"bits must be None \(float32 bases\), 8 or 4, got 8.0"),
+        (dict(bits=True), r"bits must be None \(float32 bases\), 8 or 4, got True"),
     ],
 )
 def test_bad_arguments_are_refused_when_built(kwargs, match):
@@ -232,6 +235,33 @@ def test_protected_singular_triples_are_unchanged(rank, protect):
         assert ((S1[:k] - S0[:k]).abs() / S0[:k]).max() < 1e-5  # still the top k, with their values
         assert (1 - (U1[:, :k] * U0[:, :k]).sum(0).abs()).max() < 1e-6  # and their vectors, up to sign
         assert (1 - (Vh1[:k] * Vh0[:k]).sum(1).abs()).max() < 1e-6
+
+
+def _quantized_bytes(elements: int, bits: int) -> int:
+    """One side's bytes in ``bits``, written out: groups of min(256, elements), the last padded; 1 or 1/2 byte a code,
+    a float32 scale and zero a group."""
+    group = min(256, elements)
+    groups = math.ceil(elements / group)
+    return groups * group * bits // 8 + groups * 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bits_reach_the_optimizer_and_shrink_the_reported_bases(bits):
+    reported = {}
+    for b in (None, bits):
+        torch.manual_seed(0)
+        model = GappedNet()
+        trainer = _fit(model, [ProtectedSubspaces(ratio=0.5, bits=b)], max_steps=2)
+        opt = trainer.optimizers[0]
+        for name in LAYERS:
+            state = opt.state[getattr(model, name).weight]
+            assert opt.protected_rank(getattr(model, name).weight) == 12
+            assert ("protect_u_codes" in state and "protect_u" not in state) == (b is not None), name
+        reported[b] = trainer.strategy.memory_report().state_by_kind["protected_bases"]
+    # Each of attn (40 x 24) and mlp (24 x 40) keeps a 40 x 12 and a 24 x 12 basis (k = 12, less than half a side).
+    assert reported[None] == 2 * (40 + 24) * 12 * 4
+    assert reported[bits] == 2 * (_quantized_bytes(40 * 12, bits) + _quantized_bytes(24 * 12, bits) + 8)  # + k
+    assert reported[bits] < (0.35 if bits == 8 else 0.2) * reported[None]  # 34.6%, 18.0%: small sides pad a group
 
 
 # -- tasks, checkpoints ----------------------------------------------------------------------------------------------

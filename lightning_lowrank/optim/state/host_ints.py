@@ -19,10 +19,10 @@ from torch import Tensor
 from lightning_lowrank.optim.state.storage import host_key
 
 # State kept on the CPU whatever the parameter's device, because the host reads it: seeds (P is rebuilt from one at
-# every step), a layer's rank under a budget, Sophia's probe count, and the shapes of 8-bit buffers
-# (``storage.host_key``). Step counters too, except a dense parameter's under torch's fused/capturable Adam
-# (``storage.step_counter``).
-HOST_KEYS = frozenset({"proj_seed", "rank", "hessian_updates"})
+# every step), a layer's rank under a budget, Sophia's probe count, the k of quantized protected bases
+# (``protect.RANK``: it gives their shape), and the shapes of 8-bit buffers (``storage.host_key``). Step counters too,
+# except a dense parameter's under torch's fused/capturable Adam (``storage.step_counter``).
+HOST_KEYS = frozenset({"proj_seed", "rank", "hessian_updates", "protect_rank"})
 
 
 def on_host(key: str) -> bool:

@@ -247,7 +247,8 @@ def _convert(
         kept |= {"residual_energy", "curvature_trace"} & set(tensors)
         fresh["rank"] = torch.tensor(new.rank, dtype=torch.int64)
     fresh.update({k: tensors[k].to(p.device) for k in kept if new.projected})
-    fresh.update({k: t.to(p.device) for k, t in tensors.items() if k in PROTECTED_KEYS})  # whatever the new form
+    # The protected bases, whatever the new form; the k of quantized ones stays on the host.
+    fresh.update({k: t if on_host(k) else t.to(p.device) for k, t in tensors.items() if k in PROTECTED_KEYS})
     opt.state[p] = fresh
     dropped = sorted(set(moments) - set(rules.MOMENT_KEYS[new.rule]))
     dropped += sorted(k for k in tensors if k in BOOKKEEPING_KEYS and k not in fresh)  # e.g. Fira's limiter norm
