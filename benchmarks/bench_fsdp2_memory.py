@@ -24,7 +24,7 @@ Models (``--model``):
 
 * ``demo``: ``examples/byte_lm.py``'s ``ByteLM(ByteLMConfig())`` (byte vocabulary 256, d_model 128, 4 blocks),
   rank 32 (d_model / 4, as ``bench_convergence.py``), batches of 8 x 128 tokens per rank.
-* ``130M``: ``ByteLM`` with LLaMA-130M's shapes from ``lightning_lowrank.memory.plan.PRESETS["130M"]`` (vocab 32000,
+* ``130M``: ``ByteLM`` with LLaMA-130M's shapes from ``lightning_lowrank.memory.presets.PRESETS["130M"]`` (vocab 32000,
   hidden 768, intermediate 2048, 12 heads; untied embedding and head), ``--blocks`` of its 12 decoder blocks
   (default all 12), rank 128, batches of 2 x 128 tokens per rank.
 
@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from byte_lm import ByteLM, ByteLMConfig  # noqa: E402
 
 from lightning_lowrank import LowRankConfig, LowRankFSDPStrategy  # noqa: E402
-from lightning_lowrank.memory.plan import PRESETS  # noqa: E402
+from lightning_lowrank.memory.presets import PRESETS  # noqa: E402
 from lightning_lowrank.selection import select_lowrank_params  # noqa: E402
 
 CONFIGS = ("adamw", "lowrank-dct", "lowrank-svd")

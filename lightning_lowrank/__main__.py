@@ -6,6 +6,7 @@ Examples::
     python -m lightning_lowrank plan --preset 1B --rank 512 --projector dct --state-bits 8 --gpu 24 --dtype bf16
     python -m lightning_lowrank plan --model examples.byte_lm:ByteLM --rank 32 --residual fira
     python -m lightning_lowrank plan --preset 7B --rank 128 --fsdp 8 --gpu 24   # per rank, FSDP2 on 8 ranks
+    python -m lightning_lowrank plan --preset 60M --rank 128 --protect 0.5   # + ProtectedSubspaces(ratio=0.5)'s bases
     python -m lightning_lowrank to-dense lowrank.ckpt dense.ckpt   # resumable by the plain torch optimizer
 
 Every ``LowRankConfig`` field is an option (``--update-gap``, ``--projector-bits``, ``--target-modules`` ...), checked
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.memory.plan import DTYPES, OPTIMIZERS, PRESETS, Plan, plan
+from lightning_lowrank.memory.plan import DTYPES, OPTIMIZERS, Plan, plan
+from lightning_lowrank.memory.presets import PRESETS
 
 
 def _value_type(hint: Any) -> type:
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="plan lowrank_fsdp (FSDP2) on N ranks: per rank (rows sharded N ways, P replicated) and in total",
     )
+    _add_protect(p)
     lowrank = p.add_argument_group("low-rank options (LowRankConfig fields; defaults as the strategy's)")
     hints = typing.get_type_hints(LowRankConfig)
     for f in fields(LowRankConfig):
@@ -93,6 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
             lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
     _add_to_dense(commands)
     return parser
+
+
+def _add_protect(p: argparse.ArgumentParser) -> None:
+    protect = p.add_argument_group(
+        "protected subspaces (ProtectedSubspaces, Sculpting Subspaces)",
+        "Plan the bases ProtectedSubspaces(ratio=RATIO, schedule='uniform') hands the optimizer at its first task "
+        "(every task's with 'uniform'; 'progressive' protects more later). Not with --layerwise or --fsdp.",
+    )
+    protect.add_argument(
+        "--protect",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="protect each targeted weight's top k = floor(RATIO x min(m, n)) singular directions (RATIO in [0, 1])",
+    )
+    protect.add_argument(
+        "--protect-target",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="module-name globs of the weights to protect (default: every nn.Linear but output heads)",
+    )
+    protect.add_argument("--protect-exclude", nargs="+", default=(), metavar="GLOB", help="never protect these")
+    protect.add_argument(
+        "--protect-bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="store the bases in 8 or 4 bits (ProjectedOptimizer.protect(bits=...)); default float32",
+    )
 
 
 def _add_to_dense(commands: Any) -> None:
@@ -172,12 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             gpu_gib=args.gpu,
             layerwise=args.layerwise,
             fsdp=args.fsdp,
+            protect=args.protect,
+            protect_targets=args.protect_target,
+            protect_exclude=args.protect_exclude,
+            protect_bits=args.protect_bits,
             **options,
         )
     except (ValueError, TypeError, ImportError, AttributeError, RuntimeError) as err:
         parser.error(str(err))
-    title = (f"preset {args.preset}" if args.preset else args.model) + (
-        f", FSDP2 on {args.fsdp} ranks" if args.fsdp else ""
+    title = (
+        (f"preset {args.preset}" if args.preset else args.model)
+        + (f", FSDP2 on {args.fsdp} ranks" if args.fsdp else "")
+        + (f", protect={args.protect:g}" if args.protect is not None else "")
     )
     print(f"Plan for {title}: {', '.join(f'{k}={v!r}' for k, v in options.items()) or 'default options'}")
     result.render(**({"collapse": False} if args.all_layers else {}))

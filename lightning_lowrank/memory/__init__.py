@@ -2,7 +2,8 @@
 
 from lightning_lowrank.memory.accounting import account_memory
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, format_bytes
-from lightning_lowrank.memory.plan import PRESETS, Plan, llama_preset, plan
+from lightning_lowrank.memory.plan import Plan, plan
+from lightning_lowrank.memory.presets import PRESETS, llama_preset
 from lightning_lowrank.memory.ranks import sum_over_ranks
 from lightning_lowrank.memory.report import render_memory_report
 

@@ -99,7 +99,7 @@ def account_memory(
     layers: list[LayerMemory] = []
     dense_state = projected_state = projector = shared = adamw = quant_saving = 0
     totals = empty_kinds()
-    baseline = "AdamW"
+    baselines: list[str] = []  # each optimizer's (in order, once): "AdamW", or "Muon + AdamW" for two
     budget = None
     for opt in optimizers:
         if getattr(opt, "memory_budget", None) is not None:
@@ -108,7 +108,9 @@ def account_memory(
         group_of = {p: g for g in opt.param_groups for p in g["params"]}
         ours = isinstance(opt, ProjectedOptimizer)
         # An optimizer kept as it is (fallback="dense") is its own baseline: it holds what it would hold anyway.
-        baseline = RULE_NAMES.get(opt.param_groups[0]["rule"], type(opt).__name__) if ours else type(opt).__name__
+        name = RULE_NAMES.get(opt.param_groups[0]["rule"], type(opt).__name__) if ours else type(opt).__name__
+        if name not in baselines:
+            baselines.append(name)
         for p, state in opt.state.items():
             if not state:
                 continue
@@ -176,7 +178,7 @@ def account_memory(
         baseline_state_bytes=adamw,
         peak_allocated_bytes=peak,
         quantization_saving_bytes=quant_saving,
-        baseline=baseline,
+        baseline=" + ".join(baselines) or "AdamW",
         probe=None if probe is None else dict(probe),
         memory_budget=budget,
         modules=tuple(ModuleMemory(**row) for row in rows.values()),

@@ -10,17 +10,19 @@ from lightning_lowrank.memory.figures import MemoryReport, format_bytes, tensor_
 from lightning_lowrank.optim.rank_zero import warn_rank_zero
 
 _STEP_BYTES = torch.tensor(0.0).element_size()  # torch's optimizers keep ``step`` as a float32 scalar tensor
-RULE_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adafactor": "Adafactor"}
+RULE_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adafactor": "Adafactor", "muon": "Muon"}
 MAX_NAMED = 8  # layers named in a warning before the list is cut to "... and N more"
 
 
 def baseline_state_bytes(param: Tensor, group: dict) -> int:
     """Bytes the module's own torch optimizer (the group's rule, dense) holds for ``param`` once it has stepped:
     AdamW/Adam two moments and a step; SGD a momentum buffer (none without momentum); Adafactor a step and
-    row/column statistics (a full variance for vectors)."""
+    row/column statistics (a full variance for vectors); Muon a momentum buffer (and no step)."""
     rule, es = group.get("rule", "adamw"), param.element_size()
     if rule == "sgd":
         return tensor_bytes(param) if group.get("momentum", 0) else 0
+    if rule == "muon":
+        return tensor_bytes(param)
     if rule == "adafactor":
         if param.dim() < 2:
             return tensor_bytes(param) + _STEP_BYTES

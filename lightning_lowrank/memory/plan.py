@@ -31,6 +31,9 @@ With ``layerwise=True`` (the strategy's layer-wise mode, GaLore's per-layer weig
 in its own hook during backward and its gradient freed right away, so the planned gradients are the largest single
 gradient, not their sum.
 
+With ``protect=ratio`` the optimizer also holds the bases ``ProtectedSubspaces(ratio)`` hands it at its first task
+(``protection.py``): ``protect`` is called with meta bases before the step, as the callback calls it at train start.
+
 What is planned: parameters, their gradients and the optimizer state. Not planned: activations (they depend on batch
 size, sequence length, checkpointing and precision), temporary buffers inside a step and the CUDA context. Measure
 those with a short run on the GPU: the memory report printed at the end of training shows "Peak CUDA allocated".
@@ -39,7 +42,7 @@ those with a short run on the GPU: the memory report printed at the end of train
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.accounting import account_memory
 from lightning_lowrank.memory.figures import MemoryReport, format_bytes
+from lightning_lowrank.memory.presets import llama_preset
+from lightning_lowrank.memory.protection import PlannedProtection
 from lightning_lowrank.memory.ranks import PlannedShards, check_sharded, over_planned_ranks, sharded_config
 from lightning_lowrank.memory.report import render_memory_report
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
@@ -65,6 +70,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adam": torch.optim.Adam,
     "sgd": torch.optim.SGD,
     "adafactor": torch.optim.Adafactor,
+    "muon": torch.optim.Muon,  # on the hidden weights (``_base_optimizers``), AdamW on the rest
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATIONS_NOTE = (
@@ -72,79 +78,6 @@ ACTIVATIONS_NOTE = (
     "length, activation checkpointing and precision): measure them with a few training steps on the GPU, where "
     "the memory report at the end of training shows 'Peak CUDA allocated' (torch.cuda.max_memory_allocated)."
 )
-
-
-# -- LLaMA presets (GaLore's configs) --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    hidden: int
-    intermediate: int
-    heads: int
-    layers: int
-    vocab: int = 32000
-
-
-# GaLore's configs/llama_*.json. Nominal names as in the paper; GaLore's "1B" config has 1.34B parameters.
-PRESETS: dict[str, LlamaConfig] = {
-    "60M": LlamaConfig(512, 1376, 8, 8),
-    "130M": LlamaConfig(768, 2048, 12, 12),
-    "350M": LlamaConfig(1024, 2736, 16, 24),
-    "1B": LlamaConfig(2048, 5461, 32, 24),
-    "7B": LlamaConfig(4096, 11008, 32, 32),
-}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, **factory: Any) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, **factory))
-
-
-class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
-        super().__init__()
-        h = cfg.hidden
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h, bias=False, **factory) for _ in range(4))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
-        super().__init__()
-        h, i = cfg.hidden, cfg.intermediate
-        self.gate_proj = nn.Linear(h, i, bias=False, **factory)
-        self.up_proj = nn.Linear(h, i, bias=False, **factory)
-        self.down_proj = nn.Linear(i, h, bias=False, **factory)
-
-
-class LlamaLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(cfg, **factory)
-        self.mlp = LlamaMLP(cfg, **factory)
-        self.input_layernorm = RMSNorm(cfg.hidden, **factory)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden, **factory)
-
-
-class LlamaSkeleton(nn.Module):
-    """The parameters of a LLaMA decoder (HF layout: embeddings, q/k/v/o and gate/up/down projections without bias,
-    two RMSNorms per layer, a final norm and an untied ``lm_head``). No forward: it exists to be planned."""
-
-    def __init__(self, cfg: LlamaConfig, **factory: Any) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, **factory)
-        self.layers = nn.ModuleList(LlamaLayer(cfg, **factory) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.hidden, **factory)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False, **factory)
-
-
-def llama_preset(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "meta") -> LlamaSkeleton:
-    """A LLaMA skeleton of GaLore's size ``name`` (60M, 130M, 350M, 1B, 7B), on the meta device by default."""
-    key = {k.lower(): k for k in PRESETS}.get(str(name).lower())
-    if key is None:
-        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return LlamaSkeleton(PRESETS[key], dtype=dtype, device=device)
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------------
@@ -230,6 +163,10 @@ def plan(
     gpu_gib: float | None = None,
     layerwise: bool = False,
     fsdp: int | None = None,
+    protect: float | None = None,
+    protect_targets: Sequence[str] | str | None = None,
+    protect_exclude: Sequence[str] | str = (),
+    protect_bits: int | None = None,
     **lowrank_options: Any,
 ) -> Plan:
     """The memory report ``LowRankStrategy(**lowrank_options)`` would measure after the first step, without training.
@@ -237,9 +174,10 @@ def plan(
     Args:
         model: an ``nn.Module`` or ``LightningModule`` (it is not changed: the plan runs on a meta twin, so its
             weights are never copied), or a preset name (``"60M"``, ``"130M"``, ``"350M"``, ``"1B"``, ``"7B"``).
-        optimizer: the optimizer the module trains with: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"adafactor"``, a torch
-            optimizer class, or a callable ``params -> Optimizer``. None: the module's own ``configure_optimizers()``
-            when it has one (as the strategy does), else AdamW.
+        optimizer: the optimizer the module trains with: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"adafactor"``,
+            ``"muon"`` (torch's Muon on the hidden weights: every ``nn.Linear`` but output heads; AdamW on the
+            rest), a torch optimizer class, or a callable ``params -> Optimizer``. None: the module's own
+            ``configure_optimizers()`` when it has one (as the strategy does), else AdamW.
         lr, optimizer_options: for the optimizer built from a name or class (e.g. ``{"momentum": 0.9}`` for SGD).
         dtype: cast floating parameters (``torch.bfloat16`` or ``"bf16"`` for bf16-true training); None keeps them.
         gpu_gib: GPU memory in GiB; the plan then says whether it fits with and without low rank.
@@ -249,6 +187,11 @@ def plan(
         fsdp: plan ``lowrank_fsdp`` on this many ranks: per-rank figures (rank 0's, ceil(m / N) rows of every
             parameter, gradient and moment; P and counters replicated) and ``Plan.total`` over all ranks. It plans
             ``side="right"`` and refuses what ``lowrank_fsdp`` refuses (``side="left"``, ``layerwise``, ...).
+        protect, protect_targets, protect_exclude: plan ``ProtectedSubspaces(ratio=protect, schedule="uniform",
+            target_modules=protect_targets, exclude=protect_exclude)`` at its first task: the optimizer also holds
+            each targeted weight's protected bases (k = floor(protect x min(m, n))). Refused with ``layerwise`` and
+            ``fsdp``, as the callback refuses them.
+        protect_bits: passed to ``ProjectedOptimizer.protect(bits=...)`` (quantized bases) when given.
         **lowrank_options: any ``LowRankConfig`` field (rank, projector, state_bits, residual, ...), validated there,
             so a bad option raises the error the strategy raises.
     """
@@ -258,6 +201,9 @@ def plan(
             f"plan() got unknown low-rank option(s) {', '.join(unknown)}; the options are LowRankConfig's fields: "
             f"{', '.join(sorted(LowRankConfig.field_names()))}"
         )
+    protection = PlannedProtection.from_options(
+        protect, protect_targets, protect_exclude, protect_bits, layerwise=layerwise, fsdp=fsdp
+    )
     cfg = LowRankConfig(**lowrank_options) if fsdp is None else sharded_config(fsdp, layerwise, lowrank_options)
     if gpu_gib is not None and not gpu_gib > 0:
         raise ValueError(f"gpu_gib must be > 0, got {gpu_gib!r}")
@@ -283,6 +229,7 @@ def plan(
         if p.requires_grad:
             p.grad = torch.empty_like(p)  # meta: a shape, no memory
     with _MetaValues():
+        protected = {} if protection is None else protection.apply(twin, optimizers)  # as at the callback's start
         for opt in optimizers:
             if isinstance(opt, LayerwiseProjectedOptimizer):  # its hooks run the same per-layer step: run it here
                 ProjectedOptimizer.step(opt)
@@ -307,6 +254,8 @@ def plan(
             "after its update in backward; with accumulate_grad_batches > 1, dense parameters (and layers due to "
             "refresh) keep their full gradient through the window, which this plan does not count.",
         )
+    if protection is not None:
+        notes += (protection.note(report, protected),)
     return Plan(report, None if gpu_gib is None else int(gpu_gib * GIB), notes, layerwise, fsdp, total)
 
 
@@ -356,7 +305,13 @@ def _base_optimizers(model: nn.Module, optimizer: Any, lr: float, options: Mappi
         if optimizer not in SUPPORTED_OPTIMIZERS:
             names = ", ".join(c.__name__ for c in SUPPORTED_OPTIMIZERS)
             raise TypeError(f"lightning_lowrank can project {names}, not {optimizer.__name__}")
-        return [optimizer([p for p in model.parameters() if p.requires_grad], lr=lr, **options)]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if optimizer is torch.optim.Muon:  # the usual recipe: Muon for the hidden weights, AdamW for the rest
+            hidden = set(select_lowrank_params(model))
+            rest = [p for p in trainable if p not in hidden]
+            muon = optimizer([p for p in trainable if p in hidden], lr=lr, **options)
+            return [muon, torch.optim.AdamW(rest, lr=lr)] if rest else [muon]
+        return [optimizer(trainable, lr=lr, **options)]
     if callable(optimizer):
         return [optimizer(model.parameters())]
     raise TypeError(f"optimizer must be a name, an Optimizer class or a callable, got {optimizer!r}")

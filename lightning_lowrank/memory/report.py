@@ -357,6 +357,8 @@ def _short_projector(name: str) -> str:
 
 
 def _short_baseline(name: str) -> str:
+    if " + " in name:  # several optimizers ("Muon + AdamW"): the column holds each layer's own
+        return "Dense"
     return name if len(name) <= 9 else name[:8] + "…"
 
 

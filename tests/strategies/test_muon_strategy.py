@@ -1,0 +1,128 @@
+"""A module whose configure_optimizers returns torch's Muon (hidden weights) and AdamW (the rest) trains unchanged
+under the low-rank strategies: projected Muon, its report against Muon's own state, ``lr-Muon``, layer-wise mode,
+DDP with the gradients all-reduced in their subspaces."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from torch import nn
+
+from lightning_lowrank import LowRankDDPStrategy, LowRankStrategy
+from lightning_lowrank.optim import ProjectedOptimizer
+from tests.models import QUIET, RecordingLogger, TinyNet
+from tests.strategies.test_ddp import HANG, _two_processes
+
+
+def _hidden(module: nn.Module) -> list[nn.Parameter]:
+    return [module.attn.weight, module.mlp.weight]
+
+
+class MuonNet(TinyNet):
+    """The issue's recipe: manual optimization, Muon on the hidden 2-D weights, AdamW on everything else."""
+
+    def __init__(self, **kwargs):
+        super().__init__(scheduler=None, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        hidden = {id(p) for p in _hidden(self)}
+        rest = [p for p in self.parameters() if id(p) not in hidden]
+        return [torch.optim.Muon(_hidden(self), lr=0.02), torch.optim.AdamW(rest, lr=1e-3)]
+
+
+class MuonOnlyNet(TinyNet):
+    """Automatic optimization with one optimizer: Muon on the hidden weights; the rest is not trained."""
+
+    def configure_optimizers(self):
+        return torch.optim.Muon(_hidden(self), lr=0.02, weight_decay=0.05)
+
+
+def _fit(model, strategy, steps=6, **kwargs):
+    trainer = L.Trainer(strategy=strategy, max_steps=steps, **{**QUIET, **kwargs})
+    trainer.fit(model)
+    return trainer
+
+
+def test_the_muon_and_adamw_module_trains_projected_with_its_own_baseline_and_lr_names():
+    torch.manual_seed(0)
+    model, logger = MuonNet(), RecordingLogger()
+    start = [p.detach().clone() for p in _hidden(model)]
+    trainer = _fit(model, LowRankStrategy(rank=4), logger=logger, callbacks=[LearningRateMonitor()])
+    muon, adamw = trainer.optimizers
+    assert isinstance(muon, ProjectedOptimizer) and muon.param_groups[0]["rule"] == "muon"
+    assert muon.param_groups[0]["momentum"] == 0.95 and muon.param_groups[0]["eps"] == 1e-7  # Muon's, not ours
+    for p, before in zip(_hidden(model), start):
+        assert muon.is_projected(p) and not torch.equal(p, before)
+        assert muon.state[p]["momentum_buffer"].shape[0 if p.shape[0] < p.shape[1] else 1] == 4
+    assert {"lr-Muon", "lr-AdamW"} <= set(logger.metrics)
+    report = trainer.strategy.memory_report()
+    assert report.baseline == "Muon + AdamW"
+    # The dense baseline, by hand: Muon keeps one buffer per weight and no step; AdamW two moments and a step.
+    rest = [p for p in model.parameters() if all(p is not h for h in _hidden(model))]
+    expected = sum(4 * p.numel() for p in _hidden(model)) + sum(8 * p.numel() + 4 for p in rest)
+    assert report.baseline_state_bytes == expected
+
+
+def test_a_muon_whose_weights_all_stay_dense_is_torchs_muon():
+    """rank above every weight's smaller side: nothing is projected, no error, and the weights are those of the same
+    module trained by plain Lightning (torch's Muon and AdamW), bit for bit."""
+    torch.manual_seed(0)
+    ours = MuonNet()
+    torch.manual_seed(0)
+    theirs = MuonNet()
+    trainer = _fit(ours, LowRankStrategy(rank=512))
+    _fit(theirs, "auto")
+    assert not trainer.optimizers[0].projected_params()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_layerwise_muon_matches_the_step_at_the_end():
+    models = []
+    for layerwise in (False, True):
+        torch.manual_seed(0)
+        model = MuonOnlyNet(scheduler=None)
+        _fit(model, LowRankStrategy(rank=4, update_gap=2, layerwise=layerwise), steps=5)
+        models.append(model)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+    assert not torch.equal(models[0].attn.weight, MuonOnlyNet().attn.weight)
+
+
+class SaveParams(Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save(params, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_two_process_ddp_with_low_rank_comm_ends_with_identical_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = MuonOnlyNet(scheduler=None, n=64)
+    strategy = LowRankDDPStrategy(rank=4, update_gap=2, low_rank_comm=True, start_method="fork", timeout=HANG)
+    trainer = _two_processes(strategy, max_steps=4, callbacks=[SaveParams(str(tmp_path))])
+    trainer.fit(model)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, p in r0.items():
+        assert torch.equal(p, r1[name]), name
+    torch.manual_seed(0)
+    assert not torch.equal(r0["attn.weight"], MuonOnlyNet().attn.weight)
