@@ -232,6 +232,17 @@ class ProtectedSubspaces(Callback):
             f"layers, k from {min(protected, default=0)} to {max(protected, default=0)}"
         )
 
+    def plan_options(self) -> dict[str, Any]:
+        """What ``plan()`` needs to count the bases of the next task (``LowRankStrategy(memory_plan=True)``): its one
+        ratio, none where ``"adaptive"`` sets k per layer from measurements (every task after the first)."""
+        task = self.task + 1
+        if self.schedule == "adaptive" and task > 0:
+            return {}
+        ratio = min(self.ratio + self.progressive_step * task, 1.0) if self.schedule == "progressive" else self.ratio
+        return dict(
+            protect=ratio, protect_targets=self.target_modules, protect_exclude=self.exclude, protect_bits=self.bits
+        )
+
     def _ratios(self, trainer: pl.Trainer, task: int, names: list[str]) -> dict[str, float]:
         if self.schedule == "progressive":
             self.importance = {}

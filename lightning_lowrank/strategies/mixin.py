@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_lowrank.callbacks.protected_subspaces import ProtectedSubspaces
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
 from lightning_lowrank.memory.accounting import max_rss_bytes
@@ -149,7 +150,8 @@ class LowRankMixin:
         _check_curvature_sources(cfg, swapped, trainer.callbacks)
         if self.memory_plan and self.is_global_zero:
             # Before any step: the report the first step will measure, planned on a meta twin of the module.
-            self.planned = plan(self.lightning_module, layerwise=self.layerwise, **asdict(cfg))
+            protection = next((c.plan_options() for c in trainer.callbacks if isinstance(c, ProtectedSubspaces)), {})
+            self.planned = plan(self.lightning_module, layerwise=self.layerwise, **asdict(cfg), **protection)
             if self.print_memory_report:
                 self.planned.render()
 

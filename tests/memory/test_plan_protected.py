@@ -303,3 +303,15 @@ def test_planning_protection_does_not_load_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("schedule, bits", [("uniform", None), ("progressive", 8)])
+def test_the_strategys_memory_plan_counts_the_callbacks_bases(schedule, bits):
+    """``LowRankStrategy(memory_plan=True)`` with a ``ProtectedSubspaces`` plans the bases its first task hands over:
+    the planned "protected bases" are what the first step measures."""
+    strategy = LowRankStrategy(rank=4, memory_plan=True, memory_report=False, memory_json=False)
+    callback = ProtectedSubspaces(ratio=0.3, schedule=schedule, bits=bits)
+    L.Trainer(strategy=strategy, max_steps=1, callbacks=[callback], **QUIET).fit(TinyNet())
+    planned = strategy.planned.report.state_by_kind.get("protected_bases", 0)
+    assert planned > 0
+    assert planned == strategy.memory_report().state_by_kind["protected_bases"]

@@ -52,6 +52,8 @@ CASES = {
     ),
     "sgd momentum dense": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.1), dict(rank=None)),
     "adamw + svd 8-bit": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), dict(rank=4, state_bits=8)),
+    "muon dense": (torch.optim.Muon, dict(lr=1e-2, weight_decay=0.1), dict(rank=None)),
+    "muon + dct rank 4": (torch.optim.Muon, dict(lr=1e-2, weight_decay=0.1), dict(rank=4, projector="dct")),
 }
 
 
@@ -59,9 +61,8 @@ def _train(case: str, protected: bool, steps: int = 6):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
     base, kwargs, options = CASES[case]
-    opt = ProjectedOptimizer.from_optimizer(
-        base(model.parameters(), **kwargs), lambda p: p.ndim == 2, update_gap=3, **options
-    )
+    params = [p for p in model.parameters() if p.ndim == 2 or base is not torch.optim.Muon]  # Muon: 2-D only
+    opt = ProjectedOptimizer.from_optimizer(base(params, **kwargs), lambda p: p.ndim == 2, update_gap=3, **options)
     W = model[0].weight
     k = 8
     U, S, V = _top(W.detach(), k)
