@@ -10,6 +10,7 @@ Fits, in order, each writing what rank 0 saw into OUT_DIR:
    batch (``use_distributed_sampler=False``: Lightning's sampler would shuffle). The same with svd and rsvd + Fira
    (``VARIANTS``).
 2. ``first_half`` + ``resumed``: the same run stopped after 2 steps with a distributed checkpoint, then resumed to 4.
+   ``muon``: ``MuonHalves`` (torch's Muon from configure_optimizers), projected, float32 Newton-Schulz.
 3. ``own_configure_model``: a module that shards itself in ``configure_model``; trains, finite.
 4. ``full_checkpoint``: 2 steps saved as one full checkpoint (``save_distributed_checkpoint=False``), for a
    single-device ``LowRankStrategy(side="right")`` to load.
@@ -32,6 +33,7 @@ from tests.models import TinyNet, token_data  # noqa: E402
 OPTIONS = dict(rank=4, projector="dct", dct_scorer="fft", update_gap=2)  # fft: no d x d basis held
 # Other projectors and a residual through the Trainer (each also compared with one device).
 VARIANTS = {"svd": dict(projector="svd"), "rsvd_fira": dict(projector="rsvd", residual="fira")}
+MUON = dict(ns_dtype="float32")  # the Muon run's options (MuonHalves)
 BATCH, WORLD, N = 16, 2, 32  # two batches per epoch
 
 
@@ -46,6 +48,13 @@ class Halves(TinyNet):
         data = token_data(self.n)
         rows = [b + rank * half + i for b in range(0, self.n, BATCH) for i in range(half)]
         return DataLoader(Subset(data, rows), batch_size=half, shuffle=False)
+
+
+class MuonHalves(Halves):
+    """Muon on the hidden weights (attn, mlp), nothing else trained; Newton-Schulz in float32 (``ns_dtype``)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Muon([self.attn.weight, self.mlp.weight], lr=0.02, weight_decay=0.1)
 
 
 class ShardsItself(Halves):
@@ -90,9 +99,10 @@ def save(trainer: L.Trainer, out: Path, name: str) -> None:
         "replicated_bytes": report.projector_bytes + report.state_by_kind["scalars"],
         "total_state_bytes": total.optimizer_state_bytes,
         "optimizer": type(opt).__name__,
-        "exp_avg_rows": opt.state[attn]["exp_avg"].shape[0],
+        "exp_avg_rows": opt.state[attn].get("exp_avg", opt.state[attn].get("momentum_buffer")).shape[0],
         "steps": opt.completed_steps(attn),
         "refresh_bytes": opt.sharded_refresh_bytes,
+        "step_bytes": opt.sharded_step_bytes,
     }
     if trainer.global_rank == 0:
         torch.save({"params": params, **facts}, out / f"{name}.pt")
@@ -102,6 +112,7 @@ def main(out: Path) -> None:
     save(fit(Halves, 4), out, "plain")
     for name, options in VARIANTS.items():
         save(fit(Halves, 4, **options), out, name)
+    save(fit(MuonHalves, 4, **MUON), out, "muon")
     trainer = fit(Halves, 2)
     trainer.save_checkpoint(out / "half.ckpt")
     save(trainer, out, "first_half")

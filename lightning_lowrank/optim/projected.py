@@ -91,6 +91,7 @@ class ProjectedOptimizer(Optimizer):
         self.nonfinite, self.compile = checked.nonfinite, checked.compile  # step options (``StepOptions``)
         self._protected = False  # whether some weight has protected bases (``protect``)
         self.nonfinite_steps = 0  # steps skipped (nonfinite="skip") because a gradient held an inf or NaN
+        self.sharded_step_bytes = 0  # sent by FSDP2-sharded Muon layers' Newton-Schulz (``sharding.RowSum``)
         # Names of weights for messages (a strategy adds every parameter's module name).
         self.param_names: dict[Tensor, str] = dict(layer_names or {})
         super().__init__(params, defaults)
@@ -276,10 +277,8 @@ class ProjectedOptimizer(Optimizer):
     def _mask(self, group: dict[str, Any]) -> list[bool]:
         if group["rank"] is None:
             return [False] * len(group["params"])
-        mask = group["lowrank_mask"]
-        if mask is None:
-            return [p.ndim == 2 for p in group["params"]]
-        return mask
+        mask = group["lowrank_mask"]  # None: every 2-D parameter
+        return [p.ndim == 2 for p in group["params"]] if mask is None else mask
 
     def locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
         """(position among all parameters, its group) in O(1): a map, rebuilt when new groups were installed."""
@@ -382,7 +381,8 @@ class ProjectedOptimizer(Optimizer):
                 projector, layers = self._projectors[group["projector"]], []
                 for p, state, ctx in projected:
                     layers.append(dispatch.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
-                dispatch.update_layers(layers, group, self._sharded, self.compile, self._protected)
+                sent = dispatch.update_layers(layers, group, self._sharded, self.compile, self._protected)
+                self.sharded_step_bytes += sent
                 for p, state, ctx in projected:
                     projector.after_update(p, p.grad, state, ctx)
         return loss

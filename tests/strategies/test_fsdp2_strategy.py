@@ -77,6 +77,41 @@ def test_svd_and_rsvd_with_fira_through_the_trainer_equal_one_device(runs, name)
         torch.testing.assert_close(sharded["params"][n], p.detach(), rtol=0, atol=5e-5, msg=n)
 
 
+def test_muon_sharded_by_rows_equals_one_device_and_counts_its_gram_all_reduces(runs):
+    """Projected Muon under FSDP2: each rank holds rows of the projected momentum (m / 2 x r) and Newton-Schulz sums
+    the norm and the r x r Gram matrix over the ranks; equal to one device within 5e-5 (float32 Newton-Schulz)."""
+    sharded = _load(runs, "muon")
+    model = _muon_single_device()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sharded["params"][n], p.detach(), rtol=0, atol=5e-5, msg=n)
+    torch.manual_seed(0)
+    assert not torch.equal(sharded["params"]["attn.weight"], TinyNet().attn.weight)  # it trained
+    assert sharded["exp_avg_rows"] == 40 // script.WORLD  # attn's momentum (40 x 4): half the rows per rank
+    # Per layer and step: the squared norm (one float32) and 5 Gram matrices of 4 x 4 float32; 2 layers, 4 steps.
+    assert sharded["step_bytes"] == 4 * 2 * (1 + 5 * 4 * 4) * 4
+
+
+def _muon_single_device() -> TinyNet:
+    class MuonNet(TinyNet):
+        def configure_optimizers(self):
+            return torch.optim.Muon([self.attn.weight, self.mlp.weight], lr=0.02, weight_decay=0.1)
+
+    torch.manual_seed(0)
+    model = MuonNet(scheduler=None, batch_size=script.BATCH, n=script.N)
+    options = {**script.OPTIONS, **script.MUON, "side": "right", "memory_report": False, "memory_json": False}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy=LowRankStrategy(**options),
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    return model
+
+
 def test_a_distributed_checkpoint_resumes_bit_for_bit(runs):
     plain, first, resumed = _load(runs, "plain"), _load(runs, "first_half"), _load(runs, "resumed")
     assert first["steps"] == 2 and resumed["steps"] == 4  # the counters were read again after the in-place load

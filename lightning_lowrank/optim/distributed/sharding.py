@@ -17,6 +17,10 @@ A refresh needs statistics of the whole gradient. What each projector communicat
   refresh (``moments="keep"``) mean the same as on one device. (A Gram all-reduce, n x n, would give the same
   subspace with other signs; for a wide weight, n > m, it would also send more.)
 
+Muon's Newton-Schulz on the projected momentum (local rows x r) needs the Frobenius norm and the r x r Gram matrix of
+the whole: one all-reduce of each per iteration (``RowSum``), counted in ``ProjectedOptimizer.sharded_step_bytes``. A
+Muon weight kept dense is handled alike when it is tall (m >= n: its n x n Gram); a wide one is refused.
+
 Refused, because their formulas do not separate over rows: the ``online_pca`` projector, ``memory_budget``, the
 Subset-Norm and Adafactor inner rules, APOLLO-Mini's tensor-wise scale; Fira's and APOLLO's norm-growth limiter sums
 its norm over the ranks (``global_norm``). Plain torch.
@@ -66,6 +70,11 @@ def check(param: Tensor, group: dict[str, Any], projected: bool, rule: str, budg
     if budget:
         raise ValueError(f"memory_budget allocates ranks over all layers; it does not support {where}")
     if not projected:
+        if group["rule"] == "muon" and param.shape[0] < param.shape[1]:
+            raise ValueError(
+                f"Muon keeps {where} dense (rank not below its smaller side), and Newton-Schulz on a wide matrix "
+                "needs every rank's rows; lower rank to project it, or keep it out of FSDP2's sharding"
+            )
         return
     problems = []
     if (group["side"] == "left") or (group["side"] == "auto" and param.shape[0] < param.shape[1]):
@@ -118,6 +127,20 @@ def global_norm(t: Tensor, sharded_like: Tensor | None) -> Tensor:
     square = t.float().square().sum() if t.dtype in (torch.float16, torch.bfloat16) else t.square().sum()
     dist.all_reduce(square, group=process_group(sharded_like))
     return square.sqrt()
+
+
+class RowSum:
+    """Sums a tensor over the ranks that hold the other rows of ``param`` (one all-reduce per call), counting the
+    bytes each sends: what Muon's Newton-Schulz needs of a row-sharded matrix (``muon.newton_schulz(reduce=...)``)."""
+
+    def __init__(self, param: Tensor) -> None:
+        self.group, self.bytes = process_group(param), 0
+
+    def __call__(self, t: Tensor) -> Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t, group=self.group)
+        self.bytes += t.numel() * t.element_size()
+        return t
 
 
 def all_ranks_finite(flag: Tensor, params: Iterable[Tensor]) -> Tensor:

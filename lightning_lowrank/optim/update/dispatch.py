@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from lightning_lowrank.optim.distributed.sharding import global_norm, is_sharded, local
+from lightning_lowrank.optim.distributed.sharding import RowSum, global_norm, is_sharded, local
 from lightning_lowrank.optim.projection.bases import effective_rank, is_left, projected_shape
 from lightning_lowrank.optim.projection.projectors import LayerContext
 from lightning_lowrank.optim.state.host_ints import advance, advance_all
@@ -78,11 +78,12 @@ def update_layers(
     sharded: bool = True,
     compile: bool | str = False,
     protected: bool = True,
-) -> None:
+) -> int:
     """Update a group's projected layers: together where the rule allows (``can_batch``, and P and the
-    moments in the weight's dtype), else one at a time. ``sharded=False``: no parameter is an FSDP2 DTensor (the
-    optimizer knows), so none is looked into. ``compile`` (the optimizer's option): those layers, in any state dtype,
-    each through the compiled ``compiled.adam_layer`` instead. ``protected=False``: no layer has protected bases
+    moments in the weight's dtype), else one at a time; returns the bytes sent (FSDP2-sharded Muon layers).
+    ``sharded=False``: no parameter is an FSDP2 DTensor (the optimizer knows), so none is looked into. ``compile``
+    (the optimizer's option): those layers, in any state dtype, each through the compiled ``compiled.adam_layer``
+    instead. ``protected=False``: no layer has protected bases
     (``protect.py``); those that have update one at a time, their update confined."""
     together = can_batch(group, projected_rule(group))
     guarded = {id(layer.param) for layer in layers if protected and protect.is_protected(layer.state)}
@@ -93,13 +94,13 @@ def update_layers(
         and id(layer.param) not in guarded
         and layer.state["exp_avg"].dtype == layer.P.dtype == (layer.P if compile else layer.param).dtype
     ]
-    in_batch = {id(layer.param) for layer in batch}
+    in_batch, sent = {id(layer.param) for layer in batch}, 0
     for layer in layers:
         if id(layer.param) in guarded:
             with protect.confined(layer.param, layer.state):
-                update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
+                sent += update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
         elif id(layer.param) not in in_batch:
-            update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
+            sent += update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
     if batch:
         steps = advance_all([layer.state["step"] for layer in batch])
         rows = local if sharded else _whole
@@ -109,6 +110,7 @@ def update_layers(
             compiled.adam_layers(params, grads, Ps, states, steps, group, compile)
         else:
             projected_adam(params, Ps, states, steps, group, grads)
+    return sent
 
 
 def update_layer(
@@ -118,20 +120,24 @@ def update_layer(
     group: dict[str, Any],
     low_rank: Tensor | None = None,
     sharded: bool = True,
-) -> None:
+) -> int:
     """One projected weight from its full gradient, or from ``low_rank`` when it arrives already projected (layer-wise
-    accumulation: ``functional.low_rank_update``). P and the moments are in the layer's state dtype."""
+    accumulation: ``functional.low_rank_update``). P and the moments are in the layer's state dtype. Returns the
+    bytes its Newton-Schulz sent (Muon on FSDP2 rows, ``sharding.RowSum``), else 0."""
     rule = projected_rule(group)
     step = advance(state["step"])
     # A weight sharded by FSDP2 steps on its local rows; the residual limiter's norm sums over the ranks.
     sharded = sharded and is_sharded(p)
     norm = (lambda t: global_norm(t, p.grad)) if sharded else None
-    rows = local if sharded else _whole
+    rows, reduce = (local, RowSum(p) if rule == "muon" else None) if sharded else (_whole, None)
     with moment_view(state, rule, group, P.dtype) as moments:
         if low_rank is None:
-            functional.projected_update(rows(p), rows(p.grad), P, moments, state, group, rule, step, norm)
+            functional.projected_update(
+                rows(p), rows(p.grad), P, moments, state, group, rule, step, norm, p.shape, reduce
+            )
         else:
             functional.low_rank_update(p, low_rank, P, moments, group, rule, step)
+    return 0 if reduce is None else reduce.bytes
 
 
 def update_dense(
@@ -197,8 +203,9 @@ def update_dense_one(p: Tensor, state: dict[str, Tensor], group: dict[str, Any],
         for chunk, moments in moment_chunks(state, rule, group, w.dtype):
             functional.dense_update(weight[chunk], grad[chunk], moments, group, rule, step)
         return
+    reduce = RowSum(p) if rule == "muon" and sharded and is_sharded(p) else None  # a tall Muon weight's rows
     with moment_view(state, rule, group, w.dtype) as moments:
-        functional.dense_update(w, g, moments, group, rule, step)
+        functional.dense_update(w, g, moments, group, rule, step, p.shape, reduce)
 
 
 def dense_adam(

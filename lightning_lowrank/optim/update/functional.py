@@ -43,17 +43,21 @@ def projected_update(
     step: int,
     norm: Callable[[Tensor], Tensor] | None = None,
     shape: torch.Size | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """Update ``p`` with its full gradient ``grad`` through the subspace of ``P`` (and the group's residual).
 
     ``norm``: the Frobenius norm the residual's growth limiter takes (for the rows of a sharded weight, summed over
     the ranks: ``sharding.global_norm``); by default ``Tensor.norm``. ``shape``: the whole weight's where ``p`` is
-    its rows (Muon's step size reads it)."""
+    its rows (Muon's step size reads it); ``reduce``: sums over the ranks holding its other rows (Muon's
+    Newton-Schulz, ``sharding.RowSum``)."""
     lr, scale, side = float(group["lr"]), group["scale"], group["side"]
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
     low_rank = project_gradient(grad, P, side)
-    direction, step_size = rules.direction(rule, low_rank, moments, step, group, param_rms, grad, shape or p.shape)
+    direction, step_size = rules.direction(
+        rule, low_rank, moments, step, group, param_rms, grad, shape or p.shape, reduce
+    )
     if rule == "subset_norm":  # Subspace-Momentum: the complement takes an SGD step at the subset's rate
         complement = (grad - project_back(low_rank, P, p.shape, side)) * rules.subset_norm_scale(moments, group["eps"])
         add_scaled(p, project_back(direction, P, p.shape, side) + complement, step_size, -scale)
@@ -141,12 +145,20 @@ def _slices(t: Tensor, full_shape: torch.Size, left: bool) -> tuple[Tensor, ...]
 
 
 def dense_update(
-    p: Tensor, grad: Tensor, moments: dict[str, Tensor], group: Mapping[str, Any], rule: str, step: int
+    p: Tensor,
+    grad: Tensor,
+    moments: dict[str, Tensor],
+    group: Mapping[str, Any],
+    rule: str,
+    step: int,
+    shape: torch.Size | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
-    """The rule on the full gradient (what its torch optimizer does)."""
+    """The rule on the full gradient (what its torch optimizer does); ``shape`` and ``reduce`` as in
+    ``projected_update``, for the rows of a sharded weight."""
     param_rms = rms(p) if rule == "adafactor" else 0.0
     grad = decay_before(p, grad, rule, group)
-    direction, step_size = rules.direction(rule, grad, moments, step, group, param_rms, shape=p.shape)
+    direction, step_size = rules.direction(rule, grad, moments, step, group, param_rms, None, shape or p.shape, reduce)
     add_scaled(p, direction, step_size, -1.0)
     decay_after(p, rule, group)
 

@@ -12,7 +12,7 @@ by ``fold_curvature_`` whenever a probe measures it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -108,13 +108,15 @@ def direction(
     param_rms: float | Tensor = 0.0,
     full_grad: Tensor | None = None,
     shape: torch.Size | tuple[int, ...] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, float | Tensor]:
     """Update ``state`` with ``grad`` (the step-th update, from 1) and return (direction, step size); the step size is
     a Python number, or for Adafactor a 0-d device tensor.
 
     ``param_rms`` (RMS of the full weight before weight decay) is only used by Adafactor's relative step;
     ``full_grad`` (the unprojected gradient) by Subset-Norm, whose step sizes follow the full gradient's norms;
-    ``shape`` (the full weight's, by default the gradient's) by Muon's learning-rate adjustment.
+    ``shape`` (the full weight's, by default the gradient's) by Muon's learning-rate adjustment, ``reduce`` (a sum
+    over the ranks holding the gradient's other rows) by its Newton-Schulz.
     """
     lr = float(group["lr"])
     if rule == "adamw":
@@ -139,7 +141,7 @@ def direction(
     if rule == "adafactor":
         return _adafactor(grad, state, step, group, lr, param_rms)
     if rule == "muon":  # torch.optim.Muon's, on whatever basis the gradient is in (``muon.py``)
-        return muon.direction(grad, state["momentum_buffer"], group, grad.shape if shape is None else shape)
+        return muon.direction(grad, state["momentum_buffer"], group, grad.shape if shape is None else shape, reduce)
     if rule == "subset_norm":
         # Subspace-Momentum's momentum (the caller adds the complement as plain SGD) with Subset-Norm step sizes:
         # AdaGrad-Norm over each subset, lr / sqrt(sum of the subset's squared gradient norms so far).

@@ -44,11 +44,15 @@ def _batch(step: int) -> torch.Tensor:
 
 def _optimizer(model: torch.nn.Module, options: dict) -> ProjectedOptimizer:
     options = {"rank": 4, "update_gap": 2, "side": "right", **options}
-    if "sgd" in str(options.pop("_name", "")):
+    name = str(options.pop("_name", ""))
+    if "muon" in name:  # the 2-D weights; the rest untrained
+        base = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+    elif "sgd" in name:
         base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
         base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    return ProjectedOptimizer.from_optimizer(base, lambda p: p.ndim == 2, **options)
+    dense = "dense" in name  # nothing projected
+    return ProjectedOptimizer.from_optimizer(base, lambda p: p.ndim == 2 and not dense, **options)
 
 
 def _train(model: torch.nn.Module, opt: ProjectedOptimizer, rows: slice, poison: bool = False) -> None:
@@ -141,12 +145,14 @@ REFUSED = {
     "subset_norm": (dict(projected_rule="subset_norm", side="auto"), "'subset_norm' inner rule"),
     "apollo-mini": (dict(residual="apollo", apollo_scale_type="tensor", rank=1), "APOLLO-Mini"),
     "memory_budget": (dict(memory_budget=10**6), "memory_budget"),
+    "muon kept dense, wide": (dict(_name="muon dense"), "Newton-Schulz on a wide matrix"),
 }
 ALLOWED = {  # formulas that separate over rows: built without complaint
     "fira": dict(residual="fira"),
     "frugal": dict(residual="frugal"),
     "apollo (channel)": dict(residual="apollo"),
     "sgd": dict(),
+    "muon": dict(),
 }
 
 
