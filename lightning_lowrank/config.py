@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from lightning_lowrank.optim.checks import check_choice
-from lightning_lowrank.optim.options import LowRankOptions
+from lightning_lowrank.optim.options import PROJECTED_RULES, LowRankOptions
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class LowRankConfig(LowRankOptions):
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise ValueError(f"rank must be a positive int, got {self.rank!r} (or None: no low-rank state)")
         if self.inner is not None:
-            check_choice("inner", self.inner, (None, "subset_norm"))  # by the name the user gave it
+            check_choice("inner", self.inner, (None, *PROJECTED_RULES))  # by the name the user gave it
             if self.projected_rule not in (None, self.inner):
                 raise ValueError(
                     f"inner={self.inner!r} and projected_rule={self.projected_rule!r} name the same option; give one"

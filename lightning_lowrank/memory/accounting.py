@@ -146,7 +146,9 @@ def account_memory(
                         name,
                         tuple(p.shape),
                         rank,
-                        group["projector"] + (f"/int{bits}" if bits else ""),
+                        "trion"
+                        if group["projected_rule"] == "trion"
+                        else group["projector"] + (f"/int{bits}" if bits else ""),
                         total,
                         own,
                         p_baseline,

@@ -34,8 +34,9 @@ def baseline_state_bytes(param: Tensor, group: dict) -> int:
 def warn_negative_saving(report: MemoryReport) -> None:
     """One warning when ``report`` shows a negative saving, naming the layers that hold more state than dense (the
     first ``MAX_NAMED``), or the shared DCT bases when no layer does. Silent when everything saves or breaks even."""
-    costly = report.costly_layers()
-    if not costly and report.saving_bytes >= 0:
+    trion = {layer.name for layer in report.layers if layer.projector == "trion"}
+    costly = [name for name in report.costly_layers() if name not in trion]  # Trion saves no state by design
+    if not costly and (report.saving_bytes >= 0 or (report.layers and len(trion) == len(report.layers))):
         return
     protected = report.state_by_kind.get("protected_bases", 0)
     if protected and report.saving_bytes + protected >= 0:

@@ -22,7 +22,7 @@ and update from it in their final hook:
   first gradient of the window arrives. Under a fixed ``update_gap`` it cannot change within a window; a refresh
   that a scheduler (``request_refresh``) asks for in the middle of a window for a layer that is already
   accumulating in low rank stays pending until the next window.
-* groups with ``residual`` other than ``"none"``, ``projected_rule="subset_norm"`` or the ``online_pca``
+* groups with ``residual`` other than ``"none"``, ``projected_rule="subset_norm"`` or ``"trion"``, or the ``online_pca``
   projector, which need the full gradient at every update: they get no memory benefit from accumulation (they
   still free their gradient right after their update).
 * dense (not projected) parameters hold their full gradient anyway: it accumulates in ``.grad`` and they update in
@@ -180,7 +180,8 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
 
     def _needs_full_gradient(self, p: Tensor, group: dict[str, Any]) -> bool:
         state = self.state[p]
-        if group["residual"] != "none" or projected_rule(group) == "subset_norm" or group["projector"] == "online_pca":
+        rule = projected_rule(group)
+        if group["residual"] != "none" or rule in ("subset_norm", "trion") or group["projector"] == "online_pca":
             return True
         return "step" not in state or self.refresher.is_due(p, state, group)
 
@@ -259,7 +260,8 @@ class LayerwiseProjectedOptimizer(ProjectedOptimizer):
             P = None
             if self.refresher.is_due(p, state, group, ctx.step):  # refresh work spread over ranks
                 P = self.refresher.refresh([(p, group, state, ctx)], self._projectors, None, [self._slot[p]])[p]
-            dispatch.update_layer(p, state, projector.matrix(p, state, ctx) if P is None else P, group)
+            layer = dispatch.layers([(p, state, ctx)], {} if P is None else {p: P}, projector, group)[0]
+            dispatch.update_layer(p, state, layer.P, group, ctx=ctx)  # Trion's: no P
             projector.after_update(p, p.grad, state, ctx)
         else:
             dispatch.update_layer(p, state, projector.matrix(p, state, ctx), group, low_rank)

@@ -10,7 +10,6 @@ Plain torch: this module builds no optimizer and imports nothing of Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,7 +20,8 @@ from lightning_lowrank.optim.checks import check_choice, check_compile, check_fr
 from lightning_lowrank.optim.projection.bases import PROJECTORS, SIDES
 from lightning_lowrank.optim.update.muon import ADJUST_LR_FNS, NS_DTYPES
 from lightning_lowrank.optim.update.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
-from lightning_lowrank.optim.update.rules import ADAM_FORMS, BASE_RULES
+from lightning_lowrank.optim.update.rules import ADAM_FORMS
+from lightning_lowrank.optim.update.trion import SCALINGS as TRION_SCALINGS
 
 # The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
 SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]] = {
@@ -31,17 +31,12 @@ SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]]
     torch.optim.Adafactor: ("adafactor", True),
     torch.optim.Muon: ("muon", True),
 }
-# Options whose update Muon's rule has no place for, with why (refused for a Muon group).
-NOT_FOR_MUON = {
-    ("residual", "apollo"): "APOLLO scales the raw gradient by Adam-moment norms, which Muon does not keep",
-    ("projected_rule", "subset_norm"): "Subset-Norm replaces the projected rule's step size, Muon's is its own",
-    ("preconditioner", "lazy_hessian"): "Sophia's clipped Newton step would replace Muon's orthogonalized one",
-}
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 RANK_BY = ("curvature", "residual")
 DCT_SCORERS = ("matmul", "fft")
 DCT_NORMS = ("l2", "l1")
 PROTECTED_REFRESH = ("gradient", "complement")
+PROJECTED_RULES = ("subset_norm", "trion")
 STATE_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -136,14 +131,18 @@ class RuleOptions:
         use: eps on sqrt(v), bias corrections in the step size, decay after the update); None: ``hf`` with
         ``residual="fira"``/``"apollo"`` (so they match their reference code), else ``torch``.
     projected_rule: a different rule for projected weights only: ``subset_norm`` (Subspace-Momentum with Subset-Norm
-        step sizes: momentum in the subspace, SGD on the complement, AdaGrad-Norm step per channel). None: the rule
-        of the module's optimizer. The strategies call it ``inner``.
+        step sizes: momentum in the subspace, SGD on the complement, AdaGrad-Norm step per channel) or ``trion`` (for
+        torch.optim.Muon: Trion's update, Muon on the DCT columns that carry most of a whole momentum buffer, chosen
+        every step, with error feedback; no P and no refresh, and no state saved against Muon: the saving is the
+        Newton-Schulz on r x n). None: the rule of the module's optimizer. The strategies call it ``inner``.
     preconditioner: ``"lazy_hessian"`` replaces the projected rule by Sophia's clipped Newton step in the subspace,
         clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe folds in
         through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected unless
         ``hessian_bias_correction=False``, Sophia's own plain EMA from zero), reused between probes.
     ns_dtype: the dtype Muon's Newton-Schulz iteration runs in: ``bfloat16`` (torch.optim.Muon's), ``float32`` or
         ``float64``.
+    trion_scaling: Trion's lr factor by shape (``kj``, ``none``, ``kimi``, ``dion``; ``trion.py``); None: the one of
+        Muon's ``adjust_lr_fn`` (``kj`` for ``original``, ``kimi`` for ``match_rms_adamw``).
     """
 
     adam_form: str | None = None
@@ -153,11 +152,13 @@ class RuleOptions:
     hessian_beta: float = 0.99
     hessian_bias_correction: bool = True
     ns_dtype: str = "bfloat16"
+    trion_scaling: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("ns_dtype", self.ns_dtype, tuple(NS_DTYPES))
         check_choice("adam_form", self.adam_form, (None, *ADAM_FORMS))
-        check_choice("projected_rule", self.projected_rule, (None, "subset_norm"))
+        check_choice("projected_rule", self.projected_rule, (None, *PROJECTED_RULES))
+        check_choice("trion_scaling", self.trion_scaling, (None, *TRION_SCALINGS))
         check_choice("preconditioner", self.preconditioner, (None, "lazy_hessian"))
         if self.preconditioner and self.projected_rule:
             raise ValueError(
@@ -346,45 +347,4 @@ def group_option_names() -> tuple[str, ...]:
     return tuple(f.name for section in GROUP_SECTIONS for f in fields(section))
 
 
-def validate_group(group: Mapping[str, Any]) -> None:
-    """Check one param group: torch's own hyperparameters, every section's options, the lowrank mask."""
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    if not 0.0 <= float(lr):
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-    for value in eps if isinstance(eps, (tuple, list)) else (eps,):  # Adafactor's eps is a pair
-        if value is not None and not 0.0 <= value:
-            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-    for i, beta in enumerate(group["betas"]):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
-    if not 0.0 <= wd:
-        raise ValueError(f"Invalid weight_decay value: {wd} (must be >= 0)")
-    check_choice("rule", group["rule"], BASE_RULES)
-    if group["rule"] == "muon":
-        for (key, value), why in NOT_FOR_MUON.items():
-            if group[key] == value:
-                raise ValueError(f"{key}={value!r} does not apply to torch.optim.Muon: {why}")
-    for section in GROUP_SECTIONS:
-        section(**{f.name: group[f.name] for f in fields(section)})
-    check_cross_options(_Attrs(group))
-    mask = group["lowrank_mask"]
-    if mask is not None:
-        if len(mask) != len(group["params"]):
-            raise ValueError(f"lowrank_mask has {len(mask)} entries for {len(group['params'])} params")
-        for p, projected in zip(group["params"], mask):
-            if projected and p.ndim != 2:
-                raise ValueError(f"lowrank_mask selects shape {tuple(p.shape)}; only 2-D weights project")
-
-
-class _Attrs:
-    """A group dict read as attributes (for ``check_cross_options``)."""
-
-    def __init__(self, group: Mapping[str, Any]) -> None:
-        self._group = group
-
-    def __getattr__(self, name: str) -> Any:
-        return self._group[name]
-
-
-# Options of the whole optimizer (the budget, the non-finite policy), not of a group.
 WHOLE_OPTIMIZER_OPTIONS = tuple(f.name for section in WHOLE_OPTIMIZER_SECTIONS for f in fields(section))

@@ -26,7 +26,7 @@ from lightning_lowrank.optim.adopt import adopt_groups
 from lightning_lowrank.optim.budget import rank_budget
 from lightning_lowrank.optim.budget.costs import LayerCost
 from lightning_lowrank.optim.distributed import sharding
-from lightning_lowrank.optim.options import WHOLE_OPTIMIZER_OPTIONS, OptimizerOptions, validate_group
+from lightning_lowrank.optim.options import WHOLE_OPTIMIZER_OPTIONS, OptimizerOptions
 from lightning_lowrank.optim.projection.bases import dct_basis, effective_rank, projected_shape
 from lightning_lowrank.optim.projection.projectors import PROJECTOR_CLASSES, LayerContext, Projector, resolve_projector
 from lightning_lowrank.optim.projection.refresh import Refresher, RefreshInfo, RefreshTimer
@@ -36,6 +36,7 @@ from lightning_lowrank.optim.state.resume import load_state
 from lightning_lowrank.optim.state.storage import state_dtype
 from lightning_lowrank.optim.update import compiled, dispatch, lazy_hessian, protect
 from lightning_lowrank.optim.update.rules import projected_rule
+from lightning_lowrank.optim.validate import validate_group
 
 __all__ = ["ProjectedAdamW", "ProjectedOptimizer", "RefreshInfo", "RefreshTimer"]
 
@@ -378,9 +379,8 @@ class ProjectedOptimizer(Optimizer):
             budget = None if self.budget is None else (self.budget, self.state, self.placements())
             Ps = self.refresher.refresh(due, self._projectors, budget, None, self._sharded) if due else {}
             for group, projected in groups:
-                projector, layers = self._projectors[group["projector"]], []
-                for p, state, ctx in projected:
-                    layers.append(dispatch.Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)))
+                projector = self._projectors[group["projector"]]
+                layers = dispatch.layers(projected, Ps, projector, group)
                 sent = dispatch.update_layers(layers, group, self._sharded, self.compile, self._protected)
                 self.sharded_step_bytes += sent
                 for p, state, ctx in projected:

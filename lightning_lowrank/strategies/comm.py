@@ -30,6 +30,7 @@ from lightning_lowrank.optim.projection.bases import project, project_back, proj
 _NEEDS_FULL_GRADIENT = (
     ("residual", ("frugal", "fira", "apollo"), "updates the complement of the subspace from the full gradient"),
     ("projected_rule", ("subset_norm",), "(inner='subset_norm') steps on the complement of the subspace"),
+    ("projected_rule", ("trion",), "(inner='trion') chooses its columns from the whole momentum at every step"),
     ("projector", ("online_pca",), "moves P every step along the full gradient"),
     ("projector", ("gaussian",), "is not orthonormal, so P^T (P P^T g) is not P^T g"),
     # A dequantized P is only nearly orthonormal, so P^T (P P^T g) would not be exactly P^T g.

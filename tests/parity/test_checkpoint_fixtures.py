@@ -54,6 +54,7 @@ ADDED_GROUP_OPTIONS = {
     "ns_coefficients": (3.4445, -4.7750, 2.0315),
     "ns_steps": 5,
     "adjust_lr_fn": None,
+    "trion_scaling": None,
 }
 V010_COMMIT = "48c10d76a6fe4ee26d29ba3ccfc31f68bf662269"
 

@@ -81,7 +81,7 @@ def check(param: Tensor, group: dict[str, Any], projected: bool, rule: str, budg
         problems.append(f"side={group['side']!r} (P^T G would sum over the rows of every rank): use side='right'")
     if group["projector"] not in SHARDED_PROJECTORS:
         problems.append(f"projector={group['projector']!r}: use one of {', '.join(SHARDED_PROJECTORS)}")
-    if rule in ("subset_norm", "adafactor"):
+    if rule in ("subset_norm", "adafactor", "trion"):
         problems.append(f"the {rule!r} inner rule (its statistics run over the rows)")
     if group["residual"] == "apollo" and group["apollo_scale_type"] == "tensor":
         problems.append("apollo_scale_type='tensor' (APOLLO-Mini's one norm over the whole gradient)")

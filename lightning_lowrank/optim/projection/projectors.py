@@ -285,6 +285,7 @@ def projector_keys(group: Mapping[str, Any]) -> dict[str, str]:
 
 def resolve_projector(group: dict[str, Any]) -> None:
     """Give a param group with ``projector=None`` its default: APOLLO's own projection (``gaussian``) for
-    ``residual="apollo"``, GaLore's SVD otherwise."""
+    ``residual="apollo"``, the DCT for Trion, GaLore's SVD otherwise."""
     if group["projector"] is None:
-        group["projector"] = "gaussian" if group["residual"] == "apollo" else "svd"
+        trion = group.get("projected_rule") == "trion"  # Trion's columns are DCT ones
+        group["projector"] = "gaussian" if group["residual"] == "apollo" else "dct" if trion else "svd"

@@ -116,6 +116,8 @@ class Refresher:
     def is_due(self, param: Tensor, state: dict[str, Tensor], group: dict[str, Any], step: int | None = None) -> bool:
         """Whether ``param`` refreshes before its next update; ``step`` is its completed updates when the caller has
         already read them (one read of the counter per layer and step)."""
+        if group["projected_rule"] == "trion":
+            return False  # Trion chooses its columns at every update, in the step itself
         if not has_subspace(state):
             return True
         if self.requests is None:

@@ -55,7 +55,20 @@ class Layer(NamedTuple):
     param: Tensor
     state: dict[str, Tensor]
     ctx: LayerContext
-    P: Tensor
+    P: Tensor | None  # None for Trion's layers
+
+
+def layers(
+    projected: Sequence[tuple[Tensor, dict[str, Tensor], LayerContext]],
+    Ps: Mapping[Tensor, Tensor],
+    projector: Any,
+    group: Mapping[str, Any],
+) -> list[Layer]:
+    """A group's projected layers at this step, each with its P: the one a refresh just built (``Ps``), else its
+    projector's; none for Trion's, which choose their columns in the update."""
+    if group["projected_rule"] == "trion":
+        return [Layer(p, state, ctx, None) for p, state, ctx in projected]
+    return [Layer(p, state, ctx, Ps[p] if p in Ps else projector.matrix(p, state, ctx)) for p, state, ctx in projected]
 
 
 def init_projected_state(
@@ -65,7 +78,9 @@ def init_projected_state(
     chose one, kept in ``state["rank"]``), in the state dtype (``storage.state_dtype``: float32 for bf16/fp16 weights
     unless ``state_dtype`` says otherwise)."""
     shape = projected_shape(param.shape, rank or group["rank"], group["side"])
-    if is_sharded(param):  # its local rows: P (n x r) is replicated, the moments are sharded with the weight
+    if group["projected_rule"] == "trion":  # a whole buffer (``trion.py``)
+        shape = tuple(param.shape)
+    elif is_sharded(param):  # its local rows: P (n x r) is replicated, the moments are sharded with the weight
         shape = (local(param).shape[0], effective_rank(param.shape, rank or group["rank"]))
     init_rule_state(state, projected_rule(group), shape, state_dtype(group, param.dtype), param.device, group)
     if rank is not None:
@@ -98,9 +113,9 @@ def update_layers(
     for layer in layers:
         if id(layer.param) in guarded:
             with protect.confined(layer.param, layer.state):
-                sent += update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
+                sent += update_layer(layer.param, layer.state, layer.P, group, sharded=sharded, ctx=layer.ctx)
         elif id(layer.param) not in in_batch:
-            sent += update_layer(layer.param, layer.state, layer.P, group, sharded=sharded)
+            sent += update_layer(layer.param, layer.state, layer.P, group, sharded=sharded, ctx=layer.ctx)
     if batch:
         steps = advance_all([layer.state["step"] for layer in batch])
         rows = local if sharded else _whole
@@ -120,16 +135,22 @@ def update_layer(
     group: dict[str, Any],
     low_rank: Tensor | None = None,
     sharded: bool = True,
+    ctx: LayerContext | None = None,
 ) -> int:
     """One projected weight from its full gradient, or from ``low_rank`` when it arrives already projected (layer-wise
-    accumulation: ``functional.low_rank_update``). P and the moments are in the layer's state dtype. Returns the
-    bytes its Newton-Schulz sent (Muon on FSDP2 rows, ``sharding.RowSum``), else 0."""
+    accumulation: ``functional.low_rank_update``). P and the moments are in the layer's state dtype. Trion's layers
+    have no P (None) and take their rank and DCT basis from ``ctx``. Returns the bytes its Newton-Schulz sent (Muon
+    on FSDP2 rows, ``sharding.RowSum``), else 0."""
     rule = projected_rule(group)
     step = advance(state["step"])
     # A weight sharded by FSDP2 steps on its local rows; the residual limiter's norm sums over the ranks.
     sharded = sharded and is_sharded(p)
     norm = (lambda t: global_norm(t, p.grad)) if sharded else None
     rows, reduce = (local, RowSum(p) if rule == "muon" else None) if sharded else (_whole, None)
+    if rule == "trion":  # no P: the columns are chosen from the buffer now, the DCT basis is the shared one
+        with moment_view(state, rule, group, state_dtype(group, p.dtype)) as moments:
+            functional.trion_layer_update(p, p.grad, moments, group, ctx.rank, ctx.basis)
+        return 0
     with moment_view(state, rule, group, P.dtype) as moments:
         if low_rank is None:
             functional.projected_update(

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.optim.projection.bases import is_left, project, project_back
-from lightning_lowrank.optim.update import rules
+from lightning_lowrank.optim.update import muon, rules, trion
 from lightning_lowrank.optim.update.residuals import residual_update
 
 # The most elements of a weight-sized tensor cast to a wider state dtype at once (``project_gradient``,
@@ -74,6 +74,27 @@ def projected_update(
     elif kind == "fira":  # as in Fira's code: the bias-corrected step size, and scale only on the projected part
         add_scaled(p, extra, step_size, -1.0)
     decay_after(p, rule, group)
+
+
+def trion_layer_update(
+    p: Tensor, grad: Tensor, moments: dict[str, Tensor], group: Mapping[str, Any], rank: int, basis: Callable
+) -> None:
+    """Trion's step on one weight (``trion.py``), with the group's Muon settings: momentum, decoupled decay, its
+    Newton-Schulz (torch's form: coefficients, steps, eps, ``ns_dtype``) and the lr factor of ``trion_scaling`` (by
+    default the one of ``adjust_lr_fn``). ``basis(size, dtype, device)``: the shared DCT basis (its transpose is
+    Trion's DCT-III matrix), used by ``dct_scorer="matmul"``; ``"fft"`` scores with Makhoul's FFT."""
+    scaling = group["trion_scaling"] or ("kimi" if group["adjust_lr_fn"] == "match_rms_adamw" else "kj")
+    dtype = muon.NS_DTYPES[group["ns_dtype"]]
+
+    def ns(X: Tensor) -> Tensor:
+        return muon.newton_schulz(X, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+
+    buffer = moments["momentum_buffer"]
+    matmul = group["dct_scorer"] == "matmul"
+    dct = basis(min(p.shape), buffer.dtype, buffer.device).T if matmul else None
+    scorer = "matmul" if matmul else "makhoul"
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    trion.trion_update(p, grad.to(buffer.dtype), buffer, rank, lr, group["momentum"], wd, scaling, scorer, ns, dct=dct)
 
 
 def low_rank_update(

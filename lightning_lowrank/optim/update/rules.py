@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_lowrank.optim.projection.bases import is_left
 from lightning_lowrank.optim.update import muon
 
-RULES = ("adamw", "sgd", "adafactor", "muon", "subset_norm", "sophia")
+RULES = ("adamw", "sgd", "adafactor", "muon", "subset_norm", "sophia", "trion")
 BASE_RULES = RULES[:4]  # those of a torch optimizer (a group's ``rule``); the others replace it on projected weights
 # Two ways to write Adam(W). "torch": torch.optim.AdamW, eps added after the bias correction of sqrt(v), decoupled
 # decay before the update. "hf": transformers' AdamW, which the GaLore, Fira and APOLLO reference code copy: eps added
@@ -34,6 +34,7 @@ MOMENT_KEYS: dict[str, dict[str, bool]] = {
     "adamw": {"exp_avg": True, "exp_avg_sq": False},
     "sgd": {"momentum_buffer": True},
     "muon": {"momentum_buffer": True},
+    "trion": {"momentum_buffer": True},  # the whole m x n buffer with error feedback (``trion.py``)
     "adafactor": {"row_var": False, "col_var": False, "variance": False},
     "subset_norm": {"exp_avg": True, "sum_sq": False},
     "sophia": {"exp_avg": True, "hessian": True},  # a Hutchinson diagonal can be negative
@@ -84,7 +85,7 @@ def init_state(rule: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtyp
 
     if rule == "adamw":
         return {"exp_avg": zeros(*shape), "exp_avg_sq": zeros(*shape)}
-    if rule in ("sgd", "muon"):
+    if rule in ("sgd", "muon", "trion"):
         return {"momentum_buffer": zeros(*shape)}
     if rule == "adafactor":
         if len(shape) >= 2:
