@@ -72,8 +72,9 @@ class ProjectionOptions:
         m < n, G P otherwise, so P is min(m, n) x r), ``right`` (G P always: moments m x r, P n x r; what FSDP2 needs,
         as it shards rows) or ``left`` (P^T G always).
     protected_refresh: for a weight with protected subspaces (``ProtectedSubspaces``), the gradient a refresh
-        chooses P from: ``gradient`` (as it is) or ``complement`` ((I - U Uᵀ) G (I - V Vᵀ), the part of it the
-        protection lets through, so no rank is spent on directions the confinement removes).
+        chooses P from: ``complement`` ((I - U Uᵀ) G (I - V Vᵀ), the part of it the protection lets through, so no
+        rank is spent on directions the confinement removes; better with SVD in docs/benchmarks.md's continual
+        study, the same with the DCT) or ``gradient`` (as it is).
     """
 
     rank: int | None = 128
@@ -91,7 +92,7 @@ class ProjectionOptions:
     dct_type: int = 2
     pca_lr: float = 0.1
     side: str = "auto"
-    protected_refresh: str = "gradient"
+    protected_refresh: str = "complement"
 
     def __post_init__(self) -> None:
         rank = self.rank

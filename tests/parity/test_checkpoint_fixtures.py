@@ -49,7 +49,7 @@ TORCH_ADDED_GROUP_KEYS = ("differentiable",)
 # Group options added after the fixtures were written: a loaded group takes their default (the behaviour it was
 # saved with), and nothing else.
 ADDED_GROUP_OPTIONS = {
-    "protected_refresh": "gradient",
+    "protected_refresh": "complement",  # only protected weights read it; the fixtures have none
     "ns_dtype": "bfloat16",
     "ns_coefficients": (3.4445, -4.7750, 2.0315),
     "ns_steps": 5,

@@ -77,3 +77,9 @@ def test_unknown_protected_refresh_is_refused():
     W = torch.nn.Parameter(torch.zeros(4, 6))
     with pytest.raises(ValueError, match="protected_refresh"):
         ProjectedOptimizer([W], rank=2, protected_refresh="weights")
+
+
+def test_the_default_chooses_inside_the_complement():
+    """The continual study's decision (docs/benchmarks.md): SVD inside the complement learns more, forgets no more."""
+    W = torch.nn.Parameter(torch.zeros(4, 6))
+    assert ProjectedOptimizer([W], rank=2).param_groups[0]["protected_refresh"] == "complement"
