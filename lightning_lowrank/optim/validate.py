@@ -37,6 +37,8 @@ def validate_group(group: Mapping[str, Any]) -> None:
     projects = group["rank"] is not None and any(mask if mask is not None else (p.ndim == 2 for p in group["params"]))
     if group["projected_rule"] == "trion" and projects:  # the strategy's options reach every optimizer's groups
         _check_trion(group)
+    if group["rule"] == "muon" and any(p.is_complex() for p in group["params"]):
+        raise ValueError("torch.optim.Muon does not support complex parameters (nor does its projected form)")
     if group["rule"] == "muon" and projects:
         for (key, value), why in NOT_FOR_MUON.items():
             if group[key] == value:

@@ -1,6 +1,6 @@
 """A module whose configure_optimizers returns torch's Muon (hidden weights) and AdamW (the rest) trains unchanged
 under the low-rank strategies: projected Muon, its report against Muon's own state, ``lr-Muon``, layer-wise mode,
-DDP with the gradients all-reduced in their subspaces."""
+DDP with the gradients all-reduced in their subspaces, and Trion under DDP."""
 
 from __future__ import annotations
 
@@ -115,10 +115,13 @@ class SaveParams(Callback):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
-def test_two_process_ddp_with_low_rank_comm_ends_with_identical_parameters(tmp_path):
+@pytest.mark.parametrize("options", [dict(low_rank_comm=True), dict(inner="trion")], ids=["muon", "trion"])
+def test_two_process_ddp_ends_with_identical_parameters(tmp_path, options):
+    """Projected Muon with its gradients all-reduced in their subspaces; Trion (every rank steps every layer on the
+    same averaged gradient)."""
     torch.manual_seed(0)
     model = MuonOnlyNet(scheduler=None, n=64)
-    strategy = LowRankDDPStrategy(rank=4, update_gap=2, low_rank_comm=True, start_method="fork", timeout=HANG)
+    strategy = LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork", timeout=HANG, **options)
     trainer = _two_processes(strategy, max_steps=4, callbacks=[SaveParams(str(tmp_path))])
     trainer.fit(model)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

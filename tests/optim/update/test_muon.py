@@ -214,3 +214,13 @@ def test_bad_newton_schulz_settings_are_refused_at_construction():
         ProjectedOptimizer.from_optimizer(
             torch.optim.Muon(_hidden(model), ns_coefficients=(1.0, 2.0)), lambda p: True, rank=4
         )
+
+
+def test_muons_own_constraints_fail_at_construction():
+    """A 1-D parameter is refused by torch's Muon itself (at configure_optimizers, before any step); a complex one,
+    which torch's Muon refuses only at its first step, is refused when the projected optimizer is built."""
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        torch.optim.Muon([torch.nn.Parameter(torch.zeros(3))])
+    W = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex"):
+        ProjectedOptimizer.from_optimizer(torch.optim.Muon([W]), lambda p: False)
