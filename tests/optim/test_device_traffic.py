@@ -116,6 +116,7 @@ TORCH: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=0.01),
     "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9),
     "adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-3),
+    "muon": lambda m: torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=1e-3),
 }
 
 CASES = {
@@ -141,6 +142,11 @@ CASES = {
     "sgd momentum": ("sgd", dict()),
     "adafactor, random": ("adafactor", dict(projector="random")),
     "adafactor 8-bit": ("adafactor", dict(projector="random", state_bits=8)),
+    "muon svd": ("muon", dict()),
+    "muon dct": ("muon", dict(projector="dct")),
+    "muon 8-bit": ("muon", dict(state_bits=8)),
+    "trion": ("muon", dict(projected_rule="trion")),
+    "trion fft": ("muon", dict(projected_rule="trion", dct_scorer="fft")),
 }
 
 
