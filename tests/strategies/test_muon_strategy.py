@@ -129,3 +129,41 @@ def test_two_process_ddp_ends_with_identical_parameters(tmp_path, options):
         assert torch.equal(p, r1[name]), name
     torch.manual_seed(0)
     assert not torch.equal(r0["attn.weight"], MuonOnlyNet().attn.weight)
+
+
+@pytest.mark.parametrize("inner", [None, "trion"])
+def test_a_mid_run_checkpoint_of_the_muon_and_adamw_module_resumes_bit_for_bit(tmp_path, inner):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        model = MuonNet(batch_size=32)  # 2 batches per epoch
+        options = dict(rank=4, update_gap=3, memory_report=False, memory_json=False, inner=inner)
+        trainer = L.Trainer(
+            strategy=LowRankStrategy(**options),
+            max_steps=max_steps,
+            callbacks=list(callbacks),
+            **{**QUIET, "enable_checkpointing": bool(callbacks)},
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    full = run(8, callbacks=[ckpt])
+    resumed = run(8, ckpt_path=str(tmp_path / "step=4.ckpt"))
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    state = torch.load(tmp_path / "step=4.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    assert all("momentum_buffer" in s for s in state.values())
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "dct", "random", "gaussian", "online_pca"])
+def test_every_projector_trains_muon(projector):
+    torch.manual_seed(0)
+    model = MuonOnlyNet(scheduler=None)
+    before = model.attn.weight.detach().clone()
+    trainer = _fit(model, LowRankStrategy(rank=4, update_gap=2, projector=projector), steps=4)
+    opt = trainer.optimizers[0]
+    assert opt.is_projected(model.attn.weight) and opt.state[model.attn.weight]["momentum_buffer"].shape == (40, 4)
+    assert torch.isfinite(model.attn.weight).all() and not torch.equal(model.attn.weight, before)

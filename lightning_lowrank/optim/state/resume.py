@@ -157,6 +157,8 @@ def _place(opt: Any, p: Tensor, group: dict[str, Any], tensors: dict[str, Tensor
 
 def _saved_layout(p: Tensor, tensors: dict[str, Tensor], group: dict[str, Any]) -> Layout:
     rule = projected_rule(group)
+    if rule == "trion" and group["rule"] == "muon" and not has_subspace(tensors):
+        return Layout(False, "muon", group["state_bits"])  # a whole buffer: Trion's, or a dense Muon weight's
     rank = saved_rank(tensors, p.shape, group) if p.ndim == 2 else None
     low = projected_shape(p.shape, rank, group["side"]) if p.ndim == 2 else None
     buffers = [t for k, t in tensors.items() if k in rules.MOMENT_KEYS[rule] and t.ndim == 2]
@@ -169,6 +171,8 @@ def _saved_layout(p: Tensor, tensors: dict[str, Tensor], group: dict[str, Any]) 
 def _current_layout(p: Tensor, group: dict[str, Any], projected: bool, old: Layout, budget: bool) -> Layout:
     if not projected:
         return Layout(False, group["rule"], group["state_bits"])
+    if projected_rule(group) == "trion":  # no rank, no P: a whole buffer, laid out as a dense Muon weight's
+        return Layout(False, "muon", group["state_bits"])
     rank = effective_rank(p.shape, group["rank"])
     if budget and old.projected:  # the layer keeps its own rank, under the new cap; the budget moves it later
         rank = min(rank, old.rank)
