@@ -8,6 +8,9 @@ dense AdamW inside each optimizer. Betas, eps, weight decay, warmup + cosine sch
 ByteLM's, the same for every run; lr and scale are each method's paper recipe (see RUNS). Peers run through plain
 Lightning (``configure_optimizers`` returns the peer), ours through ``LowRankStrategy``.
 
+The Muon runs (``muon``, ``ours-muon-*``, ``trion``) train ``MuonByteLM``: torch's Muon on those same projected
+weights and torch AdamW on the rest, two optimizers under manual optimization (one global clip at 1.0 in the step).
+
     bash scripts/bench_env.sh                          # peers, with --no-deps (once)
     python benchmarks/bench_convergence.py             # ~12 min on 2 CPU cores
     python benchmarks/bench_convergence.py --quick     # 20 steps per run: a smoke run
@@ -75,6 +78,11 @@ class Run:
     recipe: str = ""
     refresh: dict[str, Any] | None = None  # SubspaceRefresh keywords besides every=--update-gap (ours only)
 
+
+MUON_RECIPE = (
+    "torch Muon (adjust_lr_fn='match_rms_adamw', momentum 0.95 nesterov) on the hidden weights + AdamW on the "
+    "rest, one lr for both: ByteLM's"
+)
 
 # lr / scale: each paper's LLaMA-60M recipe, as in examples/compare_update_rules.py. Ours and the peer of the same
 # method get the same recipe, so their rows differ only in the implementation.
@@ -150,6 +158,19 @@ RUNS: dict[str, Run] = {
     "q-galore": Run("q-galore", 1e-2, 0.25, recipe="q-galore-torch QGaLoreAdamW8bit, GaLore recipe"),
     "dct-adamw": Run("dct-adamw", 1e-2, 1.0, recipe="ista-daslab DCTAdamW (no scale option), GaLore's lr"),
     "ours-dct-scale1": Run("ours", 1e-2, 1.0, {"projector": "dct"}, "as dct-adamw: lr 0.01, scale 1"),
+    # Muon (torch.optim.Muon) on the hidden weights, AdamW on the rest (MuonByteLM). adjust_lr_fn="match_rms_adamw"
+    # (Moonshot's scaling: Muon's update RMS matched to AdamW's) lets Muon take AdamW's lr, so one lr (and the
+    # tuned study's shared grid) drives both optimizers.
+    "muon": Run("muon", 1e-3, recipe=MUON_RECIPE),
+    "ours-muon-svd": Run("ours-muon", 1e-3, 1.0, {"projector": "svd"}, MUON_RECIPE + "; momentum in an SVD subspace"),
+    "ours-muon-dct": Run("ours-muon", 1e-3, 1.0, {"projector": "dct"}, MUON_RECIPE + "; momentum in a DCT subspace"),
+    "trion": Run(
+        "ours-muon",
+        1e-3,
+        1.0,
+        {"projector": "dct", "inner": "trion"},
+        MUON_RECIPE + "; Trion: DCT columns chosen every step, full momentum with error feedback",
+    ),
 }
 
 
@@ -194,6 +215,79 @@ class PeerByteLM(ByteLM):
         config["optimizer"] = optimizer
         config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas[0])
         return config
+
+
+class MuonByteLM(ByteLM):
+    """ByteLM with torch's Muon on the weights ``select_lowrank_params`` picks (attention and MLP projections) and
+    torch AdamW on the rest (embedding, norms, head), by manual optimization: Lightning's automatic optimization
+    steps one optimizer. Muon's update RMS is matched to AdamW's (``adjust_lr_fn="match_rms_adamw"``), so both take
+    ByteLM's lr; weight decay, AdamW's betas and the warmup + cosine schedule (one LambdaLR per optimizer) are
+    ByteLM's. The step clips the global gradient norm at 1.0, as ``gradient_clip_val=1.0`` does for the others."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        return loss  # LossCurve reads outputs["loss"]
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        base, lr_lambda = config["optimizer"], config["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        hidden = list(select_lowrank_params(self))
+        ids = {id(p) for p in hidden}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        hp = self.hparams
+        muon = torch.optim.Muon(
+            hidden,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,  # every hidden weight is 2-D
+            momentum=0.95,
+            nesterov=True,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        groups = [
+            {"params": [p for p in rest if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        defaults = base.defaults
+        adamw = torch.optim.AdamW(groups, lr=hp.lr, betas=defaults["betas"], eps=defaults["eps"])
+        optimizers = [muon, adamw]
+        schedulers = [
+            {"scheduler": torch.optim.lr_scheduler.LambdaLR(o, lr_lambda), "interval": "step"} for o in optimizers
+        ]
+        return optimizers, schedulers
+
+
+def manual_trainer(callbacks: list[Any], steps: int, strategy: Any, optimizers: int = 2) -> L.Trainer:
+    """``comparison_trainer`` without ``gradient_clip_val`` (refused under manual optimization; ``MuonByteLM`` clips in
+    its step). Lightning counts every optimizer's step in ``global_step``, so ``max_steps`` is ``steps`` batches
+    times the optimizers stepped per batch."""
+    return L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=steps * optimizers,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def peer_factory(name: str, run: Run, args: argparse.Namespace) -> Any:
@@ -292,6 +386,9 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
         if run.who in ("adamw", "ours"):
             L.seed_everything(args.seed, verbose=False)
             model = ByteLM(config_of(args), **schedule)
+        elif run.who in ("muon", "ours-muon"):
+            L.seed_everything(args.seed, verbose=False)
+            model = MuonByteLM(config_of(args), **schedule)
         else:
             make = peer_factory(run.who, run, args)
             L.seed_everything(args.seed, verbose=False)
@@ -299,7 +396,7 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
             model.make_peer = make
     except peers.PeerUnavailable as why:
         return Result(name, run, not_run=str(why))
-    if run.who == "ours":
+    if run.who in ("ours", "ours-muon"):
         strategy = lightning_lowrank.LowRankStrategy(
             rank=rank_of(args),
             update_gap=args.update_gap,
@@ -312,14 +409,17 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
     callbacks: list[Any] = [curve]
     if run.refresh is not None:
         callbacks.append(lightning_lowrank.SubspaceRefresh(every=args.update_gap, **run.refresh))
-    trainer = comparison_trainer(strategy, callbacks, args.max_steps)
+    if isinstance(model, MuonByteLM):
+        trainer = manual_trainer(callbacks, args.max_steps, strategy)
+    else:
+        trainer = comparison_trainer(strategy, callbacks, args.max_steps)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
-    if run.who == "ours":
+    if run.who in ("ours", "ours-muon"):  # every optimizer's state
         state = trainer.strategy.memory_report().optimizer_state_bytes
     else:
-        state = state_bytes(trainer.optimizers[0])
+        state = sum(state_bytes(o) for o in trainer.optimizers)
     return Result(name, run, curve.losses, evaluate(model, data.val_dataloader()), state, seconds)
 
 
@@ -354,14 +454,14 @@ def plot(results: list[Result], path: str, steps: int) -> None:
     for r in results:
         if r.not_run:
             continue
-        style = "-" if r.run.who in ("adamw", "ours") else "--"
+        style = "-" if r.run.who in ("adamw", "ours", "muon", "ours-muon") else "--"
         ax.plot(range(1, len(r.losses) + 1), smooth(r.losses, window), style, label=f"{r.name}: val {r.val_loss:.3f}")
     finite = [v for r in results if r.losses and not r.diverged for v in smooth(r.losses, window)[steps // 3 :]]
     if finite:
         ax.set_ylim(min(finite) * 0.97, DIVERGED_LOSS * 1.05)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"train loss (moving average of {window} steps)")
-    ax.set_title(f"Byte LM, rank {RANK}, same seed and batches (solid: AdamW and ours; dashed: published)")
+    ax.set_title(f"Byte LM, rank {RANK}, same seed and batches (solid: torch and ours; dashed: published)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

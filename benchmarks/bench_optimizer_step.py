@@ -7,9 +7,9 @@
     .venv/bin/python benchmarks/bench_optimizer_step.py --presets 130M --only adamw ours-svd --compile  # + compiled
     bash scripts/bench_env.sh                                       # installs the peers first (--no-deps)
 
-What is measured, per preset (GaLore's LLaMA configs, ``lightning_lowrank.memory.plan.PRESETS``): the seven 2-D weights
-of ``--layers`` decoder block(s) (q/k/v/o, gate/up/down) with random Gaussian gradients of their real shapes (fixed
-seed; two gradient sets used on alternate steps, so a refresh sees a different gradient than the previous one).
+What is measured, per preset (GaLore's LLaMA configs, ``lightning_lowrank.memory.presets.PRESETS``): the seven 2-D
+weights of ``--layers`` decoder block(s) (q/k/v/o, gate/up/down) with random Gaussian gradients of their real shapes
+(fixed seed; two gradient sets used on alternate steps, so a refresh sees a different gradient than the previous one).
 Embeddings, lm_head and the norms are left out for every optimizer: they would be dense AdamW in every
 configuration and add the same time and bytes to each row.
 
@@ -21,6 +21,12 @@ JSON). Reported: median ordinary step, median refresh step, and the cost per ste
 (refresh + 199 * ordinary) / 200; state bytes as counted by ``peers.state_bytes`` (see its docstring: tensors in the
 state, inside projector objects there, and on the optimizer itself, such as a shared DCT basis). Each is divided by
 torch AdamW (foreach) measured in the same run. A peer that cannot run here is a row "not run: <reason>".
+
+A second table per preset, Muon: torch.optim.Muon on the same weights (momentum 0.95 nesterov, Newton-Schulz in
+bfloat16, ``adjust_lr_fn="match_rms_adamw"``) is its reference, and ``ours-muon-svd`` / ``ours-muon-dct`` are that
+Muon taken over by ``ProjectedOptimizer.from_optimizer`` (momentum in a rank-r subspace, Newton-Schulz on the
+projected momentum); state and times are divided by torch's Muon's. ``--only`` picks rows of either table; a table
+runs when some of its rows are picked (with no ``--only``, both).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
 
-from lightning_lowrank.memory.plan import PRESETS, LlamaConfig, LlamaSkeleton, llama_preset
+from lightning_lowrank.memory.presets import PRESETS, LlamaConfig, LlamaSkeleton, llama_preset
 
 # The ranks GaLore trained these sizes with (paper, Table 2 / configs); --rank overrides them.
 GALORE_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024, "tiny": 16}
@@ -53,6 +59,39 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.jso
 MIB = 1024**2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILED_ROW = "ours-svd-compile"  # --compile: ours-svd with the optimizer's compile option
+
+
+# -- the Muon table ---------------------------------------------------------------------------------------------------
+
+MUON_REFERENCE = "muon"
+
+
+def _torch_muon(params: list[Tensor], cfg: peers.PeerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+
+
+def muon(params: list[Tensor], cfg: peers.PeerConfig, device: torch.device) -> peers.Built:
+    """torch.optim.Muon with its defaults (momentum 0.95 nesterov, 5 Newton-Schulz steps in bfloat16)."""
+    return peers.Built(_torch_muon(params, cfg))
+
+
+def ours_muon(params: list[Tensor], cfg: peers.PeerConfig, device: torch.device, **options: Any) -> peers.Built:
+    """That Muon, taken over by ``ProjectedOptimizer.from_optimizer``: each weight's momentum in a rank-r subspace,
+    refreshed every ``update_gap`` steps, Newton-Schulz on the projected momentum (scale 1)."""
+    from lightning_lowrank.optim.projected import ProjectedOptimizer
+
+    opt = ProjectedOptimizer.from_optimizer(
+        _torch_muon(params, cfg), set(params), rank=cfg.rank, update_gap=cfg.update_gap, scale=1.0, **options
+    )
+    return peers.Built(opt)
+
+
+# Row order of the Muon table; the first is its reference.
+MUON_BUILDERS: dict[str, peers.Builder] = {
+    MUON_REFERENCE: muon,
+    "ours-muon-svd": partial(ours_muon, projector="svd"),
+    "ours-muon-dct": partial(ours_muon, projector="dct"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=1, help="decoder blocks whose weights are optimized (default 1)")
     parser.add_argument("--scale", type=float, default=0.25, help="GaLore scale / Fira alpha / APOLLO scale / ours")
     parser.add_argument("--amortise-gap", type=int, default=200, help="gap for the amortised column (default 200)")
-    parser.add_argument("--only", nargs="+", default=None, choices=list(peers.BUILDERS), help="optimizers to run")
+    parser.add_argument(
+        "--only", nargs="+", default=None, choices=[*peers.BUILDERS, *MUON_BUILDERS], help="optimizers to run"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default: {DEFAULT_JSON}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
@@ -101,12 +142,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.refreshes = args.refreshes or (1 if args.quick else 3)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    names = args.only or list(peers.BUILDERS)
+    names = args.only or [*peers.BUILDERS, *MUON_BUILDERS]
     if args.compile:
         backend = True if args.compile == "inductor" else args.compile
         peers.BUILDERS[COMPILED_ROW] = partial(peers.ours, projector="svd", compile=backend)
         names = [*names, COMPILED_ROW]
-    args.names = [peers.REFERENCE, *[n for n in names if n != peers.REFERENCE]]  # every ratio needs the reference
+    # Each table's reference first, whenever that table runs: every ratio needs it.
+    adamw_names = [n for n in names if n not in MUON_BUILDERS and n != peers.REFERENCE]
+    muon_names = [n for n in names if n in MUON_BUILDERS and n != MUON_REFERENCE]
+    runs_muon = any(n in MUON_BUILDERS for n in names)
+    args.names = [peers.REFERENCE, *adamw_names] if adamw_names or peers.REFERENCE in names or not runs_muon else []
+    args.muon_names = [MUON_REFERENCE, *muon_names] if runs_muon else []
     return args
 
 
@@ -160,7 +206,10 @@ class Run:
         self.first_ms: float | None = None  # the first step: state, first subspace (and a compiled row's compilation)
         self.failure: str | None = None
         try:
-            self.built = peers.build(name, self.params, cfg, self.device)
+            if name in MUON_BUILDERS:
+                self.built = MUON_BUILDERS[name](self.params, cfg, self.device)
+            else:
+                self.built = peers.build(name, self.params, cfg, self.device)
         except peers.PeerUnavailable as err:
             self.failure = str(err)
         except Exception as err:  # a peer whose API moved: report it, never drop the row
@@ -205,7 +254,7 @@ class Run:
         if self.failure:
             return {"name": self.name, "status": "not run", "reason": self.failure}
         opt = self.built.optimizer
-        dense = self.name.startswith("adamw")  # no subspace: every step is an ordinary step
+        dense = self.name.startswith("adamw") or self.name == MUON_REFERENCE  # no subspace: all steps ordinary
         ordinary = self.ordinary + self.refresh if dense else self.ordinary
         check = "ok" if not self.mismatches else f"mismatch at steps {self.mismatches}"
         row = {
@@ -227,8 +276,9 @@ class Run:
         return row
 
 
-def add_ratios(rows: list[dict[str, Any]], amortise_gap: int) -> None:
-    ref = next(r for r in rows if r["name"] == peers.REFERENCE)
+def add_ratios(rows: list[dict[str, Any]], amortise_gap: int, reference: str = peers.REFERENCE) -> None:
+    """Amortised cost of each row, and its state and times over ``reference``'s (a row of ``rows``)."""
+    ref = next(r for r in rows if r["name"] == reference)
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -240,10 +290,13 @@ def add_ratios(rows: list[dict[str, Any]], amortise_gap: int) -> None:
             row["amortised_ratio"] = row["amortised_ms"] / ref["step_ms"]
 
 
-def format_table(preset: dict[str, Any], amortise_gap: int) -> str:
-    head = ["optimizer", "state MiB", "xAdamW", "step ms", "xAdamW", "refresh ms", f"amort@{amortise_gap} ms", "xAdamW"]
-    lines = [preset["title"], "  ".join(f"{h:>12}" if i else f"{h:<16}" for i, h in enumerate(head))]
-    for r in preset["rows"]:
+def format_table(preset: dict[str, Any], amortise_gap: int, muon: bool = False) -> str:
+    """The AdamW table of a preset (its ``rows``), or with ``muon`` its Muon table (``muon_rows``, over torch Muon)."""
+    ref, rows = ("xMuon", preset["muon_rows"]) if muon else ("xAdamW", preset["rows"])
+    head = ["optimizer", "state MiB", ref, "step ms", ref, "refresh ms", f"amort@{amortise_gap} ms", ref]
+    title = preset["title"] + (" -- Muon, over torch's Muon" if muon else "")
+    lines = [title, "  ".join(f"{h:>12}" if i else f"{h:<16}" for i, h in enumerate(head))]
+    for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['name']:<16}  not run: {r['reason']}")
             continue
@@ -259,7 +312,7 @@ def format_table(preset: dict[str, Any], amortise_gap: int) -> str:
         ]
         flag = "" if r["refresh_check"] in ("ok", "n/a") else "  (!) refresh schedule: " + r["refresh_check"]
         lines.append(f"{r['name']:<16}  " + "  ".join(f"{c:>12}" for c in cells) + flag)
-    for r in preset["rows"]:
+    for r in rows:
         if r["status"] == "ok" and r["name"] == COMPILED_ROW:
             lines.append(
                 f"  note: {r['name']}'s first step (state, subspace, compilation) took {r['first_step_ms']:.0f} ms"
@@ -292,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "dtype": args.dtype,
             "reference": peers.REFERENCE,
+            "muon_reference": MUON_REFERENCE,
             "weights": "the 2-D weights of the first `layers` decoder blocks; embeddings, lm_head, norms excluded",
         },
         "presets": {},
@@ -310,18 +364,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{(gap - 1) * args.refreshes} ordinary + {args.refreshes} refresh steps timed (gap {gap}), "
             f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads"
         )
-        runs = [Run(name, shapes, grads, cfg, args) for name in args.names]
+        runs = [Run(name, shapes, grads, cfg, args) for name in args.names + args.muon_names]
         for c in range(1 + args.refreshes):
             for run in runs:
                 run.cycle(c)
             print(f"  {preset}: cycle {c + 1}/{1 + args.refreshes} done", file=sys.stderr, flush=True)
         rows = [run.row() for run in runs]
         del runs
-        add_ratios(rows, args.amortise_gap)
+        rows, muon_rows = rows[: len(args.names)], rows[len(args.names) :]
         entry = {"title": title, "rank": rank, "weights": [{"name": n, "shape": list(s)} for n, s in named]}
         entry["rows"] = rows
+        if rows:
+            add_ratios(rows, args.amortise_gap)
+            print(format_table(entry, args.amortise_gap) + "\n", flush=True)
+        if muon_rows:
+            entry["muon_rows"] = muon_rows
+            add_ratios(muon_rows, args.amortise_gap, MUON_REFERENCE)
+            print(format_table(entry, args.amortise_gap, muon=True) + "\n", flush=True)
         result["presets"][preset] = entry
-        print(format_table(entry, args.amortise_gap) + "\n", flush=True)
         del grads
         gc.collect()
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
         window = max(1, len(r["curve"]) // 30)
         smoothed = conv.smooth(r["curve"], window)
         top = max(top, smoothed[len(smoothed) // 10])  # the warmup's losses would flatten the rest
-        style = "-" if r["name"] == "adamw" or r["name"].startswith("ours") else "--"
+        style = "-" if r["name"] in ("adamw", "muon", "trion") or r["name"].startswith("ours") else "--"
         curves.plot(smoothed, style, color=color, label=f"{r['name']} (lr {r['lr']:g})")
         trade.scatter(r["state_bytes"] / 2**20, r["val_mean"], color=color, label=r["name"])
         trade.errorbar(

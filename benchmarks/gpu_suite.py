@@ -388,7 +388,7 @@ def check_syncs(
 
 def block_shapes(preset: str) -> list[tuple[int, ...]]:
     """Every parameter's shape in one decoder block of ``preset``: the seven 2-D weights and the two norms."""
-    from lightning_lowrank.memory.plan import LlamaSkeleton, llama_preset
+    from lightning_lowrank.memory.presets import LlamaSkeleton, llama_preset
 
     if preset == "tiny":
         model = LlamaSkeleton(bench_optimizer_step.TINY, device="meta")

@@ -53,11 +53,33 @@ Rows (reference -> ours):
   ``hessian_beta`` = its beta2, ours ``betas[0]`` = its beta1, ours ``eps`` = its 1e-15 (it adds it to rho bs h, ours
   clamps rho h from below: the same where rho h >> 1e-15, and both give the sign step where h = 0); decoupled decay
   before the update on both sides.
+* torch.optim.Muon (lr 1e-2, weight decay 0.1, momentum 0.95, its defaults otherwise: Nesterov, 5 quintic steps, eps
+  1e-7) -> ``ProjectedOptimizer.from_optimizer`` on the same Muon. "muon (dense)": nothing projected (mask False),
+  torch's Newton-Schulz in bfloat16 on both sides: bit for bit. "muon (full basis)": every weight at rank = min(m, n)
+  = 16 with ``projector="svd"``, ``moments="rotate"``, ``ns_dtype="float64"`` (a full orthonormal basis, refreshed
+  every 4 steps), against Muon with ``torch.optim._muon._zeropower_via_newtonschulz`` replaced by the same iteration
+  in the gradient's dtype (``replaced``): Newton-Schulz commutes with an orthogonal change of basis, and the momentum
+  rotated into each new basis stays Muon's, so only rounding differs.
+* ista-daslab-optimizers ``Trion`` (one ``use_muon`` group: rank 4, lr, weight decay, momentum 0.95, scaling_type
+  "kj", ns_type "torch"; ``use_makhoul`` for the Makhoul rows) -> ``from_optimizer(torch.optim.Muon(...),
+  projected_rule="trion", rank=4, dct_scorer="matmul" | "fft", trion_scaling="kj", ns_dtype="float64")``. It cannot
+  run as published; ``trion_runnable`` does what tests/parity/test_trion_parity.py does: its ``GlobalCache`` filled at
+  (16, 4) with what its uncached path (a NameError) would store, Q = its ``dct3_matrix(16)`` computed in float64
+  (``dct_basis(16).T``; its own is computed in float32), Q^T for Makhoul; ``get_dct_matrix`` (called, defined
+  nowhere) a read of that cache; ``torch.distributed`` a world of one; torch's default dtype the run's (its Makhoul
+  twiddles follow it); ``wandb`` and ``utils.newton_schulz_triton`` stubbed for the import. Its Newton-Schulz
+  (bfloat16, X / (||X||_F + 1e-7)) is replaced by torch's form of the same iteration (X / max(||X||_F, 1e-7), ours)
+  in the run's dtype; with its eps form in float64 the rows differ by 1e-7 / ||X||_F relative at every step, which
+  dominates: "trion (matmul, its NS eps)". For a wide weight, Trion's Makhoul path scores with Q^T's columns but maps
+  back through Q's (``lightning_lowrank/optim/update/trion.py``), ours through the scoring columns: "trion (makhoul)"
+  is a documented deviation; "trion (makhoul, tall+square)" leaves the wide weight out of both optimizers (it stays
+  at its initial value, the gradients still flow through it), so it compares the tall and the square weight.
 
-Rows marked * run the installed code with one torch function replaced inside one of its modules (``torch_seen_by``):
-to take galore-torch's and fira's SVD in float64, and to isolate the two causes of DCTAdamW's differences, which the
-unpatched rows show: the slot order of ``torch.topk(sorted=False)``, and ``torch.matmul(w, R, out=w)`` in its
-``rotate_subspace``, whose output aliases its input (torch then computes a wrong product).
+Rows marked * run the installed code with one function replaced inside one of its modules: a torch function through
+``torch_seen_by``, to take galore-torch's and fira's SVD in float64, and to isolate the two causes of DCTAdamW's
+differences, which the unpatched rows show: the slot order of ``torch.topk(sorted=False)``, and ``torch.matmul(w, R,
+out=w)`` in its ``rotate_subspace``, whose output aliases its input (torch then computes a wrong product); Muon's and
+Trion's Newton-Schulz, and what Trion needs to run at all, through ``replaced``.
 
 Two comparisons are not of parameters:
 
@@ -104,9 +126,14 @@ from lightning_lowrank.optim.projection.bases import dct_basis, is_left  # noqa:
 from lightning_lowrank.schedule import RefreshPolicy, RefreshSchedule  # noqa: E402
 
 PATCH_NOTE = (
-    "the installed reference's own code, with one torch function replaced in its module for this run: galore-torch's "
+    "the installed reference's own code, with functions replaced in its modules for this run: galore-torch's "
     "and fira's projector read torch.float as float64 (so they decompose a float64 gradient in float64, not float32); "
-    "DCTAdamW's FFTLowRankProjector gets a sorted torch.topk, or a torch.matmul whose out= may alias an input."
+    "DCTAdamW's FFTLowRankProjector gets a sorted torch.topk, or a torch.matmul whose out= may alias an input; "
+    "torch.optim._muon's _zeropower_via_newtonschulz iterates in the gradient's dtype (float64), not bfloat16; "
+    "Trion's zeropower_via_newtonschulz5 is the same iteration in the run's dtype (float64), not bfloat16, in torch's "
+    "form (X / max(||X||_F, 1e-7), not X / (||X||_F + 1e-7)) unless 'with its eps', and Trion is made runnable: its "
+    "GlobalCache filled with its DCT matrix (computed in float64), get_dct_matrix (missing) a read of it, "
+    "torch.distributed a world of one."
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 PEER_PACKAGES = ("galore-torch", "q-galore-torch", "fira", "apollo-torch", "ista-daslab-optimizers", "sophia-opt")
@@ -123,6 +150,8 @@ QGALORE = dict(cos_threshold=0.4, gamma_proj=2, queue_size=5)
 STREAM_STEPS, QUICK_STREAM_STEPS, STREAM_RANK = 300, 120, 4
 DCT_SHAPES = {"tall": (40, 16), "wide": (16, 40), "square": (24, 24), "odd": (17, 33)}
 DCT_GRADIENTS, QUICK_DCT_GRADIENTS, DCT_RANK = 100, 20, 5
+MUON_MOMENTUM, TRION_RANK, TRION_SCALING = 0.95, 4, "kj"
+NS_COEFFICIENTS, NS_STEPS, NS_EPS = (3.4445, -4.7750, 2.0315), 5, 1e-7  # torch.optim.Muon's and Trion's
 
 
 # -- the model both sides train ------------------------------------------------------------------------------------
@@ -381,6 +410,179 @@ def sophia_ours(dtype: torch.dtype, steps: int) -> list[list[Tensor]]:
     return trajectory(make, dtype, steps, after=feed)
 
 
+# -- Muon and Trion ------------------------------------------------------------------------------------------------
+
+
+def newton_schulz(
+    X: Tensor,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    steps: int = NS_STEPS,
+    eps: float = NS_EPS,
+    eps_added: bool = False,
+) -> Tensor:
+    """torch.optim._muon's ``_zeropower_via_newtonschulz`` op for op, iterating in X's dtype where torch casts to
+    bfloat16. ``eps_added``: divide by ||X||_F + eps (Trion's ``zeropower_via_newtonschulz5``), not max(||X||_F, eps)
+    (torch's); Trion's writes the same iteration as b A + c A A and a X + B X."""
+    a, b, c = coefficients
+    tall = X.size(0) > X.size(1)
+    Y = X.T if tall else X
+    Y = Y / (Y.norm() + eps) if eps_added else Y.div(Y.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = Y @ Y.T
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        Y = torch.addmm(Y, update, Y, beta=a)
+    return Y.T if tall else Y
+
+
+@contextlib.contextmanager
+def replaced(module: Any, **attributes: Any) -> Iterator[None]:
+    """Run with ``module``'s ``attributes`` replaced (or added); restored (or removed) afterwards."""
+    missing = object()
+    saved = {name: getattr(module, name, missing) for name in attributes}
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
+
+
+def _torch_muon() -> types.ModuleType:
+    """``torch.optim._muon`` (torch.optim.Muon and its Newton-Schulz), imported as a peer is: torch before 2.9 has no
+    Muon (this package supports torch >= 2.4), and the Muon rows are then "not run"."""
+    return peers._import("torch", "optim._muon")
+
+
+def _muon_ns_in_run_dtype() -> contextlib.AbstractContextManager:
+    """torch.optim.Muon's Newton-Schulz (``torch.optim._muon._zeropower_via_newtonschulz``, bfloat16) replaced by the
+    same iteration in the gradient's dtype: float64 in the float64 run."""
+    return replaced(_torch_muon(), _zeropower_via_newtonschulz=newton_schulz)
+
+
+def muon_ref() -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    muon = _torch_muon().Muon
+    return lambda params: muon(params, lr=LR, weight_decay=WD, momentum=MUON_MOMENTUM)
+
+
+def muon_ours(projected: bool, **options: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    """Ours over torch.optim.Muon's groups (``from_optimizer``): every weight projected, or none."""
+
+    def make(params: list[Tensor]) -> torch.optim.Optimizer:
+        base = torch.optim.Muon(params, lr=LR, weight_decay=WD, momentum=MUON_MOMENTUM)
+        return ProjectedOptimizer.from_optimizer(base, lambda p: projected, **options)
+
+    return make
+
+
+class _OneProcess:
+    """``torch.distributed`` for a world of one: all_gather copies the tensor into each slot that is not itself."""
+
+    @staticmethod
+    def get_world_size() -> int:
+        return 1
+
+    @staticmethod
+    def get_rank() -> int:
+        return 0
+
+    @staticmethod
+    def all_gather(tensor_list: list[Tensor], tensor: Tensor) -> None:
+        for slot in tensor_list:
+            if slot is not tensor:
+                slot.copy_(tensor)
+
+
+def _import_trion() -> types.ModuleType:
+    """ista-daslab-optimizers' ``fft_low_rank.trion``, imported as tests/parity/test_trion_parity.py does: without
+    the package's ``__init__`` (``peers._import``), with ``wandb`` (imported, never used) and
+    ``utils.newton_schulz_triton`` (needs triton; only ``ns_type="triton"`` calls it) stubbed for the import only."""
+    name = "ista_daslab_optimizers.fft_low_rank.trion"
+    if name in sys.modules:
+        return sys.modules[name]
+    stubs: dict[str, types.ModuleType] = {}
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+        stubs["wandb"] = types.ModuleType("wandb")
+    triton_name = "ista_daslab_optimizers.utils.newton_schulz_triton"
+    if triton_name not in sys.modules:
+        stubs[triton_name] = types.ModuleType(triton_name)
+        stubs[triton_name].newton_schulz_triton = None  # type: ignore[attr-defined]
+    sys.modules.update(stubs)
+    try:
+        return peers._import("ista_daslab_optimizers", "fft_low_rank.trion")
+    finally:
+        for stub in stubs:
+            sys.modules.pop(stub, None)
+
+
+@contextlib.contextmanager
+def trion_runnable(mod: types.ModuleType, dtype: torch.dtype, makhoul: bool, eps_added: bool) -> Iterator[None]:
+    """What the reference Trion needs to run here, in ``dtype`` (see the module docstring): an empty ``GlobalCache``
+    filled at (d, rank) with what its uncached path would store (Q = its ``dct3_matrix(d)``, computed in float64 as
+    ``dct_basis(d).T``; Q^T for Makhoul), ``get_dct_matrix`` as a read of that cache, ``torch.distributed`` as a
+    world of one, its Newton-Schulz in ``dtype`` (not bfloat16; torch's form unless ``eps_added``) and torch's
+    default dtype set to ``dtype`` (its Makhoul twiddles follow it). All restored afterwards."""
+    cache = mod.GlobalCache
+    d = min(SHAPES[0])
+    Q = dct_basis(d, dtype=dtype).T.contiguous()
+
+    def get_dct_matrix(size: int, key: tuple[int, int], device: Any, dtype: torch.dtype) -> Tensor:
+        return cache.get(category="ortho", key=key)
+
+    def zeropower(G: Tensor, steps: int) -> Tensor:
+        return newton_schulz(G, steps=steps, eps_added=eps_added)
+
+    default = torch.get_default_dtype()
+    with replaced(cache, _instance=None):
+        cache.add(category="ortho", key=(d, TRION_RANK), item=Q.T if makhoul else Q)
+        with replaced(mod, get_dct_matrix=get_dct_matrix, dist=_OneProcess, zeropower_via_newtonschulz5=zeropower):
+            torch.set_default_dtype(dtype)
+            try:
+                yield
+            finally:
+                torch.set_default_dtype(default)
+
+
+def _trion_weights(params: list[Tensor], tall_square: bool) -> list[Tensor]:
+    """The weights the optimizer trains: all, or (``tall_square``) all but the wide one, which then stays at its
+    initial value on both sides."""
+    return [p for p in params if not (tall_square and is_left(p.shape))]
+
+
+def trion_reference(
+    makhoul: bool, eps_added: bool = False, tall_square: bool = False
+) -> Callable[[torch.dtype, int], list[list[Tensor]]]:
+    def run(dtype: torch.dtype, steps: int) -> list[list[Tensor]]:
+        mod = _import_trion()
+
+        def make(params: list[Tensor]) -> torch.optim.Optimizer:
+            group = {
+                "params": _trion_weights(params, tall_square), "use_muon": True, "rank": TRION_RANK,
+                "ns_type": "torch", "use_makhoul": makhoul, "lr": LR, "momentum": MUON_MOMENTUM,
+                "weight_decay": WD, "scaling_type": TRION_SCALING,
+            }  # fmt: skip
+            return mod.Trion([group])
+
+        with trion_runnable(mod, dtype, makhoul, eps_added):
+            return trajectory(make, dtype, steps)
+
+    return run
+
+
+def trion_ours(scorer: str, tall_square: bool = False) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    def make(params: list[Tensor]) -> torch.optim.Optimizer:
+        base = torch.optim.Muon(_trion_weights(params, tall_square), lr=LR, weight_decay=WD, momentum=MUON_MOMENTUM)
+        return ProjectedOptimizer.from_optimizer(
+            base, lambda p: True, rank=TRION_RANK, projected_rule="trion", ns_dtype="float64", dct_scorer=scorer,
+            trion_scaling=TRION_SCALING,
+        )  # fmt: skip
+
+    return make
+
+
 # -- the parameter rows ---------------------------------------------------------------------------------------------
 
 
@@ -404,6 +606,12 @@ def param_cases() -> list[ParamCase]:
     galore64 = partial(_svd_in_float64, "galore_torch", "galore_projector")
     fira64 = partial(_svd_in_float64, "fira", "gradient_projection")
     dct = dict(projector="dct", dct_norm="l1")
+    full = min(SHAPES[0])
+    muon_full = dict(rank=full, projector="svd", moments="rotate", ns_dtype="float64", update_gap=GAP)
+
+    def trion_keys(scorer: str) -> str:
+        return f"trion, dct_scorer {scorer}, rank {TRION_RANK}, trion_scaling {TRION_SCALING}, ns_dtype float64"
+
     return [
         ParamCase(
             "galore", "galore-torch GaLoreAdamW, scale 0.25 (SVD in float64*)", "svd, residual none, adam_form hf",
@@ -469,7 +677,8 @@ def param_cases() -> list[ParamCase]:
             _reference(lambda: dct_adamw_ref("matmul", rotate=True, exact_basis=True)),
             _traj(lambda: _ours(moments="rotate", **dct), before=dct_lagged_schedule),
             deviation="a bug in the reference: FFTLowRankProjector.rotate_subspace runs torch.matmul(w, R, out=w), "
-            "whose output aliases its input, so its rotated moments are wrong at every refresh after the first",
+            "whose output aliases its input; some CPU kernels then rotate the moments wrongly at every refresh after "
+            "the first (1.2e-1 on the 2026-12-01 machine), others happen to get it right (AVX-512 MKL: at float64)",
         ),
         ParamCase(
             "dct-adamw (makhoul)", "DCTAdamW makhoul (always l1), its own Q, topk sorted*",
@@ -483,6 +692,42 @@ def param_cases() -> list[ParamCase]:
             "sophia", f"sophia-opt SophiaG, rho {SOPHIA_RHO}, bs {SOPHIA_BS}, on Z = W B",
             f"lazy_hessian, hessian_bias_correction False, rho {SOPHIA_RHO * SOPHIA_BS:g}, rank 16 dct, rotate",
             sophia_reference, sophia_ours,
+        ),
+        ParamCase(
+            "muon (dense)", "torch.optim.Muon (as installed: Newton-Schulz in bfloat16)", "muon, nothing projected",
+            _reference(muon_ref), _traj(lambda: muon_ours(False)),
+        ),
+        ParamCase(
+            "muon (full basis)", "torch.optim.Muon, Newton-Schulz in float64*",
+            f"muon, rank {full} svd, moments rotate, ns_dtype float64",
+            _reference(muon_ref, _muon_ns_in_run_dtype),
+            _traj(lambda: muon_ours(True, **muon_full)),
+        ),
+        ParamCase(
+            "trion (matmul)", f"ista-daslab Trion, rank {TRION_RANK}, {TRION_SCALING}, runnable, NS in float64*",
+            trion_keys("matmul"), trion_reference(makhoul=False), _traj(lambda: trion_ours("matmul")),
+        ),
+        ParamCase(
+            "trion (matmul, its NS eps)",
+            f"ista-daslab Trion, rank {TRION_RANK}, {TRION_SCALING}, runnable, NS in float64 with its eps*",
+            trion_keys("matmul"), trion_reference(makhoul=False, eps_added=True), _traj(lambda: trion_ours("matmul")),
+            deviation="Trion's Newton-Schulz divides by ||X||_F + 1e-7, torch's (ours) by max(||X||_F, 1e-7): a "
+            "relative 1e-7 / ||X||_F apart at every step",
+        ),
+        ParamCase(
+            "trion (makhoul)",
+            f"ista-daslab Trion use_makhoul, rank {TRION_RANK}, {TRION_SCALING}, runnable, NS in float64*",
+            trion_keys("fft"), trion_reference(makhoul=True), _traj(lambda: trion_ours("fft")),
+            deviation="for a wide weight Trion scores with Q^T's columns (the DCT-II of M's columns) but maps back, "
+            "in its error feedback and its update, through Q's (it caches Q^T for Makhoul and reads rows of it); ours "
+            "maps back through the scoring columns (lightning_lowrank/optim/update/trion.py)",
+        ),
+        ParamCase(
+            "trion (makhoul, tall+square)",
+            f"ista-daslab Trion use_makhoul, rank {TRION_RANK}, {TRION_SCALING}, runnable, NS in float64*; "
+            "wide weight frozen",
+            trion_keys("fft") + "; wide weight frozen",
+            trion_reference(makhoul=True, tall_square=True), _traj(lambda: trion_ours("fft", tall_square=True)),
         ),
     ]  # fmt: skip
 

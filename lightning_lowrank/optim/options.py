@@ -17,7 +17,7 @@ import torch
 import torch.optim
 
 from lightning_lowrank.optim.checks import check_choice, check_compile, check_fraction, check_int, check_positive
-from lightning_lowrank.optim.projection.bases import PROJECTORS, SIDES
+from lightning_lowrank.optim.projection.bases import PROJECTORS, SIDES, SVD_SIGNS
 from lightning_lowrank.optim.update.muon import ADJUST_LR_FNS, NS_DTYPES
 from lightning_lowrank.optim.update.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
 from lightning_lowrank.optim.update.rules import ADAM_FORMS
@@ -75,6 +75,9 @@ class ProjectionOptions:
         chooses P from: ``complement`` ((I - U Uᵀ) G (I - V Vᵀ), the part of it the protection lets through, so no
         rank is spent on directions the confinement removes; better with SVD in docs/benchmarks.md's continual
         study, the same with the DCT) or ``gradient`` (as it is).
+    svd_signs: the sign of each column of an SVD-derived P (``svd``, ``rsvd``, ``online_pca``'s refresh): ``none``
+        (as the decomposition returns them, galore-torch's) or ``max_abs`` (each column's largest entry positive:
+        the same P for gradients that differ by rounding, so moments kept across a refresh keep their meaning).
     """
 
     rank: int | None = 128
@@ -93,6 +96,7 @@ class ProjectionOptions:
     pca_lr: float = 0.1
     side: str = "auto"
     protected_refresh: str = "complement"
+    svd_signs: str = "none"
 
     def __post_init__(self) -> None:
         rank = self.rank
@@ -109,6 +113,7 @@ class ProjectionOptions:
         check_choice("projector_bits", self.projector_bits, (None, 4, 8))
         check_choice("side", self.side, SIDES)
         check_choice("protected_refresh", self.protected_refresh, PROTECTED_REFRESH)
+        check_choice("svd_signs", self.svd_signs, SVD_SIGNS)
         check_choice("dct_scorer", self.dct_scorer, DCT_SCORERS)
         check_choice("dct_norm", self.dct_norm, DCT_NORMS)
         check_choice("dct_type", self.dct_type, (2, 3))

@@ -88,8 +88,22 @@ def project_back(low_rank: Tensor, P: Tensor, full_shape: torch.Size, side: str 
     return P @ low_rank if is_left(full_shape, side) else low_rank @ P.T
 
 
-def svd_projection(grad: Tensor, rank: int, side: str = "auto") -> Tensor:
-    """Top-``rank`` singular vectors of ``grad`` on its projected side (GaLore: the smaller one).
+SVD_SIGNS = ("none", "max_abs")
+
+
+def signed(P: Tensor, signs: str) -> Tensor:
+    """P's columns with a deterministic sign: ``"max_abs"`` makes each column's largest-magnitude entry positive
+    (scikit-learn's ``svd_flip``), so two decompositions of gradients that differ by rounding give the same P rather
+    than columns of opposite sign; ``"none"``: as the decomposition returned them (galore-torch's). No host read."""
+    if signs == "none":
+        return P
+    peak = P.gather(0, P.abs().argmax(dim=0, keepdim=True))
+    return P * torch.where(peak < 0, -1.0, 1.0).to(P.dtype)
+
+
+def svd_projection(grad: Tensor, rank: int, side: str = "auto", signs: str = "none") -> Tensor:
+    """Top-``rank`` singular vectors of ``grad`` on its projected side (GaLore: the smaller one), with ``signs``'s
+    convention (``signed``).
 
     Half-precision gradients are decomposed in float32 (CPU has no bf16 SVD); P is returned in the
     gradient's dtype.
@@ -97,7 +111,7 @@ def svd_projection(grad: Tensor, rank: int, side: str = "auto") -> Tensor:
     work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
     U, _, Vh = torch.linalg.svd(work, full_matrices=False)
     P = U[:, :rank] if is_left(grad.shape, side) else Vh[:rank].T
-    return P.to(grad.dtype).contiguous()
+    return signed(P, signs).to(grad.dtype).contiguous()
 
 
 def dct_basis(size: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
@@ -153,7 +167,13 @@ def dct_select(grad: Tensor, rank: int, basis: Tensor, norm: str = "l2", side: s
 
 
 def randomized_svd_projection(
-    grad: Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator, side: str = "auto"
+    grad: Tensor,
+    rank: int,
+    oversample: int,
+    niter: int,
+    generator: torch.Generator,
+    side: str = "auto",
+    signs: str = "none",
 ) -> Tensor:
     """Top-``rank`` singular vectors of ``grad`` on its projected side by randomized SVD (Halko et al. 2011).
 
@@ -170,7 +190,7 @@ def randomized_svd_projection(
     for _ in range(niter):
         Q = torch.linalg.qr(A @ torch.linalg.qr(A.T @ Q).Q).Q
     U_small, _, _ = torch.linalg.svd(Q.T @ A, full_matrices=False)
-    return (Q @ U_small[:, :rank]).to(grad.dtype).contiguous()
+    return signed(Q @ U_small[:, :rank], signs).to(grad.dtype).contiguous()
 
 
 def random_orthonormal(

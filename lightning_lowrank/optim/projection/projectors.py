@@ -126,8 +126,8 @@ class SVDProjector(Projector):
     STATE_KEYS = MATRIX_STATE  # P, or its codes, scale and zero under projector_bits
 
     def refresh(self, param, grad, state, ctx):
-        dtype = ctx.dtype_for(param)
-        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank, ctx.side).to(dtype), ctx)
+        dtype, signs = ctx.dtype_for(param), ctx.group["svd_signs"]
+        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank, ctx.side, signs).to(dtype), ctx)
 
 
 class RandomizedSVDProjector(Projector):
@@ -140,7 +140,8 @@ class RandomizedSVDProjector(Projector):
         group, dtype = ctx.group, ctx.dtype_for(param)
         work = decomposed(grad, dtype)
         oversample, niter = group["rsvd_oversample"], group["rsvd_niter"]
-        P = randomized_svd_projection(work, ctx.rank, oversample, niter, ctx.generator(work.device), ctx.side)
+        generator, signs = ctx.generator(work.device), group["svd_signs"]
+        P = randomized_svd_projection(work, ctx.rank, oversample, niter, generator, ctx.side, signs)
         store_matrix(state, P.to(dtype), ctx)
 
 
@@ -240,8 +241,8 @@ class OnlinePCAProjector(Projector):
     STATE_KEYS = MATRIX_STATE  # P, or its codes, scale and zero under projector_bits
 
     def refresh(self, param, grad, state, ctx):
-        dtype = ctx.dtype_for(param)
-        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank, ctx.side).to(dtype), ctx)
+        dtype, signs = ctx.dtype_for(param), ctx.group["svd_signs"]
+        store_matrix(state, svd_projection(decomposed(grad, dtype), ctx.rank, ctx.side, signs).to(dtype), ctx)
 
     def after_update(self, param, grad, state, ctx):
         P = load_matrix(param, state, ctx)
