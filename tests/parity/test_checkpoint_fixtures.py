@@ -55,6 +55,7 @@ ADDED_GROUP_OPTIONS = {
     "ns_steps": 5,
     "adjust_lr_fn": None,
     "trion_scaling": None,
+    "svd_signs": "none",
 }
 V010_COMMIT = "48c10d76a6fe4ee26d29ba3ccfc31f68bf662269"
 
