@@ -397,14 +397,8 @@ def train(name: str, run: Run, data: StdlibDataModule, args: argparse.Namespace)
     except peers.PeerUnavailable as why:
         return Result(name, run, not_run=str(why))
     if run.who in ("ours", "ours-muon"):
-        strategy = lightning_lowrank.LowRankStrategy(
-            rank=rank_of(args),
-            update_gap=args.update_gap,
-            scale=run.scale,
-            seed=args.seed,
-            memory_report=False,
-            **run.options,
-        )
+        options = {"rank": rank_of(args), "update_gap": args.update_gap, **run.options}  # a run may set its own
+        strategy = lightning_lowrank.LowRankStrategy(scale=run.scale, seed=args.seed, memory_report=False, **options)
     curve = LossCurve()
     callbacks: list[Any] = [curve]
     if run.refresh is not None:

@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="the shared lr grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--tune-steps", type=int, default=300)
+    parser.add_argument(
+        "--widen",
+        type=int,
+        default=0,
+        help="where a method's best lr is on the grid's edge, try up to this many more lrs past it (the grid's ratio)",
+    )
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--update-gap", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -138,20 +144,40 @@ def tune(
     grid = {} if grid is None else grid
     for name in args.methods:
         losses = grid.setdefault(name, {})
-        for lr in args.lrs:
+        lrs, widened = list(args.lrs), 0
+        while lrs:
+            lr = lrs.pop(0)
             result = _run(name, lr, args.seeds[0], args.tune_steps, args)
             if result.not_run:
                 log(f"tune {name}: not run: {result.not_run}")
                 break
             losses[lr] = math.inf if result.diverged else result.val_loss
             log(f"tune {name} lr {lr:g}: val {result.val_loss:.4f}")
+            if not lrs and widened < getattr(args, "widen", 0):  # the optimum on the grid's edge: one lr past it
+                finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+                edge = _beyond_edge(sorted(losses), min(finite, key=finite.get) if finite else None)
+                if edge is not None:
+                    lrs, widened = [edge], widened + 1
         finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
         best[name] = min(finite, key=finite.get) if finite else None
     return best
 
 
+def _beyond_edge(tried: list[float], best: float | None) -> float | None:
+    """The next lr past the grid's edge where the best lr sits on it (the grid's own ratio), else None."""
+    if best is None or len(tried) < 2:
+        return None
+    if best == tried[-1]:
+        return tried[-1] * tried[-1] / tried[-2]
+    if best == tried[0]:
+        return tried[0] * tried[0] / tried[1]
+    return None
+
+
 def tuning_table(grid: dict[str, dict[float, float]], lrs: list[float]) -> str:
-    """Every method's seed-0 validation loss at each lr of the grid, its best in bold: where the optimum sits."""
+    """Every method's seed-0 validation loss at each lr of the grid (and any ``--widen`` added), its best in bold:
+    where the optimum sits."""
+    lrs = sorted(set(lrs).union(*(g.keys() for g in grid.values())))
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for name, losses in grid.items():
         finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}

@@ -1,0 +1,294 @@
+"""DCT against SVD at equal optimizer memory and equal time (issue 27): the frontier of loss against state bytes.
+
+Every configuration goes through ``bench_tuned.py`` (its resumable cache, its shared lr grid): each lr is tuned at the
+full training horizon (``--tune-steps`` = ``--max-steps``, so the tuning run of seed 0 is also its evaluation run),
+the grid is widened past its edge wherever the optimum lands on it (``--widen``), and AdamW gets the same treatment.
+The configurations (``configs``), on top of the harness's settings (scale 0.25, GaLore's recipe, for ours):
+
+* SVD at ranks d/8, d/4, d/2 (the memory points), each refreshed every 200 (GaLore's default) or 50 steps with the
+  moments kept, and every 50 with them rotated; ``svd_signs="max_abs"`` at d/4 for the two kept-moment gaps.
+* DCT at *equal bytes*: at each memory point, the largest rank whose optimizer state (the planner's figure, which the
+  report measures) is no more than SVD's at that point. At d/4's point: refresh gap {10, 25, 50, 100, 200} x
+  moments {keep, rotate, reset}; at the other points gaps 10 and 50 with rotated or kept moments. DCT's scorer and
+  norm (``fft``, ``l1``) at d/4's point; DCT at SVD's rank (the equal-rank comparison of the earlier study).
+* Fira's residual on each basis at d/4's point.
+
+Equal time is measured apart (``--time``): every configuration for ``--time-steps`` steps of the same model, one
+process, nothing else running, which gives seconds per step with the refreshes amortised at each one's own gap.
+
+    python benchmarks/bench_frontier.py --model small --part 0/2 &   # two single-threaded processes,
+    python benchmarks/bench_frontier.py --model small --part 1/2     # one cache (resumable)
+    python benchmarks/bench_frontier.py --model small --time         # timing, alone on the machine
+    python benchmarks/bench_frontier.py --model small --report       # tables and the plot from the caches
+
+Results: ``benchmarks/results/frontier_<model>.json`` / ``.md`` / ``.png``; runs in ``frontier_runs.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import bench_convergence as conv  # noqa: E402
+import bench_tuned  # noqa: E402
+from byte_lm import SIZES, ByteLM  # noqa: E402
+
+import lightning_lowrank  # noqa: E402
+
+RESULTS = HERE / "results"
+GAPS = (10, 25, 50, 100, 200)
+MOMENTS = ("keep", "rotate", "reset")
+
+
+def state_bytes(model: str, **options: Any) -> int:
+    """The optimizer state ``LowRankStrategy(**options)`` holds for ByteLM ``model`` (the planner: no training)."""
+    return lightning_lowrank.plan(ByteLM(SIZES[model]), **options).report.optimizer_state_bytes
+
+
+def equal_memory_rank(model: str, svd_rank: int, **dct: Any) -> int:
+    """The largest DCT rank whose state is at most SVD's at ``svd_rank`` (the DCT keeps r indices, SVD a d x r P)."""
+    budget = state_bytes(model, rank=svd_rank, projector="svd")
+    rank = svd_rank
+    while state_bytes(model, rank=rank + 1, projector="dct", **dct) <= budget:
+        rank += 1
+    return rank
+
+
+def _run(name: str, options: dict[str, Any], recipe: str) -> str:
+    conv.RUNS[name] = conv.Run("ours", 1e-2, 0.25, options, recipe)
+    return name
+
+
+def configs(model: str) -> dict[str, list[str]]:
+    """The study's configurations by table, registered in ``bench_convergence.RUNS`` (names carry every setting)."""
+    d = SIZES[model].d_model
+    points = (d // 8, d // 4, d // 2)
+    middle = points[1]
+    tables: dict[str, list[str]] = {"adamw": ["adamw"], "svd": [], "dct": [], "dct_grid": [], "variants": []}
+    for r in points:
+        for gap, moments in ((200, "keep"), (50, "keep"), (50, "rotate")):
+            options = dict(projector="svd", rank=r, update_gap=gap, moments=moments)
+            tables["svd"].append(_run(f"svd-r{r}-g{gap}-{moments}", options, f"SVD rank {r}, gap {gap}, {moments}"))
+        dct_rank = equal_memory_rank(model, r)
+        grid = [(g, m) for g in GAPS for m in MOMENTS] if r == middle else [(10, "rotate"), (50, "keep")]
+        for gap, moments in grid:
+            options = dict(projector="dct", rank=dct_rank, update_gap=gap, moments=moments)
+            name = _run(f"dct-r{dct_rank}-g{gap}-{moments}", options, f"DCT at SVD rank {r}'s bytes")
+            tables["dct_grid" if r == middle else "dct"].append(name)
+    dct_rank = equal_memory_rank(model, middle)
+    tables["variants"] = [
+        _run(f"dct-r{middle}-g50-keep", dict(projector="dct", rank=middle, update_gap=50), "DCT at SVD's rank"),
+        *(
+            _run(f"svd-r{middle}-g{g}-keep-maxabs",
+                 dict(projector="svd", rank=middle, update_gap=g, svd_signs="max_abs"),
+                 "SVD, deterministic column signs")
+            for g in (200, 50)
+        ),
+        *(
+            _run(f"dct-r{dct_rank}-g10-rotate-{scorer}-{norm}",
+                 dict(projector="dct", rank=dct_rank, update_gap=10, moments="rotate", dct_scorer=scorer,
+                      dct_norm=norm),
+                 f"DCT, {scorer} scorer, {norm} norm (the matmul scorer's equal-bytes rank)")
+            for scorer, norm in (("fft", "l2"), ("matmul", "l1"), ("fft", "l1"))
+        ),
+        _run(f"svd-r{middle}-g200-keep-fira", dict(projector="svd", rank=middle, update_gap=200, residual="fira"),
+             "SVD + Fira's residual"),
+        _run(f"dct-r{dct_rank}-g10-rotate-fira",
+             dict(projector="dct", rank=dct_rank, update_gap=10, moments="rotate", residual="fira"),
+             "DCT + Fira's residual"),
+    ]  # fmt: skip
+    return tables
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(SIZES), default="small")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 500 small, 1000 medium)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 small, 4 medium")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--widen", type=int, default=2, help="lrs tried past the grid's edge (bench_tuned.py)")
+    parser.add_argument("--part", default="0/1", help="K/N: this process runs every N-th configuration from K")
+    parser.add_argument("--cache", default=str(RESULTS / "frontier_runs.jsonl"))
+    parser.add_argument("--time", action="store_true", help="time every configuration (run alone)")
+    parser.add_argument("--time-steps", type=int, default=200)
+    parser.add_argument("--report", action="store_true", help="tables and plot from the caches")
+    parser.add_argument("--list", action="store_true", help="print the configurations and their state, and stop")
+    parser.add_argument("--only", nargs="+", default=None, help="run or time only these configurations")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (500 if args.model == "small" else 1000)
+    args.batch_size = args.batch_size or (16 if args.model == "small" else 4)
+    return args
+
+
+def tuned_argv(args: argparse.Namespace, methods: list[str], json_path: str) -> list[str]:
+    return [
+        "--model", args.model, "--batch-size", str(args.batch_size), "--val-batches", "16",
+        "--tune-steps", str(args.steps), "--max-steps", str(args.steps), "--widen", str(args.widen),
+        "--seeds", *map(str, args.seeds), "--lrs", *map(str, args.lrs), "--threads", "1",
+        "--cache", args.cache, "--png", "", "--json", json_path, "--methods", *methods,
+    ]  # fmt: skip
+
+
+def run_part(args: argparse.Namespace, names: list[str]) -> None:
+    k, n = (int(x) for x in args.part.split("/"))
+    middle = SIZES[args.model].d_model // 4
+    first = (f"-r{middle}-", f"-r{equal_memory_rank(args.model, middle)}-")  # d/4's memory point first
+    names = sorted(names, key=lambda name: (name != "adamw", not any(tag in name for tag in first)))
+    mine = names[k::n]
+    for name in mine:  # one at a time, so a finished configuration is a finished row
+        bench_tuned.main(tuned_argv(args, [name], f"/tmp/frontier_{args.model}_{k}.json"))
+
+
+def time_configs(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
+    """Seconds per step of each configuration, refreshes amortised at its gap (``--time-steps`` steps, seed 0)."""
+    out = RESULTS / f"frontier_{args.model}_timing.json"
+    timing = json.loads(out.read_text()) if out.exists() else {}
+    for name in names:
+        if name in timing:
+            continue
+        run_args = argparse.Namespace(
+            model=args.model, config=SIZES[args.model], seed=0, max_steps=args.time_steps, update_gap=100
+        )
+        data = bench_tuned.StdlibDataModule(
+            block_size=SIZES[args.model].block_size, batch_size=args.batch_size,
+            train_samples=args.time_steps * args.batch_size, val_samples=args.batch_size, seed=0,
+        )  # fmt: skip
+        data.setup("fit")
+        start = time.perf_counter()
+        result = conv.train(name, conv.RUNS[name], data, run_args)
+        timing[name] = result.seconds / args.time_steps
+        print(f"{name}: {timing[name] * 1e3:.1f} ms/step ({time.perf_counter() - start:.0f} s)", flush=True)
+        out.write_text(json.dumps(timing, indent=1))
+    return timing
+
+
+def _cell(row: dict[str, Any]) -> str:
+    return f"{row['val_mean']:.4f} ({row['val_min']:.4f} - {row['val_max']:.4f})"
+
+
+def _apart(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Whether two rows' seed ranges do not overlap: a difference larger than the spread."""
+    if a["val_max"] < b["val_min"]:
+        return "lower, beyond the spread"
+    if b["val_max"] < a["val_min"]:
+        return "higher, beyond the spread"
+    return "within the spread"
+
+
+def report(args: argparse.Namespace, tables: dict[str, list[str]]) -> str:
+    names = [n for group in tables.values() for n in group]
+    json_path = str(RESULTS / f"frontier_{args.model}_tuned.json")
+    rows = {r["name"]: r for r in bench_tuned.main(tuned_argv(args, names, json_path))}
+    timing_path = RESULTS / f"frontier_{args.model}_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    adamw = rows["adamw"]
+    mib = 2**20
+    lines = [f"Model {args.model}, {args.steps} steps, seeds {args.seeds}, lr grid {args.lrs} widened by up to "
+             f"{args.widen}; tuned AdamW {_cell(adamw)} at lr {adamw['lr']:g}.", ""]  # fmt: skip
+    lines += ["Equal memory: the best SVD and the best DCT configuration at each memory point.", "",
+              "| SVD rank | state | best SVD | val loss | best DCT (equal bytes) | state | val loss | DCT vs SVD |",
+              "|---:|---:|---|---|---|---:|---|---|"]  # fmt: skip
+    d = SIZES[args.model].d_model
+    frontier: dict[str, list[tuple[float, float]]] = {"svd": [], "dct": []}
+    for r in (d // 8, d // 4, d // 2):
+        svd = min((rows[n] for n in tables["svd"] if f"-r{r}-" in n), key=lambda x: x["val_mean"])
+        dct_rank = equal_memory_rank(args.model, r)
+        candidates = [rows[n] for n in tables["dct"] + tables["dct_grid"] if n.startswith(f"dct-r{dct_rank}-")]
+        dct = min(candidates, key=lambda x: x["val_mean"])
+        frontier["svd"].append((svd["state_bytes"] / mib, svd["val_mean"]))
+        frontier["dct"].append((dct["state_bytes"] / mib, dct["val_mean"]))
+        lines.append(
+            f"| {r} | {svd['state_bytes'] / mib:.2f} MiB | {svd['name']} (lr {svd['lr']:g}) | {_cell(svd)} "
+            f"| {dct['name']} (lr {dct['lr']:g}) | {dct['state_bytes'] / mib:.2f} MiB | {_cell(dct)} "
+            f"| {_apart(dct, svd)} |"
+        )
+    lines += ["", "DCT at SVD rank d/4's bytes: mean validation loss by refresh gap and moments.", "",
+              "| gap | " + " | ".join(MOMENTS) + " |", "|---:|" + "---|" * len(MOMENTS)]  # fmt: skip
+    grid = {n: rows[n] for n in tables["dct_grid"]}
+    for gap in GAPS:
+        cells = [next((_cell(r) for n, r in grid.items() if f"-g{gap}-{m}" in n), "-") for m in MOMENTS]
+        lines.append(f"| {gap} | " + " | ".join(cells) + " |")
+    lines += ["", "Every configuration (seeds' mean, min - max; state; seconds per step timed alone).", "",
+              "| configuration | lr | val loss | / AdamW | state | ms / step |",
+              "|---|---:|---|---:|---:|---:|"]  # fmt: skip
+    for name in names:
+        r = rows[name]
+        ms = f"{timing[name] * 1e3:.1f}" if name in timing else "-"
+        lines.append(
+            f"| {name} | {r['lr']:g} | {_cell(r)} | {r['vs_adamw']:.3f} | {r['state_bytes'] / mib:.2f} MiB | {ms} |"
+        )
+    if timing:
+        lines += ["", "Equal time: the best configuration of each projector whose step (refreshes amortised) is no "
+                  "slower than the SVD configuration's.", "", "| SVD | ms / step | val loss | best DCT no slower "
+                  "| ms / step | val loss | DCT vs SVD |", "|---|---:|---|---|---:|---|---|"]  # fmt: skip
+        for svd_name in tables["svd"]:
+            if svd_name not in timing:
+                continue
+            svd = rows[svd_name]
+            fast = [rows[n] for n in tables["dct"] + tables["dct_grid"] if timing.get(n, math.inf) <= timing[svd_name]]
+            if not fast:
+                continue
+            dct = min(fast, key=lambda x: x["val_mean"])
+            lines.append(
+                f"| {svd_name} | {timing[svd_name] * 1e3:.1f} | {_cell(svd)} | {dct['name']} "
+                f"| {timing[dct['name']] * 1e3:.1f} | {_cell(dct)} | {_apart(dct, svd)} |"
+            )
+    text = "\n".join(lines)
+    (RESULTS / f"frontier_{args.model}.md").write_text(text + "\n")
+    _plot(frontier, adamw, args)
+    return text
+
+
+def _plot(frontier: dict[str, list[tuple[float, float]]], adamw: dict[str, Any], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for projector, points in frontier.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=f"{projector} (best configuration at each memory point)")
+    ax.scatter([adamw["state_bytes"] / 2**20], [adamw["val_mean"]], marker="x", color="black", label="AdamW")
+    ax.set_xlabel("optimizer state (MiB)")
+    ax.set_ylabel(f"validation loss, mean of {len(args.seeds)} seeds")
+    ax.set_title(f"Byte LM ({args.model}): loss against optimizer memory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"frontier_{args.model}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    tables = configs(args.model)
+    names = [n for group in tables.values() for n in group]
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; --list shows them")
+        names = [n for n in names if n in args.only]
+    if args.list:
+        for name in names:
+            options = conv.RUNS[name].options
+            state = state_bytes(args.model, **options) if options else None
+            print(f"{name:40s} {'' if state is None else f'{state / 2**20:.3f} MiB'}")
+        return
+    if args.time:
+        time_configs(args, names)
+    elif args.report:
+        print(report(args, tables))
+    else:
+        run_part(args, names)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The frontier study's harness (benchmarks/bench_frontier.py, bench_tuned.py): equal-memory ranks and the lr grid
+widened past its edge."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+from tests import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_frontier as frontier  # noqa: E402
+import bench_tuned  # noqa: E402
+
+
+def test_the_equal_memory_dct_rank_is_the_largest_within_svds_bytes():
+    """Small ByteLM at SVD rank 16: the DCT rank found holds no more state than SVD, one rank more would; and its
+    bytes are what a by-hand count predicts: the same moments at rank r per weight, r int64 indices in place of a
+    d x r float32 P, plus the shared d x d bases (d = 128 and 352)."""
+    svd = frontier.state_bytes("small", rank=16, projector="svd")
+    r = frontier.equal_memory_rank("small", 16)
+    assert frontier.state_bytes("small", rank=r, projector="dct") <= svd
+    assert frontier.state_bytes("small", rank=r + 1, projector="dct") > svd
+    dct16 = frontier.state_bytes("small", rank=16, projector="dct")
+    # 4 blocks x (q, k, v, o: P 128 x 16; gate, up: 352 x 128 -> P 128 x 16; down 128 x 352 -> P 128 x 16)
+    p_bytes = 4 * 7 * 128 * 16 * 4
+    index_bytes = 4 * 7 * 16 * 8
+    shared = (128 * 128) * 4
+    assert svd - dct16 == p_bytes - index_bytes - shared
+
+
+def _args(widen: int) -> SimpleNamespace:
+    return SimpleNamespace(methods=["m"], lrs=[1e-3, 3e-3, 1e-2], seeds=[0], tune_steps=1, widen=widen)
+
+
+def _fake_runs(monkeypatch, loss_of):
+    tried = []
+
+    def run(name, lr, seed, steps, args):
+        tried.append(lr)
+        return SimpleNamespace(not_run="", diverged=False, val_loss=loss_of(lr))
+
+    monkeypatch.setattr(bench_tuned, "_run", run)
+    return tried
+
+
+def test_the_grid_is_widened_while_the_best_lr_is_on_its_edge(monkeypatch):
+    tried = _fake_runs(monkeypatch, lambda lr: abs(lr - 0.05))  # best at 0.05: beyond the grid's top
+    best = bench_tuned.tune(_args(widen=2), log=lambda *_: None)
+    assert len(tried) == 5 and tried[3] == 1e-2 * 1e-2 / 3e-3 and best["m"] == tried[3]  # 0.033, then 0.11: inside
+
+
+def test_the_grid_is_not_widened_where_the_best_is_inside_or_widen_is_zero(monkeypatch):
+    tried = _fake_runs(monkeypatch, lambda lr: abs(lr - 3e-3))
+    assert bench_tuned.tune(_args(widen=2), log=lambda *_: None)["m"] == 3e-3 and len(tried) == 3
+    tried = _fake_runs(monkeypatch, lambda lr: abs(lr - 0.05))
+    assert bench_tuned.tune(_args(widen=0), log=lambda *_: None)["m"] == 1e-2 and len(tried) == 3
