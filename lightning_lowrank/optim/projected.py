@@ -278,8 +278,7 @@ class ProjectedOptimizer(Optimizer):
     def _mask(self, group: dict[str, Any]) -> list[bool]:
         if group["rank"] is None:
             return [False] * len(group["params"])
-        mask = group["lowrank_mask"]  # None: every 2-D parameter
-        return [p.ndim == 2 for p in group["params"]] if mask is None else mask
+        return [p.ndim == 2 for p in group["params"]] if group["lowrank_mask"] is None else group["lowrank_mask"]
 
     def locate(self, param: Tensor) -> tuple[int, dict[str, Any]]:
         """(position among all parameters, its group) in O(1): a map, rebuilt when new groups were installed."""
@@ -303,7 +302,8 @@ class ProjectedOptimizer(Optimizer):
         state = self.state[param] if state is None else state
         step = read_int(state["step"]) if "step" in state else 0
         rank = read_int(state["rank"]) if "rank" in state else effective_rank(param.shape, group["rank"])
-        return LayerContext(index, step, rank, group, self.shared_basis, state_dtype(group, param.dtype))
+        dtype = state_dtype(group, param.dtype)
+        return LayerContext(index, step, rank, group, self.shared_basis, dtype, self.refresher.shard)
 
     # -- the step ------------------------------------------------------------------------------------------------
 

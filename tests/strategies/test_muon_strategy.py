@@ -111,14 +111,15 @@ class SaveParams(Callback):
 
     def on_train_end(self, trainer, pl_module):
         params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        params["sent"] = torch.tensor(trainer.optimizers[0].sharded_step_bytes)
         torch.save(params, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
 @pytest.mark.parametrize("options", [dict(low_rank_comm=True), dict(inner="trion")], ids=["muon", "trion"])
 def test_two_process_ddp_ends_with_identical_parameters(tmp_path, options):
-    """Projected Muon with its gradients all-reduced in their subspaces; Trion (every rank steps every layer on the
-    same averaged gradient)."""
+    """Projected Muon with its gradients all-reduced in their subspaces; Trion with its column choice and
+    Newton-Schulz split over the ranks (each layer on one rank, shared), the feedback and update on every rank."""
     torch.manual_seed(0)
     model = MuonOnlyNet(scheduler=None, n=64)
     strategy = LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork", timeout=HANG, **options)
@@ -129,6 +130,8 @@ def test_two_process_ddp_ends_with_identical_parameters(tmp_path, options):
         assert torch.equal(p, r1[name]), name
     torch.manual_seed(0)
     assert not torch.equal(r0["attn.weight"], MuonOnlyNet().attn.weight)
+    # Trion splits each step's work over the ranks (layer i on rank i % 2) and shares it; projected Muon shares none
+    assert (int(r0["sent"]) > 0) == ("inner" in options)
 
 
 @pytest.mark.parametrize("inner", [None, "trion"])
@@ -167,3 +170,38 @@ def test_every_projector_trains_muon(projector):
     opt = trainer.optimizers[0]
     assert opt.is_projected(model.attn.weight) and opt.state[model.attn.weight]["momentum_buffer"].shape == (40, 4)
     assert torch.isfinite(model.attn.weight).all() and not torch.equal(model.attn.weight, before)
+
+
+class MuonHalves(MuonOnlyNet):
+    """Rank r trains on rows [8r, 8r + 8) of every batch of 16: DDP then averages the single-device gradient."""
+
+    def __init__(self):
+        super().__init__(scheduler=None, batch_size=16, n=64)
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, Subset
+
+        from tests.models import token_data
+
+        world = self.trainer.world_size
+        rank, half = self.trainer.global_rank, 16 // world
+        rows = [b + rank * half + i for b in range(0, self.n, 16) for i in range(half)]
+        return DataLoader(Subset(token_data(self.n), rows), batch_size=half, shuffle=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_trion_split_over_ranks_equals_one_device(tmp_path):
+    """The split (each layer's columns and Newton-Schulz on one rank, shared) changes nothing but rounding."""
+    torch.manual_seed(0)
+    model = MuonHalves()
+    strategy = LowRankDDPStrategy(rank=4, inner="trion", start_method="fork", timeout=HANG)
+    callbacks = [SaveParams(str(tmp_path))]
+    trainer = _two_processes(strategy, max_steps=4, callbacks=callbacks, use_distributed_sampler=False)
+    trainer.fit(model)
+    split = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    torch.manual_seed(0)
+    single = MuonHalves()
+    _fit(single, LowRankStrategy(rank=4, inner="trion"), steps=4)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(split[name], p.detach(), rtol=0, atol=1e-5, msg=name)
+    assert int(split["sent"]) > 0

@@ -55,6 +55,7 @@ class LayerContext:
     group: dict[str, Any]
     basis: Any  # callable (size, dtype, device) -> the optimizer's shared DCT basis
     dtype: torch.dtype | None = None  # P's dtype, the layer's state dtype (``storage.state_dtype``); None: the weight's
+    shard: tuple[int, int, Any] | None = None  # DDP: (rank, world size, process group) work is split over (Trion)
 
     def dtype_for(self, param: Tensor) -> torch.dtype:
         return param.dtype if self.dtype is None else self.dtype

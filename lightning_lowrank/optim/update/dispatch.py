@@ -30,6 +30,7 @@ from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
 from lightning_lowrank.optim.distributed.sharding import RowSum, global_norm, is_sharded, local
+from lightning_lowrank.optim.distributed.trion_ddp import trion_over_ranks
 from lightning_lowrank.optim.projection.bases import effective_rank, is_left, projected_shape
 from lightning_lowrank.optim.projection.projectors import LayerContext
 from lightning_lowrank.optim.state.host_ints import advance, advance_all
@@ -100,6 +101,9 @@ def update_layers(
     (the optimizer's option): those layers, in any state dtype, each through the compiled ``compiled.adam_layer``
     instead. ``protected=False``: no layer has protected bases
     (``protect.py``); those that have update one at a time, their update confined."""
+    shard = layers[0].ctx.shard if layers else None
+    if projected_rule(group) == "trion" and shard is not None and shard[1] > 1 and group["state_bits"] is None:
+        return trion_over_ranks(layers, group, shard)  # the reference's split (``distributed/trion_ddp.py``)
     together = can_batch(group, projected_rule(group))
     guarded = {id(layer.param) for layer in layers if protected and protect.is_protected(layer.state)}
     batch = [

@@ -83,18 +83,25 @@ def trion_layer_update(
     Newton-Schulz (torch's form: coefficients, steps, eps, ``ns_dtype``) and the lr factor of ``trion_scaling`` (by
     default the one of ``adjust_lr_fn``). ``basis(size, dtype, device)``: the shared DCT basis (its transpose is
     Trion's DCT-III matrix), used by ``dct_scorer="matmul"``; ``"fft"`` scores with Makhoul's FFT."""
-    scaling = group["trion_scaling"] or ("kimi" if group["adjust_lr_fn"] == "match_rms_adamw" else "kj")
-    dtype = muon.NS_DTYPES[group["ns_dtype"]]
-
-    def ns(X: Tensor) -> Tensor:
-        return muon.newton_schulz(X, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-
     buffer = moments["momentum_buffer"]
+    scaling, scorer, dct = trion_settings(p, buffer, group, basis)
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    ns = trion_ns(group)
+    trion.trion_update(p, grad.to(buffer.dtype), buffer, rank, lr, group["momentum"], wd, scaling, scorer, ns, dct=dct)
+
+
+def trion_settings(p: Tensor, buffer: Tensor, group: Mapping[str, Any], basis: Callable) -> tuple[str, str, Any]:
+    """(lr scaling, scorer, DCT-III matrix or None) of a Trion layer, from the group's options."""
+    scaling = group["trion_scaling"] or ("kimi" if group["adjust_lr_fn"] == "match_rms_adamw" else "kj")
     matmul = group["dct_scorer"] == "matmul"
     dct = basis(min(p.shape), buffer.dtype, buffer.device).T if matmul else None
-    scorer = "matmul" if matmul else "makhoul"
-    lr, wd = float(group["lr"]), group["weight_decay"]
-    trion.trion_update(p, grad.to(buffer.dtype), buffer, rank, lr, group["momentum"], wd, scaling, scorer, ns, dct=dct)
+    return scaling, "matmul" if matmul else "makhoul", dct
+
+
+def trion_ns(group: Mapping[str, Any]) -> Callable[[Tensor], Tensor]:
+    """The group's Newton-Schulz (torch's form) as Trion's callable."""
+    dtype = muon.NS_DTYPES[group["ns_dtype"]]
+    return lambda X: muon.newton_schulz(X, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
 
 
 def low_rank_update(

@@ -188,6 +188,33 @@ def trion_direction(
     return ns(low).to(buffer.dtype), indices
 
 
+def trion_select(
+    grad: Tensor, buffer: Tensor, rank: int, scorer: str = "matmul", *, dct: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The first half of ``trion_direction`` without touching the buffer's feedback: the ``rank`` best frequencies of
+    ``buffer + grad`` (which the caller has already added) and their coefficients m. What one rank computes for a layer
+    when the work is split over ranks; ``trion_feedback`` then runs on every rank."""
+    left = is_left(buffer.shape)
+    if scorer == "matmul":
+        if dct is None:
+            dct = trion_dct_matrix(min(buffer.shape), buffer.dtype, buffer.device)
+        coeffs = dct @ buffer if left else buffer @ dct
+    else:
+        coeffs = dct2(buffer, dim=0 if left else 1)
+    indices = top_indices(torch.linalg.vector_norm(coeffs, ord=1, dim=1 if left else 0), rank)
+    return coeffs.index_select(0 if left else 1, indices), indices
+
+
+def trion_feedback(
+    buffer: Tensor, low: Tensor, indices: Tensor, momentum: float, scorer: str = "matmul", *, dct: Tensor | None = None
+) -> None:
+    """Dion's error feedback: (1 - momentum) of the used part ``low`` (on frequencies ``indices``) leaves the buffer."""
+    left = is_left(buffer.shape)
+    q_columns = _uses_q_columns(scorer, left, False)
+    P = trion_columns(min(buffer.shape), indices, q_columns, buffer.dtype, buffer.device, dct)
+    buffer.add_(P @ low if left else low @ P.T, alpha=-(1 - momentum))
+
+
 def trion_map_back(
     ortho: Tensor,
     indices: Tensor,
