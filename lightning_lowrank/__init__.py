@@ -1,8 +1,8 @@
 """Memory-efficient low-rank gradient optimization for PyTorch Lightning.
 
-The strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...) are registered with Lightning as soon as both this package
-and ``lightning.pytorch`` are imported, in either order. Names are loaded on first use, so ``import
-lightning_lowrank.optim`` (plain torch) does not load Lightning.
+The strategy names (``"lowrank"``, ``"lowrank_ddp"``, ...) are registered with Lightning, in the Trainer's and in
+Fabric's registry, as soon as both this package and ``lightning.pytorch`` are imported, in either order. Names are
+loaded on first use, so ``import lightning_lowrank.optim`` (plain torch) does not load Lightning.
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ _EXPORTS = {
     "ProjectedAdamW": "lightning_lowrank.optim",
     "ProjectedOptimizer": "lightning_lowrank.optim",
     "LowRankDDPStrategy": "lightning_lowrank.strategies",
+    "LowRankFabricDDPStrategy": "lightning_lowrank.fabric",
+    "LowRankFabricFSDPStrategy": "lightning_lowrank.fabric",
+    "LowRankFabricStrategy": "lightning_lowrank.fabric",
     "LowRankFSDPStrategy": "lightning_lowrank.strategies",
     "LowRankStrategy": "lightning_lowrank.strategies",
     "to_dense_checkpoint": "lightning_lowrank.checkpoint",
+    # the memory report without Lightning (issue 28)
+    "memory_report": "lightning_lowrank.memory",
 }
 __all__ = sorted(_EXPORTS)
 

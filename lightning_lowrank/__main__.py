@@ -29,6 +29,7 @@ from torch import nn
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory.plan import DTYPES, OPTIMIZERS, Plan, plan
 from lightning_lowrank.memory.presets import PRESETS
+from lightning_lowrank.optim.checks import literal_choices
 
 
 def _value_type(hint: Any) -> type:
@@ -84,18 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan lowrank_fsdp (FSDP2) on N ranks: per rank (rows sharded N ways, P replicated) and in total",
     )
     _add_protect(p)
+    _add_lowrank_options(p)
+    _add_to_dense(commands)
+    return parser
+
+
+def _add_lowrank_options(p: argparse.ArgumentParser) -> None:
+    """Every ``LowRankConfig`` field as ``--name-with-dashes``, with its description (the options' docstrings, as
+    LightningCLI's ``--help`` shows it), its choices (its ``Literal`` type) and its default. Values are checked by
+    ``LowRankConfig`` in ``main``, as the strategy checks them."""
     lowrank = p.add_argument_group("low-rank options (LowRankConfig fields; defaults as the strategy's)")
     hints = typing.get_type_hints(LowRankConfig)
+    docs = LowRankConfig.option_docs()
     for f in fields(LowRankConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = docs.get(f.name, "").replace("``", "").replace("%", "%%")  # argparse formats help with %
+        help_ = f"{text} (default: {f.default!r})".strip()
+        choices = [c for c in literal_choices(hints[f.name]) or () if c is not None]
         if f.name in ("target_modules", "exclude"):
-            lowrank.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="PATTERN")
+            lowrank.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="PATTERN", help=help_)
+        elif choices:  # shown, and checked by LowRankConfig (the strategy's message), not by argparse
+            kind = type(choices[0])  # str, or int (projector_bits, dct_type, state_bits)
+            metavar = "{" + ",".join(map(str, choices)) + "}"
+            lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_)
         else:
             kind = _value_type(hints[f.name])
             kind = _parse_bool if kind is bool else kind
-            lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
-    _add_to_dense(commands)
-    return parser
+            lowrank.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_)
 
 
 def _add_protect(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """Memory accounting (computes), the rich report (draws) and the planner (the report before training)."""
 
-from lightning_lowrank.memory.accounting import account_memory
+from lightning_lowrank.memory.accounting import account_memory, memory_report
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, format_bytes
 from lightning_lowrank.memory.plan import Plan, plan
 from lightning_lowrank.memory.presets import PRESETS, llama_preset
@@ -15,6 +15,7 @@ __all__ = [
     "account_memory",
     "format_bytes",
     "llama_preset",
+    "memory_report",
     "plan",
     "render_memory_report",
     "sum_over_ranks",

@@ -7,6 +7,9 @@ The figures land in ``figures.MemoryReport``; the savings are measured against `
 Under FSDP2 (DTensor parameters, whose ``numel()`` is global) every figure is the calling rank's: parameters,
 gradients, state and the dense baseline by their local shard (``to_local()``); ``ranks.sum_over_ranks`` adds the
 ranks up.
+
+``memory_report(optimizer, model)`` is the public entry without Lightning: the report the strategy's
+``memory_report()`` gives, for any optimizer and model of a plain PyTorch loop.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import resource
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -86,6 +90,7 @@ def account_memory(
                 group=module_group(name, owner),
                 kind=_class_name(owner) if owner is not None else "",
                 param_bytes=0,
+                frozen_bytes=0,
                 state_by_kind=empty_kinds(),
                 baseline_bytes=0,
                 projected=0,
@@ -95,6 +100,8 @@ def account_memory(
 
     for p in params:  # rows in the model's order
         row_of(p)["param_bytes"] += tensor_bytes(piece(p))
+        if not p.requires_grad:
+            row_of(p)["frozen_bytes"] += tensor_bytes(piece(p))
 
     layers: list[LayerMemory] = []
     dense_state = projected_state = projector = shared = adamw = quant_saving = 0
@@ -172,6 +179,7 @@ def account_memory(
     report = MemoryReport(
         layers=tuple(sorted(layers, key=lambda layer: layer.name)),
         param_bytes=sum(tensor_bytes(piece(p)) for p in params),
+        frozen_param_bytes=sum(tensor_bytes(piece(p)) for p in params if not p.requires_grad),
         grad_bytes=gradient_bytes(params, optimizers, piece),
         dense_state_bytes=dense_state,
         projected_state_bytes=projected_state,
@@ -192,6 +200,39 @@ def account_memory(
     )
     warn_negative_saving(report)
     return report
+
+
+def memory_report(
+    optimizers: Optimizer | Iterable[Optimizer],
+    model: nn.Module,
+    *,
+    names: Mapping[Tensor, str] | None = None,
+    device: torch.device | None = None,
+    refresh_stats: Mapping[str, Mapping[str, float]] | None = None,
+    probe: Mapping[str, float] | None = None,
+    phases: Mapping[str, float] | None = None,
+) -> MemoryReport:
+    """The memory report of ``optimizers`` (one optimizer, a ``ProjectedOptimizer`` or any torch one, or several)
+    training ``model``, right now: what ``LowRankStrategy.memory_report()`` gives, in a plain PyTorch loop.
+
+    Every figure is read off the live tensors (parameters, gradients, optimizer state), so call it after a step (before
+    one, no optimizer holds state yet). Each projected weight is named by its module's qualified name in ``model``
+    (``"0"`` for ``nn.Sequential(nn.Linear(...), ...)``'s first layer), found through ``model.named_modules()``;
+    ``names`` overrides that. ``device`` (default: the model's first parameter's) adds the CUDA allocator's peak on a
+    GPU; ``refresh_stats``, ``probe`` and ``phases`` are the callbacks' figures, as in ``account_memory``. Print it
+    with ``lightning_lowrank.render_memory_report(report)``; ``report.as_dict()`` is every figure as JSON-ready data.
+    """
+    optimizers = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
+    optimizers = [getattr(opt, "_optimizer", opt) for opt in optimizers]  # a LightningOptimizer: the one it wraps
+    if names is None:
+        owners = _owners(model, {})
+        names = {p: owners[id(p)][0] for opt in optimizers for p in _projected(opt) if id(p) in owners}
+    if device is None:
+        device = next((p.device for p in model.parameters()), None)
+    report = account_memory(
+        optimizers, model.parameters(), names, device, refresh_stats, probe, module=model, phases=phases
+    )
+    return replace(report, cpu_max_rss_bytes=max_rss_bytes())
 
 
 def gradient_bytes(params: Iterable[Tensor], optimizers: Iterable[Optimizer], piece: Piece = local) -> int:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_lowrank.memory.figures import MemoryReport, format_bytes, tensor_bytes
-from lightning_lowrank.optim.rank_zero import warn_rank_zero
+from lightning_lowrank.selection import warn_user
 
 _STEP_BYTES = torch.tensor(0.0).element_size()  # torch's optimizers keep ``step`` as a float32 scalar tensor
 RULE_NAMES = {"adamw": "AdamW", "sgd": "SGD", "adafactor": "Adafactor", "muon": "Muon"}
@@ -68,4 +68,4 @@ def warn_negative_saving(report: MemoryReport) -> None:
             f"optimizer's step counters ({format_bytes(report.state_by_kind['scalars'])} in all, one per parameter"
             f"{', which torch.optim.SGD does not keep' if base == 'SGD' else ''}) outweigh the saving; {total}."
         )
-    warn_rank_zero(message, stacklevel=3)
+    warn_user(message)

@@ -90,7 +90,8 @@ class _StateTotals:
 class ModuleMemory(_StateTotals):
     """One module (a layer) and the parameters it owns directly: ``state_by_kind`` splits their optimizer state
     (see ``STATE_KINDS``), ``baseline_bytes`` is what the module's own dense optimizer would hold for the stepped
-    ones. A parameter owned by the model itself is its own row, under its parameter name."""
+    ones. A parameter owned by the model itself is its own row, under its parameter name. ``frozen_bytes`` is the
+    part of ``param_bytes`` that does not train (``requires_grad=False``): no gradient, no optimizer state."""
 
     name: str
     group: str
@@ -100,11 +101,18 @@ class ModuleMemory(_StateTotals):
     baseline_bytes: int
     projected: int = 0  # how many of its weights are projected
     rank: int | None = None  # the (largest) rank of its projected weights
+    frozen_bytes: int = 0
+
+    @property
+    def frozen(self) -> bool:
+        """Every parameter it owns is frozen: it trains nothing and holds no optimizer state."""
+        return self.param_bytes > 0 and self.frozen_bytes == self.param_bytes
 
 
 @dataclass(frozen=True)
 class GroupMemory(_StateTotals):
-    """The modules of one group (attention, MLP, embeddings, other), summed."""
+    """The modules of one group (attention, MLP, embeddings, other), summed; ``modules`` counts them all, ``frozen``
+    those of them that train nothing (``ModuleMemory.frozen``)."""
 
     name: str
     modules: int
@@ -112,6 +120,13 @@ class GroupMemory(_StateTotals):
     param_bytes: int
     state_by_kind: Mapping[str, int] = field(hash=False)
     baseline_bytes: int
+    frozen: int = 0
+    frozen_bytes: int = 0
+
+    @property
+    def trainable(self) -> int:
+        """The modules that train (hold optimizer state once stepped): ``modules - frozen``."""
+        return self.modules - self.frozen
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,13 @@ class MemoryReport:
     ``grad_bytes`` in layer-wise mode (``LayerwiseProjectedOptimizer``) counts the largest single gradient of the
     parameters it updates, not their sum: each is freed right after its update inside backward (without gradient
     accumulation; with it, dense parameters keep theirs through the window).
+
+    ``frozen_param_bytes`` is the part of ``param_bytes`` that does not train (``requires_grad=False``): it has no
+    gradient and no optimizer state, so neither ``grad_bytes`` nor the baseline counts it.
+
+    ``shared_basis_bytes`` (``dct_scorer="matmul"``: one d x d DCT basis per size, shared by the layers of that size)
+    is in the optimizer state and its ``projection`` kind, but in no layer's or module's row: the rows plus it add up
+    to ``optimizer_state_bytes``.
 
     ``nonfinite_steps`` counts the optimizer steps skipped because a gradient held an inf or NaN.
 
@@ -159,6 +181,7 @@ class MemoryReport:
     layerwise: bool = False  # parameters updated in hooks during backward: ``grad_bytes`` is the largest one
     ranks: int = 1  # FSDP2: the ranks the parameters are sharded over; bytes are one rank's unless ``summed``
     summed: bool = False  # every byte figure is the sum over the ``ranks`` ranks (``sum_over_ranks``)
+    frozen_param_bytes: int = 0  # of param_bytes, the parameters with requires_grad=False
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -198,6 +221,8 @@ class MemoryReport:
                     sum(m.param_bytes for m in members),
                     kinds,
                     sum(m.baseline_bytes for m in members),
+                    sum(m.frozen for m in members),
+                    sum(m.frozen_bytes for m in members),
                 )
             )
         return tuple(out)
@@ -219,6 +244,7 @@ class MemoryReport:
             "baseline": self.baseline,
             **self._totals(),
             "shared_basis_bytes": self.shared_basis_bytes,
+            "frozen_param_bytes": self.frozen_param_bytes,
             "baseline_state_bytes": self.baseline_state_bytes,
             "saving_bytes": self.saving_bytes,
             "saving_percent": self.saving_percent if self.baseline_state_bytes else None,  # undefined against 0 B
@@ -287,6 +313,8 @@ class MemoryReport:
         }
         for kind, n in self.state_by_kind.items():
             metrics[f"state/{kind}_bytes"] = n
+        if self.frozen_param_bytes:
+            metrics["frozen_param_bytes"] = self.frozen_param_bytes
         if self.peak_allocated_bytes is not None:
             metrics["peak_allocated_bytes"] = self.peak_allocated_bytes
         if self.cpu_max_rss_bytes is not None:
@@ -334,4 +362,5 @@ def _figures(row: ModuleMemory | GroupMemory) -> dict[str, Any]:
         "state_by_kind": dict(row.state_by_kind),
         "state_bytes": row.state_bytes,
         "saving_bytes": row.saving_bytes,
+        **({"trainable": row.trainable} if isinstance(row, GroupMemory) else {"frozen": row.frozen}),
     }

@@ -145,12 +145,38 @@ class Plan:
         return [*lines, *self.notes, ACTIVATIONS_NOTE]
 
     def render(self, console: Any = None, **render_options: Any) -> None:
-        """The rich memory report (as printed after training; ``render_options`` go to ``render_memory_report``)
-        followed by the verdict lines, wrapped at the console's width (rich's global console by default)."""
+        """The rich memory report, titled as planned (``render_options`` go to ``render_memory_report``), followed by
+        the verdict lines, wrapped between words at the console's width (rich's global console by default)."""
         console = console or get_console()
-        render_memory_report(self.report, console, over_ranks=self.total, **render_options)
+        render_memory_report(self.report, console, over_ranks=self.total, **{"planned": True, **render_options})
         for line in self.verdict():
-            console.print(line, highlight=False, markup=False, width=console.width)
+            for part in wrap_line(line, console.width):
+                console.print(part, highlight=False, markup=False, soft_wrap=True)
+
+
+def wrap_line(line: str, width: int) -> list[str]:
+    """``line`` in lines of at most ``width`` columns (where its words allow), broken between words but not inside a
+    parenthesis that fits on a line of its own (``(67.66 GiB left for activations)`` moves whole). The lines after
+    the first of an indented line (a verdict row) are indented 4 more, those of a paragraph not at all."""
+    indent = len(line) - len(line.lstrip())
+    units: list[str] = []
+    depth = 0
+    for word in line.split():
+        if depth and units:
+            units[-1] += " " + word
+        else:
+            units.append(word)
+        depth = max(0, depth + word.count("(") - word.count(")"))
+    lead, more = " " * indent, " " * (indent + 4 if indent else 0)
+    lines, current = [], ""
+    for unit in units:
+        for piece in [unit] if len(more) + len(unit) <= width else unit.split(" "):
+            if current and len(current) + 1 + len(piece) > width:
+                lines.append(current)
+                current = more + piece
+            else:
+                current = f"{current} {piece}" if current else lead + piece
+    return [*lines, current]
 
 
 def plan(

@@ -41,6 +41,7 @@ _TOTALS = (
     "shared_basis_bytes",
     "baseline_state_bytes",
     "quantization_saving_bytes",
+    "frozen_param_bytes",
 )
 
 
@@ -171,7 +172,7 @@ def _vector(report: MemoryReport) -> list[int]:
     for layer in report.layers:
         vector += [layer.state_bytes, layer.projector_bytes, layer.baseline_bytes, *_by_kind(layer.state_by_kind)]
     for module in report.modules:
-        vector += [module.param_bytes, module.baseline_bytes, *_by_kind(module.state_by_kind)]
+        vector += [module.param_bytes, module.frozen_bytes, module.baseline_bytes, *_by_kind(module.state_by_kind)]
     return vector
 
 
@@ -201,9 +202,15 @@ def _summed(report: MemoryReport, vector: Sequence[int], ranks: int) -> MemoryRe
         )
     modules = []
     for module in report.modules:
-        param, baseline = take(2)
+        param, frozen, baseline = take(3)
         modules.append(
-            replace(module, param_bytes=param, baseline_bytes=baseline, state_by_kind=kinds(module.state_by_kind))
+            replace(
+                module,
+                param_bytes=param,
+                frozen_bytes=frozen,
+                baseline_bytes=baseline,
+                state_by_kind=kinds(module.state_by_kind),
+            )
         )
     return replace(
         report,

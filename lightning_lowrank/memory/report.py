@@ -9,13 +9,16 @@ from rich import box, get_console
 from rich.console import Console
 from rich.table import Table
 
-from lightning_lowrank.memory.baseline import MAX_NAMED
 from lightning_lowrank.memory.figures import KIND_LABELS, MemoryReport, format_bytes
 from lightning_lowrank.memory.groups import GROUP_LABELS
+from lightning_lowrank.memory.summary import probe_summary, summary_rows
+
+__all__ = ["bar", "probe_summary", "render_memory_report", "summary_rows"]
 
 MAX_LAYER_ROWS = 40  # more layers than this: the per-layer table is collapsed to module groups
 BAR_WIDTH = 10
 MIN_NAME = 24  # a name column narrower than this (or than its longest name) drops the bar column to make room
+SHARED_LABEL = "shared DCT bases (no layer's)"  # dct_scorer="matmul": one d x d basis per size, for every layer
 PHASE_LABELS = {
     "forward": "forward",
     "backward": "backward",
@@ -28,23 +31,6 @@ def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def probe_summary(probe: Mapping[str, float], cuda: bool) -> str:
-    """One line such as ``12 calls, 0.210 s each (3.1x a training step), +1.20 MiB extra (peak)``.
-
-    A figure is left out until it has been measured. On CUDA the extra memory is the allocator's peak rise during a
-    probe; elsewhere it is a count of what the probe holds (see ``CurvatureProbe``)."""
-    calls = int(probe.get("calls", 0))
-    text = f"{calls} call{'' if calls == 1 else 's'}"
-    if "seconds" in probe:
-        text += f", {probe['seconds']:.3f} s each"
-        if "ratio" in probe:
-            text += f" ({probe['ratio']:.1f}x a training step)"
-    if "extra_bytes" in probe:
-        kind = "peak" if cuda else "saved for backward + kept results"
-        text += f", +{format_bytes(probe['extra_bytes'])} extra ({kind})"
-    return text
-
-
 def render_memory_report(
     report: MemoryReport,
     console: Console | None = None,
@@ -52,6 +38,7 @@ def render_memory_report(
     collapse: bool | None = None,
     max_layers: int = MAX_LAYER_ROWS,
     over_ranks: MemoryReport | None = None,
+    planned: bool = False,
 ) -> None:
     """Print through rich's global console (or ``console``), like Lightning's own rich callbacks.
 
@@ -61,7 +48,11 @@ def render_memory_report(
     groups (attention, MLP, embeddings, other) stand for it; the groups, the split of the optimizer state by kind,
     the per-phase CUDA peaks (with a ``MemoryPhases`` callback) and the totals are always shown. Bars compare a
     row's optimizer state with what the module's own dense optimizer would hold (full bar: as much as it).
+    Frozen modules (no parameter that trains) are counted apart: in the title, a "Frozen" column of the groups and
+    the "Parameters" line. Shared DCT bases (``dct_scorer="matmul"``) belong to no layer: a footnote under the
+    layer and group tables points to their own row in the split by kind.
     ``over_ranks`` (FSDP2: ``sum_over_ranks`` of ``report``) adds the totals over all ranks below this rank's.
+    ``planned`` (``Plan.render``): a report planned before training, which the titles say.
     """
     console = console or get_console()
     width = console.width
@@ -70,30 +61,45 @@ def render_memory_report(
     if collapse is None:
         collapse = len(rows) > max_layers
     base = _short_baseline(report.baseline)
+    when = " (planned, before training)" if planned else ""
+    frozen = sum(m.frozen for m in report.modules)
+    also = f" (and {frozen} frozen, not listed)" if frozen else ""
+    shared = report.shared_basis_bytes
+    note = (
+        f"State leaves out the shared DCT bases: {format_bytes(shared)} (one d x d basis per size, used by every "
+        "layer of that size), their own row under Optimizer state by kind."
+        if shared
+        else None
+    )
     if rows and not collapse:
         cells = [
             [r.name, r.shape, r.rank, r.projector, format_bytes(r.state), format_bytes(r.baseline), r.bar, r.saving]
             for r in (row.with_bar(ascii_only) for row in rows)
         ]
         headers = ["Layer", "Shape", "Rank", "Proj.", "State", base, f"vs {base}", "Saving"]
-        title = f"Low-rank optimizer memory: {len(rows)} layers{_scope(report)}"
-        _print_table(console, title, headers, cells, width)
+        title = f"Low-rank optimizer memory{when}: {len(rows)} layers{also}{_scope(report)}"
+        _print_table(console, title, headers, cells, width, note)
     elif rows:
+        where = (
+            "every layer is in Plan.report; render(collapse=False) lists them"
+            if planned
+            else "every layer is in the JSON file, and in the logged metrics with log_layers=True"
+        )
         console.print(
-            f"[bold]Low-rank optimizer memory[/]: {len(rows)} layers, shown by module group "
-            f"({'asked for' if len(rows) <= max_layers else f'more than {max_layers}'}; every layer is in the JSON "
-            "file, and in the logged metrics with log_layers=True)",
+            f"[bold]Low-rank optimizer memory{when}[/]: {len(rows)} layers{also}, shown by module group "
+            f"({'asked for' if len(rows) <= max_layers else f'more than {max_layers}'}; {where})",
             width=width,
         )
     else:
-        console.print("[bold]Low-rank optimizer memory[/]: no layer holds optimizer state yet", width=width)
+        console.print(f"[bold]Low-rank optimizer memory{when}[/]: no layer holds optimizer state yet", width=width)
 
     groups = report.groups
     if groups:
         cells = [
             [
                 GROUP_LABELS.get(g.name, g.name),
-                str(g.modules),
+                str(g.trainable),
+                *([str(g.frozen)] if frozen else []),
                 str(g.projected),
                 format_bytes(g.param_bytes),
                 format_bytes(g.state_bytes),
@@ -103,17 +109,18 @@ def render_memory_report(
             ]
             for g in groups
         ]
-        headers = ["Group", "Layers", "Projected", "Params", "State", base, f"vs {base}", "Saving"]
-        _print_table(console, "By module group", headers, cells, width)
+        headers = ["Group", "Layers", *(["Frozen"] if frozen else []), "Projected", "Params", "State", base]
+        headers += [f"vs {base}", "Saving"]
+        _print_table(console, f"By module group{when}", headers, cells, width, note if collapse or not rows else None)
 
     kinds = {k: n for k, n in report.state_by_kind.items() if n}
     total = report.optimizer_state_bytes
     if kinds:
         cells = [
-            [KIND_LABELS.get(k, k), format_bytes(n), bar(n, total, ascii_only=ascii_only), _percent(n, total, 1)]
-            for k, n in kinds.items()
+            [label, format_bytes(n), bar(n, total, ascii_only=ascii_only), _percent(n, total, 1)]
+            for label, n in _kind_rows(kinds, shared)
         ]
-        _print_table(console, "Optimizer state by kind", ["Kind", "Bytes", "Share", "%"], cells, width)
+        _print_table(console, f"Optimizer state by kind{when}", ["Kind", "Bytes", "Share", "%"], cells, width)
 
     phases = {k: v for k, v in (report.phases or {}).items() if k in PHASE_LABELS}
     if phases:
@@ -144,89 +151,10 @@ def render_memory_report(
     console.print(grid, width=width)
 
 
-def summary_rows(report: MemoryReport, over_ranks: MemoryReport | None = None) -> list[tuple[str, str]]:
-    """The totals below the tables, as (label, value); under FSDP2 first whose bytes they are, and last, with
-    ``over_ranks``, the totals over all ranks."""
-    rows = _ranks_rows(report)
-    rows += [
-        ("Parameters", format_bytes(report.param_bytes)),
-        (
-            "Gradients",
-            format_bytes(report.grad_bytes) + (" (layer-wise: the largest single one)" if report.layerwise else ""),
-        ),
-        ("Optimizer state", format_bytes(report.optimizer_state_bytes)),
-        ("  dense part", format_bytes(report.dense_state_bytes)),
-        ("  projected part", format_bytes(report.projected_state_bytes)),
-        ("  projectors", format_bytes(report.projector_bytes)),
-    ]
-    if report.shared_basis_bytes:
-        rows.append(("  of which shared bases", format_bytes(report.shared_basis_bytes)))
-    rows += [
-        (f"Dense {report.baseline} state", format_bytes(report.baseline_state_bytes)),
-        (f"Saving vs {report.baseline}", report.saving_text()),
-    ]
-    costly = report.costly_layers()
-    if costly:
-        more = f" and {len(costly) - MAX_NAMED} more" if len(costly) > MAX_NAMED else ""
-        names = ", ".join(costly[:MAX_NAMED]) + more
-        rows.append((f"  costing more than dense {report.baseline}", f"{len(costly)} layer(s): {names}"))
-    if report.quantization_saving_bytes:
-        rows.append(("  of which P quantization", format_bytes(report.quantization_saving_bytes)))
-    if report.memory_budget is not None:
-        rows.append(
-            (
-                "Memory budget",
-                f"{format_bytes(report.optimizer_state_bytes)} of {format_bytes(report.memory_budget)} "
-                f"({report.budget_used_percent:.1f}%); ranks chosen per layer by the budget",
-            )
-        )
-    refreshed = [layer for layer in report.layers if layer.refreshes is not None]
-    if refreshed:
-        seconds = sum(layer.refresh_seconds or 0.0 for layer in refreshed)
-        rows.append(
-            (
-                "Subspace refreshes",
-                f"{sum(layer.refreshes or 0 for layer in refreshed)} in {len(refreshed)} layers, "
-                f"{sum(layer.skipped or 0 for layer in refreshed)} skipped, {seconds:.3f} s",
-            )
-        )
-    if report.peak_allocated_bytes is not None:
-        rows.append(("Peak CUDA allocated", format_bytes(report.peak_allocated_bytes)))
-    if report.cpu_max_rss_bytes is not None:
-        rows.append(("Process max RSS", format_bytes(report.cpu_max_rss_bytes)))
-    if report.probe is not None:
-        rows.append(("Curvature probe", probe_summary(report.probe, cuda=report.peak_allocated_bytes is not None)))
-    if report.nonfinite_steps:
-        rows.append(("Non-finite steps skipped", str(report.nonfinite_steps)))
-    if over_ranks is not None:
-        rows.append(
-            (
-                f"All {over_ranks.ranks} ranks together",
-                f"parameters {format_bytes(over_ranks.param_bytes)}, gradients {format_bytes(over_ranks.grad_bytes)}, "
-                f"optimizer state {format_bytes(over_ranks.optimizer_state_bytes)} (dense {over_ranks.baseline} "
-                f"{format_bytes(over_ranks.baseline_state_bytes)})",
-            )
-        )
-    return rows
-
-
 def _scope(report: MemoryReport) -> str:
     if report.ranks <= 1:
         return ""
     return f", summed over {report.ranks} ranks" if report.summed else ", per rank"
-
-
-def _ranks_rows(report: MemoryReport) -> list[tuple[str, str]]:
-    """Under FSDP2: whose bytes the figures are."""
-    n = report.ranks
-    if n <= 1:
-        return []
-    if report.summed:
-        return [(f"Summed over {n} ranks", f"what each holds, added up: replicated P, indices and counters {n} times")]
-    what = (
-        "this rank's rows of parameters, gradients and moments; P, indices and counters are replicated, counted in full"
-    )
-    return [(f"Per rank (FSDP2, {n} ranks)", f"{what}; layer shapes are global")]
 
 
 def bar(value: float, whole: float, width: int = BAR_WIDTH, ascii_only: bool = False) -> str:
@@ -293,10 +221,26 @@ def _layer_rows(report: MemoryReport) -> list[_Row]:
     return rows
 
 
-def _print_table(console: Console, title: str, headers: Sequence[str], cells: list[list[str]], width: int) -> None:
+def _kind_rows(kinds: Mapping[str, int], shared: int) -> list[tuple[str, int]]:
+    """The split by kind as (label, bytes) rows; the shared DCT bases, which are in ``projection``, on a row of their
+    own right after what the layers hold of it."""
+    rows = []
+    for kind, n in kinds.items():
+        if kind == "projection" and shared:
+            if n - shared:
+                rows.append((KIND_LABELS[kind], n - shared))
+            rows.append((SHARED_LABEL, shared))
+        else:
+            rows.append((KIND_LABELS.get(kind, kind), n))
+    return rows
+
+
+def _print_table(
+    console: Console, title: str, headers: Sequence[str], cells: list[list[str]], width: int, note: str | None = None
+) -> None:
     """A compact table within ``width`` columns: every column as wide as its widest cell, but the first one, which
     takes the rest. Where that leaves the names less than ``MIN_NAME`` columns, the bar column goes (the saving's
-    figure stays); names still too long are cut in the middle (``_middle``)."""
+    figure stays); names still too long are cut in the middle (``_middle``). ``note`` is a footnote below it."""
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     room = width - sum(widths[1:]) - 2 * (len(headers) - 1)
     bars = [i for i, h in enumerate(headers) if i and (h.startswith("vs ") or h == "Share")]
@@ -324,6 +268,8 @@ def _print_table(console: Console, title: str, headers: Sequence[str], cells: li
     for row in cells:
         table.add_row(_middle(row[0], first), *row[1:])
     console.print(table, width=width)
+    if note:
+        console.print(note, width=width, style="italic", highlight=False, markup=False)
     console.print()
 
 

@@ -5,22 +5,31 @@
 options as keys (torch's convention); ``validate_group`` checks a group by building the sections from it, so an
 option's name, type, default and rule live here and nowhere else.
 
-Plain torch: this module builds no optimizer and imports nothing of Lightning.
+An option with a few values is typed ``Literal[CHOICES]``, CHOICES the one tuple of them, which ``check_choices``
+and LightningCLI (at parse time) both read. Each section's ``Args:`` block is the one help text of its fields
+(``option_help.py``). Plain torch: this module builds no optimizer and imports nothing of Lightning.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 import torch.optim
 
-from lightning_lowrank.optim.checks import check_choice, check_compile, check_fraction, check_int, check_positive
+from lightning_lowrank.optim.checks import (
+    check_choice,
+    check_choices,
+    check_compile,
+    check_fraction,
+    check_int,
+    check_positive,
+)
 from lightning_lowrank.optim.projection.bases import PROJECTORS, SIDES, SVD_SIGNS
 from lightning_lowrank.optim.update.muon import ADJUST_LR_FNS, NS_DTYPES
 from lightning_lowrank.optim.update.residuals import APOLLO_SCALE_TYPES, FIRA_COMPLEMENTS, FRUGAL_RULES, RESIDUALS
-from lightning_lowrank.optim.update.rules import ADAM_FORMS
+from lightning_lowrank.optim.update.rules import ADAM_FORMS, BASE_RULES
 from lightning_lowrank.optim.update.trion import SCALINGS as TRION_SCALINGS
 
 # The torch optimizer each rule reproduces, with whether its weight decay is decoupled (None: read the group).
@@ -31,12 +40,18 @@ SUPPORTED_OPTIMIZERS: dict[type[torch.optim.Optimizer], tuple[str, bool | None]]
     torch.optim.Adafactor: ("adafactor", True),
     torch.optim.Muon: ("muon", True),
 }
+# The values of the options that take one of a few: their ``Literal`` types (``| None`` where None is one too).
 MOMENT_POLICIES = ("keep", "reset", "rotate")
-RANK_BY = ("curvature", "residual")
+PROJECTOR_BITS = (4, 8)
 DCT_SCORERS = ("matmul", "fft")
 DCT_NORMS = ("l2", "l1")
+DCT_TYPES = (2, 3)
 PROTECTED_REFRESH = ("gradient", "complement")
 PROJECTED_RULES = ("subset_norm", "trion")
+PRECONDITIONERS = ("lazy_hessian",)
+STATE_BITS = (8,)
+RANK_BY = ("curvature", "residual")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
 STATE_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -54,69 +69,65 @@ def supported_names() -> str:
 class ProjectionOptions:
     """Which subspace each projected weight's state lives in, and when it changes.
 
-    rank: subspace rank r; None makes a group dense. Clamped per layer to min(m, n).
-    projector: ``svd``, ``rsvd``, ``dct``, ``random``, ``gaussian`` (APOLLO's) or ``online_pca`` (``projectors.py``);
-        None: ``gaussian`` with ``residual="apollo"``, else ``svd``.
-    update_gap: refresh every this many updates of a layer (unless a scheduler owns the schedule).
-    scale: multiplies the projected-back update (GaLore's alpha).
-    moments: at a refresh ``keep`` the moments (GaLore), ``reset`` them, or ``rotate`` them into the new basis.
-    projector_bits: store P quantized to 8 or 4 bits (group-wise, Q-GaLore); None keeps it in full precision.
-    proj_group_size: elements per quantization group of P.
-    seed: base seed for random sketches and stochastic rounding (mixed with layer index and step).
-    rsvd_oversample, rsvd_niter: randomized SVD's extra sketch columns and power iterations.
-    dct_scorer: ``matmul`` (shared d x d basis) or ``fft`` (Makhoul's FFT, no basis kept).
-    dct_norm: ``l2`` ranks DCT columns by the energy they capture; ``l1`` as DCT-AdamW's code.
-    dct_type: 2 (DCT-II columns) or 3 (DCT-AdamW's matmul basis, whose columns are DCT-III vectors).
-    pca_lr: online PCA's step size on P.
-    side: which side P multiplies the gradient G (m x n) from: ``auto`` (GaLore's: the smaller side, P^T G for
-        m < n, G P otherwise, so P is min(m, n) x r), ``right`` (G P always: moments m x r, P n x r; what FSDP2 needs,
-        as it shards rows) or ``left`` (P^T G always).
-    protected_refresh: for a weight with protected subspaces (``ProtectedSubspaces``), the gradient a refresh
-        chooses P from: ``complement`` ((I - U Uᵀ) G (I - V Vᵀ), the part of it the protection lets through, so no
-        rank is spent on directions the confinement removes; better with SVD in docs/benchmarks.md's continual
-        study, the same with the DCT) or ``gradient`` (as it is).
-    svd_signs: the sign of each column of an SVD-derived P (``svd``, ``rsvd``, ``online_pca``'s refresh): ``none``
-        (as the decomposition returns them, galore-torch's) or ``max_abs`` (each column's largest entry positive:
-        the same P for gradients that differ by rounding, so moments kept across a refresh keep their meaning).
+    Args:
+        rank: subspace rank r; None makes a group dense. Clamped per layer to min(m, n).
+        projector: ``svd``, ``rsvd``, ``dct``, ``random``, ``gaussian`` (APOLLO's) or ``online_pca``
+            (``projectors.py``); None: ``gaussian`` with ``residual="apollo"``, else ``svd``.
+        update_gap: refresh every this many updates of a layer (unless a scheduler owns the schedule).
+        scale: multiplies the projected-back update (GaLore's alpha).
+        moments: at a refresh ``keep`` the moments (GaLore), ``reset`` them, or ``rotate`` them into the new basis.
+        projector_bits: store P quantized to 8 or 4 bits (group-wise, Q-GaLore); None keeps it in full precision.
+        proj_group_size: elements per quantization group of P.
+        seed: base seed for random sketches and stochastic rounding (mixed with layer index and step).
+        rsvd_oversample: randomized SVD's extra sketch columns.
+        rsvd_niter: randomized SVD's power iterations.
+        dct_scorer: ``matmul`` (shared d x d basis) or ``fft`` (Makhoul's FFT, no basis kept).
+        dct_norm: ``l2`` ranks DCT columns by the energy they capture; ``l1`` as DCT-AdamW's code.
+        dct_type: 2 (DCT-II columns) or 3 (DCT-AdamW's matmul basis, whose columns are DCT-III vectors).
+        pca_lr: online PCA's step size on P.
+        side: which side P multiplies the gradient G (m x n) from: ``auto`` (GaLore's: the smaller side, P^T G for
+            m < n, G P otherwise, so P is min(m, n) x r), ``right`` (G P always: moments m x r, P n x r; what FSDP2
+            needs, as it shards rows) or ``left`` (P^T G always).
+        protected_refresh: for a weight with protected subspaces (``ProtectedSubspaces``), the gradient a refresh
+            chooses P from: ``complement`` ((I - U Uᵀ) G (I - V Vᵀ), the part of it the protection lets through, so
+            no rank is spent on directions the confinement removes; better with SVD in docs/benchmarks.md's
+            continual study, the same with the DCT) or ``gradient`` (as it is).
+        svd_signs: the sign of each column of an SVD-derived P (``svd``, ``rsvd``, ``online_pca``'s refresh):
+            ``none`` (as the decomposition returns them, galore-torch's) or ``max_abs`` (each column's largest entry
+            positive: the same P for gradients that differ by rounding, so moments kept across a refresh keep their
+            meaning).
     """
 
     rank: int | None = 128
-    projector: str | None = None
+    projector: Literal[PROJECTORS] | None = None
     update_gap: int = 200
     scale: float = 1.0
-    moments: str = "keep"
-    projector_bits: int | None = None
+    moments: Literal[MOMENT_POLICIES] = "keep"
+    projector_bits: Literal[PROJECTOR_BITS] | None = None
     proj_group_size: int = 256
     seed: int = 0
     rsvd_oversample: int = 8
     rsvd_niter: int = 2
-    dct_scorer: str = "matmul"
-    dct_norm: str = "l2"
-    dct_type: int = 2
+    dct_scorer: Literal[DCT_SCORERS] = "matmul"
+    dct_norm: Literal[DCT_NORMS] = "l2"
+    dct_type: Literal[DCT_TYPES] = 2
     pca_lr: float = 0.1
-    side: str = "auto"
-    protected_refresh: str = "complement"
-    svd_signs: str = "none"
+    side: Literal[SIDES] = "auto"
+    protected_refresh: Literal[PROTECTED_REFRESH] = "complement"
+    svd_signs: Literal[SVD_SIGNS] = "none"
 
     def __post_init__(self) -> None:
         rank = self.rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
             raise ValueError(f"Invalid rank: {rank!r}: rank must be a positive int, or None for a dense group")
-        if self.projector is not None:  # None: chosen by the residual (ProjectedOptimizer.add_param_group)
+        if self.projector is not None:  # None: chosen by the residual (add_param_group), so not listed as a choice
             check_choice("projector", self.projector, PROJECTORS)
-        check_choice("moments", self.moments, MOMENT_POLICIES)
+        check_choices(self, ProjectionOptions)
         if self.moments == "rotate" and self.projector == "gaussian":
             raise ValueError(
                 "moments='rotate' maps moments through P_old^T P_new, which needs orthonormal bases, and "
                 "projector='gaussian' (APOLLO's) is not orthonormal; use moments='keep' (APOLLO's) or 'reset'"
             )
-        check_choice("projector_bits", self.projector_bits, (None, 4, 8))
-        check_choice("side", self.side, SIDES)
-        check_choice("protected_refresh", self.protected_refresh, PROTECTED_REFRESH)
-        check_choice("svd_signs", self.svd_signs, SVD_SIGNS)
-        check_choice("dct_scorer", self.dct_scorer, DCT_SCORERS)
-        check_choice("dct_norm", self.dct_norm, DCT_NORMS)
-        check_choice("dct_type", self.dct_type, (2, 3))
         if self.dct_type == 3 and self.dct_scorer != "matmul":
             raise ValueError(
                 "dct_type=3 (DCT-AdamW's matmul basis) scores with the shared basis: use dct_scorer='matmul'"
@@ -131,41 +142,41 @@ class ProjectionOptions:
 @dataclass(frozen=True)
 class RuleOptions:
     """The inner update that runs in the subspace (its base rule is the module's optimizer: AdamW/Adam, SGD,
-    Adafactor).
+    Adafactor, Muon). The strategies call ``projected_rule`` ``inner``.
 
-    adam_form: ``torch`` (torch.optim.AdamW) or ``hf`` (transformers' AdamW, which the GaLore, Fira and APOLLO code
-        use: eps on sqrt(v), bias corrections in the step size, decay after the update); None: ``hf`` with
-        ``residual="fira"``/``"apollo"`` (so they match their reference code), else ``torch``.
-    projected_rule: a different rule for projected weights only: ``subset_norm`` (Subspace-Momentum with Subset-Norm
-        step sizes: momentum in the subspace, SGD on the complement, AdaGrad-Norm step per channel) or ``trion`` (for
-        torch.optim.Muon: Trion's update, Muon on the DCT columns that carry most of a whole momentum buffer, chosen
-        every step, with error feedback; no P and no refresh, and no state saved against Muon: the saving is the
-        Newton-Schulz on r x n). None: the rule of the module's optimizer. The strategies call it ``inner``.
-    preconditioner: ``"lazy_hessian"`` replaces the projected rule by Sophia's clipped Newton step in the subspace,
-        clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe folds in
-        through ``update_curvature`` (an EMA with factor ``hessian_beta`` over probes, bias-corrected unless
-        ``hessian_bias_correction=False``, Sophia's own plain EMA from zero), reused between probes.
-    ns_dtype: the dtype Muon's Newton-Schulz iteration runs in: ``bfloat16`` (torch.optim.Muon's), ``float32`` or
-        ``float64``.
-    trion_scaling: Trion's lr factor by shape (``kj``, ``none``, ``kimi``, ``dion``; ``trion.py``); None: the one of
-        Muon's ``adjust_lr_fn`` (``kj`` for ``original``, ``kimi`` for ``match_rms_adamw``).
+    Args:
+        adam_form: ``torch`` (torch.optim.AdamW) or ``hf`` (transformers' AdamW, which the GaLore, Fira and APOLLO
+            code use: eps on sqrt(v), bias corrections in the step size, decay after the update); None: ``hf`` with
+            ``residual="fira"``/``"apollo"`` (so they match their reference code), else ``torch``.
+        projected_rule: a rule for projected weights other than the module optimizer's: ``subset_norm``
+            (Subspace-Momentum with Subset-Norm step sizes: momentum in the subspace, SGD on the complement,
+            AdaGrad-Norm step per channel) or ``trion`` (for torch.optim.Muon: Trion's update, Muon on the DCT columns
+            that carry most of a whole momentum buffer, chosen every step, with error feedback; no P and no refresh,
+            and no state saved against Muon: the saving is the Newton-Schulz on r x n). None: the rule of the
+            module's optimizer.
+        preconditioner: ``lazy_hessian`` replaces the projected rule by Sophia's clipped Newton step in the
+            subspace, clip(m / max(rho * h, eps), 1), with h the curvature diagonal in P's coordinates that a probe
+            folds in through ``update_curvature``, reused between probes.
+        rho: Sophia's clipping scale (``preconditioner="lazy_hessian"``).
+        hessian_beta: the factor of the curvature diagonal's EMA over probes (``preconditioner="lazy_hessian"``).
+        hessian_bias_correction: bias-correct that EMA; False: Sophia's own plain EMA from zero.
+        ns_dtype: the dtype Muon's Newton-Schulz iteration runs in: ``bfloat16`` (torch.optim.Muon's), ``float32``
+            or ``float64``.
+        trion_scaling: Trion's lr factor by shape (``kj``, ``none``, ``kimi``, ``dion``; ``trion.py``); None: the one
+            of Muon's ``adjust_lr_fn`` (``kj`` for ``original``, ``kimi`` for ``match_rms_adamw``).
     """
 
-    adam_form: str | None = None
-    projected_rule: str | None = None
-    preconditioner: str | None = None
+    adam_form: Literal[ADAM_FORMS] | None = None
+    projected_rule: Literal[PROJECTED_RULES] | None = None
+    preconditioner: Literal[PRECONDITIONERS] | None = None
     rho: float = 0.04
     hessian_beta: float = 0.99
     hessian_bias_correction: bool = True
-    ns_dtype: str = "bfloat16"
-    trion_scaling: str | None = None
+    ns_dtype: Literal[tuple(NS_DTYPES)] = "bfloat16"
+    trion_scaling: Literal[TRION_SCALINGS] | None = None
 
     def __post_init__(self) -> None:
-        check_choice("ns_dtype", self.ns_dtype, tuple(NS_DTYPES))
-        check_choice("adam_form", self.adam_form, (None, *ADAM_FORMS))
-        check_choice("projected_rule", self.projected_rule, (None, *PROJECTED_RULES))
-        check_choice("trion_scaling", self.trion_scaling, (None, *TRION_SCALINGS))
-        check_choice("preconditioner", self.preconditioner, (None, "lazy_hessian"))
+        check_choices(self, RuleOptions)
         if self.preconditioner and self.projected_rule:
             raise ValueError(
                 f"preconditioner={self.preconditioner!r} is itself the projected rule; drop "
@@ -176,29 +187,40 @@ class RuleOptions:
         check_positive("rho", self.rho)
 
 
+def _of(*rules: str, default: Any) -> Any:
+    """A ``TorchRuleOptions`` field that belongs to the torch optimizers of ``rules`` (``rule_option_names``)."""
+    return field(default=default, metadata={"rules": rules})
+
+
 @dataclass(frozen=True)
 class TorchRuleOptions:
     """Hyperparameters of the torch optimizer a rule reproduces. A strategy takes them from the module's optimizer
-    (its param groups); they are options only of a ``ProjectedOptimizer`` built directly.
+    (its param groups); they are options only of a ``ProjectedOptimizer`` built directly. Each belongs to the rules
+    its field names (``rule_option_names``).
 
-    momentum, dampening, nesterov: as torch.optim.SGD (the ``sgd`` rule).
-    beta2_decay, d: as torch.optim.Adafactor (the ``adafactor`` rule).
-    ns_coefficients, ns_steps, adjust_lr_fn: as torch.optim.Muon (the ``muon`` rule, with ``momentum``, ``nesterov``
-        and ``eps``; ``from_optimizer`` takes Muon's own values, 0.95, True and 1e-7 by default).
+    Args:
+        momentum: as torch.optim.SGD's and torch.optim.Muon's (``from_optimizer`` takes Muon's own, 0.95).
+        dampening: as torch.optim.SGD's.
+        nesterov: as torch.optim.SGD's and torch.optim.Muon's (Muon's own: True).
+        beta2_decay: as torch.optim.Adafactor's.
+        d: as torch.optim.Adafactor's (the clipping threshold).
+        ns_coefficients: as torch.optim.Muon's (the Newton-Schulz coefficients a, b, c).
+        ns_steps: as torch.optim.Muon's (Newton-Schulz iterations).
+        adjust_lr_fn: as torch.optim.Muon's (None, ``original`` or ``match_rms_adamw``).
     """
 
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    beta2_decay: float = -0.8
-    d: float = 1.0
-    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    ns_steps: int = 5
-    adjust_lr_fn: str | None = None
+    momentum: float = _of("sgd", "muon", default=0.0)
+    dampening: float = _of("sgd", default=0.0)
+    nesterov: bool = _of("sgd", "muon", default=False)
+    beta2_decay: float = _of("adafactor", default=-0.8)
+    d: float = _of("adafactor", default=1.0)
+    ns_coefficients: tuple[float, float, float] = _of("muon", default=(3.4445, -4.7750, 2.0315))
+    ns_steps: int = _of("muon", default=5)
+    adjust_lr_fn: Literal[ADJUST_LR_FNS] = _of("muon", default=None)
 
     def __post_init__(self) -> None:
         check_choice("nesterov", self.nesterov, (True, False))
-        check_choice("adjust_lr_fn", self.adjust_lr_fn, ADJUST_LR_FNS)
+        check_choices(self, TorchRuleOptions)
         coefficients = self.ns_coefficients
         if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
             raise ValueError(f"Invalid ns_coefficients: {coefficients!r} (must be three numbers a, b, c)")
@@ -212,24 +234,25 @@ class TorchRuleOptions:
 class ResidualOptions:
     """What happens to the gradient outside the subspace (``residuals.py``).
 
-    residual: ``none`` (GaLore), ``frugal`` (state-free ``frugal_rule`` step, FRUGAL), ``fira`` (Fira's scaled
-        residual with its norm-growth limiter ``limiter_gamma``; ``fira_complement``) or ``apollo`` (APOLLO's scaled
-        raw gradient, ``apollo_scale_type`` channel or tensor).
-    residual_lr_scale: multiplies the residual's step.
+    Args:
+        residual: ``none`` (GaLore), ``frugal`` (state-free ``frugal_rule`` step, FRUGAL), ``fira`` (Fira's scaled
+            residual with its norm-growth limiter) or ``apollo`` (APOLLO's scaled raw gradient).
+        frugal_rule: FRUGAL's state-free rule on the residual: ``signsgd`` or ``sgd``.
+        residual_lr_scale: multiplies the residual's step.
+        limiter_gamma: Fira's and APOLLO's norm-growth limiter: the residual's norm grows at most this factor a step.
+        fira_complement: Fira's residual: ``scaled`` (G - scale P Pᵀ G, Fira's code) or ``exact`` (G - P Pᵀ G).
+        apollo_scale_type: APOLLO's scale of the raw gradient: per ``channel`` or per ``tensor`` (APOLLO-Mini).
     """
 
-    residual: str = "none"
-    frugal_rule: str = "signsgd"
+    residual: Literal[RESIDUALS] = "none"
+    frugal_rule: Literal[FRUGAL_RULES] = "signsgd"
     residual_lr_scale: float = 1.0
     limiter_gamma: float = 1.01
-    fira_complement: str = "scaled"
-    apollo_scale_type: str = "channel"
+    fira_complement: Literal[FIRA_COMPLEMENTS] = "scaled"
+    apollo_scale_type: Literal[APOLLO_SCALE_TYPES] = "channel"
 
     def __post_init__(self) -> None:
-        check_choice("residual", self.residual, RESIDUALS)
-        check_choice("frugal_rule", self.frugal_rule, FRUGAL_RULES)
-        check_choice("fira_complement", self.fira_complement, FIRA_COMPLEMENTS)
-        check_choice("apollo_scale_type", self.apollo_scale_type, APOLLO_SCALE_TYPES)
+        check_choices(self, ResidualOptions)
         check_positive("residual_lr_scale", self.residual_lr_scale)
         check_positive("limiter_gamma", self.limiter_gamma)
 
@@ -238,70 +261,71 @@ class ResidualOptions:
 class StateOptions:
     """How the optimizer state is stored.
 
-    state_bits: 8 stores the rule's moments blockwise in 8 bits (``state_block_size`` elements per block); buffers of
-        fewer than 4096 elements stay in full precision (``storage.MIN_QUANTIZED_NUMEL``).
-    state_dtype: dtype of a *projected* weight's moments and P (``float32``, ``float64``, ``bfloat16``, ``float16``).
-        None: float32 for bf16/fp16 weights (an EMA with beta2 = 0.999 stalls in bf16's 8 bits; GaLore's SVD runs in
-        float too), the weight's dtype otherwise. Dense parameters keep their state in their own dtype, as the torch
-        optimizer they reproduce does.
+    Args:
+        state_bits: 8 stores the rule's moments blockwise in 8 bits; buffers of fewer than 4096 elements stay in full
+            precision (``storage.MIN_QUANTIZED_NUMEL``). None: full precision.
+        state_block_size: elements per block of 8-bit moments (``state_bits=8``).
+        state_dtype: dtype of a *projected* weight's moments and P (``float32``, ``float64``, ``bfloat16``,
+            ``float16``). None: float32 for bf16/fp16 weights (an EMA with beta2 = 0.999 stalls in bf16's 8 bits;
+            GaLore's SVD runs in float too), the weight's dtype otherwise. Dense parameters keep their state in their
+            own dtype, as the torch optimizer they reproduce does.
     """
 
-    state_bits: int | None = None
+    state_bits: Literal[STATE_BITS] | None = None
     state_block_size: int = 256
-    state_dtype: str | None = None
+    state_dtype: Literal[tuple(STATE_DTYPES)] | None = None
 
     def __post_init__(self) -> None:
-        check_choice("state_bits", self.state_bits, (None, 8))
+        check_choices(self, StateOptions)
         check_int("state_block_size", self.state_block_size, 1)
-        check_choice("state_dtype", self.state_dtype, (None, *STATE_DTYPES))
 
 
 @dataclass(frozen=True)
 class BudgetOptions:
     """One memory budget for the whole optimizer (not per group).
 
-    memory_budget: bytes for this optimizer's whole state (dense part, projected moments, projectors). Each projected
-        layer then gets its own rank, at most ``rank``, chosen at its refreshes (``allocate.py``): in proportion to its
-        curvature trace (``rank_by="curvature"``, fed by ``set_layer_curvature``; until the first one arrives, as for
-        ``"residual"``) or to its gradient energy outside the current subspace (``rank_by="residual"``). A layer grows
-        only into bytes free at that moment, so the state never exceeds the budget. Needs full-precision state and P.
+    Args:
+        memory_budget: bytes for this optimizer's whole state (dense part, projected moments, projectors). Each
+            projected layer then gets its own rank, at most ``rank``, chosen at its refreshes (``allocate.py``); a
+            layer grows only into bytes free at that moment, so the state never exceeds the budget. Needs
+            full-precision state and P. None: no budget.
+        rank_by: what a budget's ranks follow: ``curvature`` (each layer's curvature trace, fed by
+            ``set_layer_curvature``; until the first one arrives, as ``residual``) or ``residual`` (the gradient
+            energy outside the current subspace).
     """
 
     memory_budget: int | None = None
-    rank_by: str = "curvature"
+    rank_by: Literal[RANK_BY] = "curvature"
 
     def __post_init__(self) -> None:
         budget = self.memory_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise ValueError(f"Invalid memory_budget: {budget!r} (must be a positive int of bytes, or None)")
-        check_choice("rank_by", self.rank_by, RANK_BY)
-
-
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
+        check_choices(self, BudgetOptions)
 
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How one ``step()`` runs (the whole optimizer, not per group): what it does with a gradient that is not finite,
-    and whether its update is compiled.
+    """How one ``step()`` runs (the whole optimizer, not per group).
 
-    nonfinite: ``skip`` (default): when any gradient holds an inf or NaN, nothing is updated (parameters, moments,
-        subspaces, step counters), a warning is given the first time and ``nonfinite_steps`` counts it; ``raise``:
-        a ``FloatingPointError`` naming the first such layer and its step, with nothing applied; ``ignore``: no check
-        (the update runs on whatever the gradient holds, as torch's AdamW does). The check is one multi-tensor
-        kernel and one read of its flag per step; ``ignore`` saves both.
-    compile: ``True`` runs the Adam(W) update of the projected layers of the multi-tensor pass (no residual,
-        full-precision moments) as one ``torch.compile``-d function per layer (``compiled.py``), compiled once per
-        layer shape and dtype, never again as the step count or the learning rate change; a string names another
-        ``torch.compile`` backend (``"aot_eager"``, ``"cudagraphs"``, ...). The other updates, refreshes and
-        bookkeeping run eagerly. ``torch.compile(optimizer.step)`` does the same with inductor.
+    Args:
+        nonfinite: what a step does when any gradient holds an inf or NaN: ``skip`` (default): nothing is updated
+            (parameters, moments, subspaces, step counters), a warning is given the first time and
+            ``nonfinite_steps`` counts it; ``raise``: a ``FloatingPointError`` naming the first such layer and its
+            step, with nothing applied; ``ignore``: no check (the update runs on whatever the gradient holds, as
+            torch's AdamW does). The check is one multi-tensor kernel and one read of its flag per step.
+        compile: ``True`` runs the Adam(W) update of the projected layers of the multi-tensor pass (no residual,
+            full-precision moments) as one ``torch.compile``-d function per layer (``compiled.py``), compiled once
+            per layer shape and dtype, never again as the step count or the learning rate change; a string names
+            another ``torch.compile`` backend (``aot_eager``, ``cudagraphs``, ...). The other updates, refreshes
+            and bookkeeping run eagerly.
     """
 
-    nonfinite: str = "skip"
+    nonfinite: Literal[NONFINITE_POLICIES] = "skip"
     compile: bool | str = False
 
     def __post_init__(self) -> None:
-        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_choices(self, StepOptions)
         check_compile(self.compile)
 
 
@@ -333,24 +357,40 @@ class OptimizerOptions(TorchRuleOptions, LowRankOptions):
         LowRankOptions.__post_init__(self)
         TorchRuleOptions.__post_init__(self)
 
-    def group_options(self) -> dict[str, Any]:
-        """The per-group keys (every section's field but the budget's), with their values."""
-        return {name: getattr(self, name) for name in group_option_names()}
+    def group_options(self, rule: str | None = None) -> dict[str, Any]:
+        """The per-group keys (every section's field but the budget's and the step's), with their values; with
+        ``rule``, only those a group of that rule reads (``rule_option_names``)."""
+        names = group_option_names() if rule is None else rule_option_names(rule)
+        return {name: getattr(self, name) for name in names}
 
 
 def check_cross_options(o: Any) -> None:
     """Rules that span sections (``o``: an ``OptimizerOptions`` or anything with its attributes)."""
     if o.projected_rule == "subset_norm" and o.residual != "none":
-        raise ValueError("projected_rule='subset_norm' updates the complement itself; use residual='none' with it")
+        raise ValueError(
+            "projected_rule='subset_norm' (the strategy's inner) updates the complement itself; use residual='none' "
+            "with it"
+        )
     if o.projected_rule == "subset_norm" and o.side != "auto":
         raise ValueError(
-            f"projected_rule='subset_norm' keeps one accumulator per channel of the smaller side; it supports "
-            f"side='auto' only, got side={o.side!r}"
+            f"projected_rule='subset_norm' (the strategy's inner) keeps one accumulator per channel of the smaller "
+            f"side; it supports side='auto' only, got side={o.side!r}"
         )
 
 
 def group_option_names() -> tuple[str, ...]:
+    """Every option a param group may carry (every rule's)."""
     return tuple(f.name for section in GROUP_SECTIONS for f in fields(section))
 
 
+def rule_option_names(rule: str) -> tuple[str, ...]:
+    """The options a param group of ``rule`` (``adamw``, ``sgd``, ``adafactor``, ``muon``) reads: every low-rank
+    one, and of the torch optimizers' hyperparameters (``TorchRuleOptions``) only its own; an AdamW group has none
+    of SGD's ``momentum`` or Adafactor's ``d``."""
+    check_choice("rule", rule, BASE_RULES)
+    own = tuple(f.name for f in fields(TorchRuleOptions) if rule in f.metadata["rules"])
+    return tuple(name for name in group_option_names() if name not in TORCH_RULE_OPTIONS or name in own)
+
+
+TORCH_RULE_OPTIONS = frozenset(f.name for f in fields(TorchRuleOptions))
 WHOLE_OPTIMIZER_OPTIONS = tuple(f.name for section in WHOLE_OPTIMIZER_SECTIONS for f in fields(section))

@@ -43,7 +43,7 @@ def unknown_options_message(owner: str, unknown: Iterable[str], allowed: Iterabl
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return (
         f"Unknown option(s) {unknown} for {owner}.{hint} Low-rank options: "
-        f"{', '.join(sorted(LowRankConfig.field_names()))}; {rest}."
+        f"{', '.join(sorted(LowRankConfig.option_names()))}; {rest}."
     )
 
 

@@ -18,18 +18,16 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
 from lightning.pytorch.strategies import ParallelStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_lowrank.callbacks.protected_subspaces import ProtectedSubspaces
 from lightning_lowrank.config import LowRankConfig
-from lightning_lowrank.memory import MemoryReport, Plan, account_memory, plan, render_memory_report
-from lightning_lowrank.memory.accounting import max_rss_bytes
+from lightning_lowrank.memory import MemoryReport, Plan, memory_report, plan, render_memory_report
 from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
 from lightning_lowrank.optim.options import supported_names
-from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
+from lightning_lowrank.selection import strategy_selection, warn_once, warn_user, warnings_once
 from lightning_lowrank.strategies.naming import named_after
 
 
@@ -111,21 +109,25 @@ class LowRankMixin:
         self.planned: Plan | None = None  # with memory_plan=True: what the first step is planned to hold
         self._lowrank_names: dict[Tensor, str] = {}
         self._logged_nonfinite: dict[int, int] = {}  # optimizer id -> the skipped-step count last logged
+        self._warned: set[str] = set()  # the warnings said in this fit
         super().__init__(*args, **kwargs)
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)  # type: ignore[misc]
+        self._warned = set()
         cfg = self.lowrank_config
-        selected = select_lowrank_params(self.lightning_module, cfg.target_modules, cfg.exclude)
-        selected = drop_full_rank(selected, cfg.rank)
+        selected = warnings_once(
+            self._warned, strategy_selection, self.lightning_module, cfg.target_modules, cfg.exclude, cfg.rank
+        )
         swapped = []
         for old in self.optimizers:
             if isinstance(old, ProjectedOptimizer):
                 new = old
             elif type(old) not in SUPPORTED_OPTIMIZERS and self.fallback == "dense":
-                rank_zero_warn(
+                warn_once(
+                    self._warned,
                     f"{type(old).__name__} cannot be projected (supported: {supported_names()}); fallback='dense' "
-                    "keeps it unchanged, so its parameters hold full-size optimizer state."
+                    "keeps it unchanged, so its parameters hold full-size optimizer state.",
                 )
                 new = old
             else:
@@ -151,7 +153,8 @@ class LowRankMixin:
         if self.memory_plan and self.is_global_zero:
             # Before any step: the report the first step will measure, planned on a meta twin of the module.
             protection = next((c.plan_options() for c in trainer.callbacks if isinstance(c, ProtectedSubspaces)), {})
-            self.planned = plan(self.lightning_module, layerwise=self.layerwise, **asdict(cfg), **protection)
+            options = dict(layerwise=self.layerwise, **asdict(cfg), **protection)  # its warnings: not said again
+            self.planned = warnings_once(self._warned, plan, self.lightning_module, **options)
             if self.print_memory_report:
                 self.planned.render()
 
@@ -216,18 +219,10 @@ class LowRankMixin:
                 phases = callback.phase_stats(trainer) or phases
             if hasattr(callback, "run_peak_allocated_bytes") and callback.run_peak_allocated_bytes() is not None:
                 peaks.append(callback.run_peak_allocated_bytes())
-        module = self.lightning_module
-        report = account_memory(
-            self.optimizers,
-            module.parameters(),
-            self._lowrank_names,
-            self.root_device,
-            stats,
-            probe=probe,
-            module=module,
-            phases=phases,
+        options = dict(names=self._lowrank_names, refresh_stats=stats, probe=probe, phases=phases)
+        report = warnings_once(
+            self._warned, memory_report, self.optimizers, self.lightning_module, **options, device=self.root_device
         )
-        report = replace(report, cpu_max_rss_bytes=max_rss_bytes())
         # A CurvatureProbe (and MemoryPhases) resets the CUDA allocator's peak counter to measure a part of a step,
         # and keeps the peak it read before each reset; the allocator's peak now covers the time since the last
         # reset. The run's peak is the largest of them.
@@ -310,7 +305,7 @@ def _check_curvature_sources(cfg: LowRankConfig, optimizers: Sequence[Optimizer]
                 "that are projected; return one optimizer (with several param groups if needed)."
             )
         if cfg.rank_by == "curvature" and "trace" not in measured:
-            rank_zero_warn(
+            warn_user(
                 "memory_budget with rank_by='curvature' takes each layer's Hessian trace from a CurvatureProbe with "
                 "'trace' in its estimators, and there is none: ranks follow the gradient energy outside each "
                 "subspace (rank_by='residual') instead."
@@ -373,4 +368,5 @@ def declare_signature(cls: type) -> type:
     var_kw = [p for p in base_params if p.kind is p.VAR_KEYWORD]
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *leading, *keyword_only, *var_kw]
     cls.__init__.__signature__ = inspect.Signature(params)
+    cls.__init__.__doc__ = LowRankConfig.args_docstring()  # each option's help, where jsonargparse reads it
     return cls

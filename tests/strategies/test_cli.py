@@ -100,7 +100,47 @@ def test_layerwise_ddp_from_the_cli_is_not_refused_for_ddp_defaults(tmp_path):
         _cli([*args, "--trainer.strategy.find_unused_parameters=true"], tmp_path)
 
 
-def test_a_bad_value_is_refused_at_parse_time_with_what_is_allowed(tmp_path, capsys):
-    with pytest.raises((SystemExit, ValueError)) as error:
-        _cli(["--trainer.strategy=lightning_lowrank.LowRankStrategy", "--trainer.strategy.projector=pca"], tmp_path)
-    assert "Unknown projector 'pca'; choose one of 'svd'" in str(error.value) + capsys.readouterr().err
+def _yaml(tmp_path, init_args):
+    strategy = {"class_path": "lightning_lowrank.LowRankStrategy", "init_args": init_args}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"strategy": strategy}}))
+    return f"--config={path}"
+
+
+@pytest.mark.parametrize("source", ["command line", "yaml"])
+def test_a_bad_choice_is_refused_at_parse_time_with_the_choices(tmp_path, capsys, source):
+    """The choices are ``Literal`` types: jsonargparse refuses another value while parsing, with a message that
+    lists them, not a traceback printing the whole Namespace from the constructor."""
+    strategy = "--trainer.strategy=lightning_lowrank.LowRankStrategy"
+    args = (
+        [strategy, "--trainer.strategy.projector=pca"]
+        if source == "command line"
+        else [_yaml(tmp_path, {"projector": "pca"})]
+    )
+    with pytest.raises(SystemExit) as error:
+        _cli(args, tmp_path)
+    err = capsys.readouterr().err
+    assert error.value.code == 2  # argparse's usage error
+    assert 'Parser key "projector"' in err
+    assert "Expected a typing.Literal['svd', 'rsvd', 'dct', 'random', 'gaussian', 'online_pca']" in err
+    assert "Traceback" not in err and "Namespace(" not in err
+
+
+def test_inner_is_the_one_name_of_the_projected_rule(tmp_path, capsys):
+    for cls in (LowRankStrategy, LowRankDDPStrategy):
+        params = inspect.signature(cls).parameters
+        assert "inner" in params and "projected_rule" not in params
+    strategy = "--trainer.strategy=lightning_lowrank.LowRankStrategy"
+    with pytest.raises(SystemExit):
+        _cli([strategy, "--trainer.strategy.inner=subset_norm", "--print_config"], tmp_path)
+    printed = capsys.readouterr().out
+    assert "inner: subset_norm" in printed and "projected_rule" not in printed
+    cli = _cli([strategy, "--trainer.strategy.inner=subset_norm"], tmp_path)
+    assert cli.trainer.strategy.lowrank_config.optimizer_options()["projected_rule"] == "subset_norm"
+
+
+def test_the_old_name_still_works_in_python_with_a_deprecation_warning():
+    for cls in (LowRankStrategy, LowRankDDPStrategy):
+        with pytest.warns(DeprecationWarning, match="pass inner='subset_norm'"):
+            strategy = cls(projected_rule="subset_norm")
+        assert strategy.lowrank_config.inner == "subset_norm"

@@ -1,6 +1,7 @@
 """Which weights are projected by default and with patterns."""
 
 import pytest
+import torch
 from torch import nn
 
 from lightning_lowrank.memory import format_bytes
@@ -101,3 +102,23 @@ def test_conv_weights_cannot_be_targets():
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+class Compiled(nn.Module):
+    """A model holding a torch.compile'd part: its module names gain an ``_orig_mod`` part."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.compile(Net())
+
+
+def test_patterns_match_compiled_names_without_orig_mod():
+    model = Compiled()
+    assert "net._orig_mod.blocks.0.mlp.0" in dict(model.named_modules())
+    selected = _names(select_lowrank_params(model, ["net.blocks.*"], exclude=["net.blocks.1.*"]))
+    # The names stay the modules' own (as named_modules and the report give them); only matching drops _orig_mod.
+    assert selected == [f"net._orig_mod.blocks.0.{m}" for m in ("attn.o_proj", "attn.q_proj", "mlp.0", "mlp.2")]
+    plain = [name.replace("_orig_mod.", "") for name in _names(select_lowrank_params(model))]
+    assert plain == [f"net.{name}" for name in _names(select_lowrank_params(Net()))]  # the default: heads as before
+    with pytest.raises(ValueError, match=r"candidates are: net\.blocks\.0\.attn\.o_proj"):
+        select_lowrank_params(model, ["nothing_here"])
