@@ -57,6 +57,30 @@ class MuonHalves(Halves):
         return torch.optim.Muon([self.attn.weight, self.mlp.weight], lr=0.02, weight_decay=0.1)
 
 
+class MuonAdamHalves(MuonHalves):
+    """The issue's module: manual optimization, Muon on the hidden weights and AdamW on the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+        return loss
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hidden = [self.attn.weight, self.mlp.weight]
+        rest = [p for p in self.parameters() if all(p is not h for h in hidden)]
+        return [torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1), torch.optim.AdamW(rest, lr=1e-3)]
+
+
 class ShardsItself(Halves):
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -113,6 +137,7 @@ def main(out: Path) -> None:
     for name, options in VARIANTS.items():
         save(fit(Halves, 4, **options), out, name)
     save(fit(MuonHalves, 4, **MUON), out, "muon")
+    save(fit(MuonAdamHalves, 4, **MUON), out, "muon_adamw")
     trainer = fit(Halves, 2)
     trainer.save_checkpoint(out / "half.ckpt")
     save(trainer, out, "first_half")

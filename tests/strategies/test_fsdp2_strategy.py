@@ -91,13 +91,21 @@ def test_muon_sharded_by_rows_equals_one_device_and_counts_its_gram_all_reduces(
     assert sharded["step_bytes"] == 4 * 2 * (1 + 5 * 4 * 4) * 4
 
 
-def _muon_single_device() -> TinyNet:
-    class MuonNet(TinyNet):
-        def configure_optimizers(self):
-            return torch.optim.Muon([self.attn.weight, self.mlp.weight], lr=0.02, weight_decay=0.1)
+def test_the_muon_and_adamw_module_with_manual_optimization_equals_one_device(runs):
+    """The issue's module (manual optimization, Muon on the hidden weights, AdamW on the rest) under lowrank_fsdp."""
+    sharded = _load(runs, "muon_adamw")
+    model = _muon_single_device(script.MuonAdamHalves)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(sharded["params"][n], p.detach(), rtol=0, atol=5e-5, msg=n)
+
+
+def _muon_single_device(base: type = script.MuonHalves) -> TinyNet:
+    class MuonNet(base):  # the same module, its data on one device: every batch of 16 whole
+        def train_dataloader(self):
+            return TinyNet.train_dataloader(self)
 
     torch.manual_seed(0)
-    model = MuonNet(scheduler=None, batch_size=script.BATCH, n=script.N)
+    model = MuonNet()
     options = {**script.OPTIONS, **script.MUON, "side": "right", "memory_report": False, "memory_json": False}
     trainer = L.Trainer(
         accelerator="cpu",

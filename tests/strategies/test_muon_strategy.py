@@ -116,12 +116,16 @@ class SaveParams(Callback):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
-@pytest.mark.parametrize("options", [dict(low_rank_comm=True), dict(inner="trion")], ids=["muon", "trion"])
-def test_two_process_ddp_ends_with_identical_parameters(tmp_path, options):
+@pytest.mark.parametrize(
+    "options, make",
+    [(dict(low_rank_comm=True), "muon"), (dict(inner="trion"), "muon"), (dict(low_rank_comm=True), "muon+adamw")],
+    ids=["muon", "trion", "the issue's module: Muon + AdamW, manual optimization"],
+)
+def test_two_process_ddp_ends_with_identical_parameters(tmp_path, options, make):
     """Projected Muon with its gradients all-reduced in their subspaces; Trion with its column choice and
     Newton-Schulz split over the ranks (each layer on one rank, shared), the feedback and update on every rank."""
     torch.manual_seed(0)
-    model = MuonOnlyNet(scheduler=None, n=64)
+    model = MuonOnlyNet(scheduler=None, n=64) if make == "muon" else MuonNet(n=64)
     strategy = LowRankDDPStrategy(rank=4, update_gap=2, start_method="fork", timeout=HANG, **options)
     trainer = _two_processes(strategy, max_steps=4, callbacks=[SaveParams(str(tmp_path))])
     trainer.fit(model)
