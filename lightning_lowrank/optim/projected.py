@@ -80,10 +80,10 @@ class ProjectedOptimizer(Optimizer):
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             rule=rule,
-            **checked.group_options(),
+            **checked.group_options(rule),  # a group of another rule gets its own in ``add_param_group``
             lowrank_mask=None,
         )
-        self._dct_bases: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._options, self._dct_bases = checked, {}  # the bases: {(size, dtype, device): d x d}
         self._slots: dict[Tensor, tuple[int, int, int]] = {}  # param -> (index, group, place in group); locate
         self._projectors = {name: cls() for name, cls in PROJECTOR_CLASSES.items()}
         self.refresher = Refresher()
@@ -124,7 +124,7 @@ class ProjectedOptimizer(Optimizer):
         # Whether some parameter is an FSDP2 DTensor: only then does a step look into them (``sharding.local``).
         self._sharded = getattr(self, "_sharded", False) or any(sharding.is_sharded(p) for p in group["params"])
         resolve_projector(group)
-        validate_group(group)
+        validate_group(group, self._options)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the current low-rank options win over the saved ones, and each layer's state is loaded as

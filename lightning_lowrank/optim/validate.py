@@ -8,7 +8,7 @@ from dataclasses import fields
 from typing import Any
 
 from lightning_lowrank.optim.checks import check_choice
-from lightning_lowrank.optim.options import GROUP_SECTIONS, check_cross_options
+from lightning_lowrank.optim.options import GROUP_SECTIONS, OptimizerOptions, check_cross_options, rule_option_names
 from lightning_lowrank.optim.update.rules import BASE_RULES
 
 # Options whose update Muon's rule has no place for, with why (refused for a Muon group).
@@ -19,8 +19,13 @@ NOT_FOR_MUON = {
 }
 
 
-def validate_group(group: Mapping[str, Any]) -> None:
-    """Check one param group: torch's own hyperparameters, every section's options, the lowrank mask."""
+def validate_group(group: dict[str, Any], options: OptimizerOptions | None = None) -> None:
+    """Check one param group: torch's own hyperparameters, every section's options, the lowrank mask. A group takes
+    the torch options of its own rule only (``rule_option_names``); those it lacks come from ``options`` (the
+    optimizer's), so a group whose rule differs from the optimizer's default gets its own, not the default's."""
+    if options is not None:
+        for name in rule_option_names(group["rule"]) if group.get("rule") in BASE_RULES else ():
+            group.setdefault(name, getattr(options, name))
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     if not 0.0 <= float(lr):
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
@@ -44,7 +49,7 @@ def validate_group(group: Mapping[str, Any]) -> None:
             if group[key] == value:
                 raise ValueError(f"{key}={value!r} does not apply to torch.optim.Muon: {why}")
     for section in GROUP_SECTIONS:
-        section(**{f.name: group[f.name] for f in fields(section)})
+        section(**{f.name: group[f.name] for f in fields(section) if f.name in group})  # absent: another rule's
     check_cross_options(_Attrs(group))
     mask = group["lowrank_mask"]
     if mask is not None:

@@ -21,6 +21,7 @@ from lightning_lowrank.optim.options import (
     StepOptions,
     TorchRuleOptions,
     group_option_names,
+    rule_option_names,
 )
 
 
@@ -53,10 +54,34 @@ def test_a_param_group_carries_exactly_the_group_options():
     opt = ProjectedOptimizer([w], rank=2)
     group = opt.param_groups[0]
     torch_keys = {"params", "lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "rule", "lowrank_mask"}
-    assert set(group) == torch_keys | set(group_option_names())
+    assert set(group) == torch_keys | set(rule_option_names("adamw"))
+    # an AdamW group holds none of SGD's, Adafactor's or Muon's hyperparameters
+    assert not {"momentum", "nesterov", "dampening", "beta2_decay", "d", "ns_coefficients", "ns_steps"} & set(group)
     # one budget and one non-finite policy per optimizer, not per group
     assert not set(group) & set(_names(BudgetOptions) + _names(StepOptions))
     assert len(GROUP_SECTIONS) == 5
+
+
+@pytest.mark.parametrize(
+    "make, rule",
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "sgd"),
+        (lambda ps: torch.optim.Adafactor(ps, lr=0.01), "adafactor"),
+        (lambda ps: torch.optim.Muon(ps, lr=0.02), "muon"),
+    ],
+)
+def test_a_taken_over_group_carries_its_own_rules_options_only(make, rule):
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    group = ProjectedOptimizer.from_optimizer(make([w]), lambda p: True, rank=2).param_groups[0]
+    own = set(rule_option_names(rule))
+    foreign = set(group_option_names()) - own
+    assert own <= set(group) and not foreign & set(group), sorted(foreign & set(group))
+
+
+def test_a_group_of_another_rule_than_the_optimizers_gets_that_rules_options():
+    a, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6, 4))
+    opt = ProjectedOptimizer([{"params": [a]}, {"params": [b], "rule": "sgd"}], rank=2, momentum=0.9)
+    assert "momentum" not in opt.param_groups[0] and opt.param_groups[1]["momentum"] == 0.9
 
 
 @pytest.mark.parametrize(
