@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -142,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--part", default="0/1", help="K/N: this process runs every N-th configuration from K")
     parser.add_argument("--cache", default=str(RESULTS / "frontier_runs.jsonl"))
     parser.add_argument("--time", action="store_true", help="time every configuration (run alone)")
-    parser.add_argument("--time-steps", type=int, default=200)
+    parser.add_argument("--time-steps", type=int, default=60, help="timed optimizer steps per configuration")
     parser.add_argument("--report", action="store_true", help="tables and plot from the caches")
     parser.add_argument("--list", action="store_true", help="print the configurations and their state, and stop")
     parser.add_argument("--only", nargs="+", default=None, help="run or time only these configurations")
@@ -178,25 +179,57 @@ def run_part(args: argparse.Namespace, names: list[str], tables: dict[str, list[
 
 
 def time_configs(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
-    """Seconds per step of each configuration, refreshes amortised at its gap (``--time-steps`` steps, seed 0)."""
-    out = RESULTS / f"frontier_{args.model}_timing.json"
-    timing = json.loads(out.read_text()) if out.exists() else {}
-    for name in names:
-        if name in timing:
-            continue
-        run_args = argparse.Namespace(
-            model=args.model, config=SIZES[args.model], seed=0, max_steps=args.time_steps, update_gap=100
-        )
-        data = bench_tuned.StdlibDataModule(
-            block_size=SIZES[args.model].block_size, batch_size=args.batch_size,
-            train_samples=args.time_steps * args.batch_size, val_samples=args.batch_size, seed=0,
-        )  # fmt: skip
-        data.setup("fit")
+    """Seconds per training step of each configuration, its refreshes amortised at its own gap: forward and backward
+    (the model's, once: the same for all), plus the optimizer's ordinary step (median), plus (refresh step - ordinary
+    step) / gap. A plain loop on one thread over two fixed gradient sets of the model, alternating (Lightning's
+    per-step overhead is the same for every configuration); the refresh is sampled every 5 steps, whatever the gap."""
+    import torch
+
+    from lightning_lowrank.optim.projected import ProjectedOptimizer
+    from lightning_lowrank.selection import drop_full_rank, select_lowrank_params
+
+    torch.set_num_threads(1)
+    sample_gap, warmup, timed = 5, 5, args.time_steps
+    torch.manual_seed(0)
+    model = ByteLM(SIZES[args.model])
+    batches = [torch.randint(0, 256, (args.batch_size, SIZES[args.model].block_size + 1)) for _ in range(2)]
+    grads, forward_backward = [], []
+    for i in range(12):
+        x = batches[i % 2]
         start = time.perf_counter()
-        result = conv.train(name, conv.RUNS[name], data, run_args)
-        timing[name] = result.seconds / args.time_steps
-        print(f"{name}: {timing[name] * 1e3:.1f} ms/step ({time.perf_counter() - start:.0f} s)", flush=True)
-        out.write_text(json.dumps(timing, indent=1))
+        model._loss((x[:, :-1], x[:, 1:])).backward()
+        forward_backward.append(time.perf_counter() - start)
+        grads.append([q.grad.clone() for q in model.parameters()])
+        model.zero_grad()
+    fb = statistics.median(forward_backward[2:])
+    timing = {}
+    for name in names:
+        options = dict(conv.RUNS[name].options)
+        gap = options.pop("update_gap", 200)
+        decay = [q for q in model.parameters() if q.ndim >= 2]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": [q for q in model.parameters() if q.ndim < 2]}]
+        optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        if options:
+            projected = drop_full_rank(select_lowrank_params(model), options["rank"])
+            optimizer = ProjectedOptimizer.from_optimizer(
+                optimizer, projected, scale=0.25, update_gap=sample_gap, **options
+            )
+        ordinary, refresh = [], []
+        for i in range(warmup + timed):
+            for q, g in zip(model.parameters(), grads[i % 2]):
+                q.grad = g.clone()
+            start = time.perf_counter()
+            optimizer.step()
+            seconds = time.perf_counter() - start
+            if i >= warmup:
+                (refresh if options and i % sample_gap == 0 else ordinary).append(seconds)
+        step = statistics.median(ordinary)
+        extra = (statistics.median(refresh) - step) / gap if refresh else 0.0
+        timing[name] = fb + step + max(extra, 0.0)
+        print(f"{name}: {timing[name] * 1e3:.1f} ms/step (step {step * 1e3:.2f} ms, refresh +{extra * gap * 1e3:.2f} "
+              f"ms every {gap}, forward+backward {fb * 1e3:.1f} ms)", flush=True)  # fmt: skip
+    out = RESULTS / f"frontier_{args.model}_timing.json"
+    out.write_text(json.dumps(timing, indent=1))
     return timing
 
 
