@@ -12,5 +12,5 @@ VENV_PY="$PWD/.venv/bin/python"
 if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
     "$VENV_PY" -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"$VENV_PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$VENV_PY" -m pip install --quiet --disable-pip-version-check -e ".[test,docs]"
 export VENV_PY

@@ -56,8 +56,9 @@ class ProtectedSubspaces(Callback):
             train as usual: new data needs new token rows and output rows, and a norm has no singular directions.
         exclude: module-name globs never to protect.
         progressive_step: added to the ratio per task (``"progressive"``).
-        min_ratio, target_ratio: the paper's mrr and trr (``"adaptive"``). ``target_ratio`` is the ratio of a layer of
-            average importance, not a maximum: a layer twice as important as the average gets 2 trr - mrr.
+        min_ratio: the paper's mrr (``"adaptive"``): the ratio of a layer of no importance.
+        target_ratio: the paper's trr (``"adaptive"``): the ratio of a layer of average importance, not a maximum: a
+            layer twice as important as the average gets 2 trr - mrr.
         importance_batches: ``"adaptive"`` measures each layer's mean cosine similarity between its input and output
             (the first min(m, n) coordinates) on the last this many training batches of each task, with forward
             hooks (under DDP averaged over the ranks' batches), and sets the next task's ranks from it.

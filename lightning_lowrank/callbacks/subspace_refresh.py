@@ -27,7 +27,10 @@ class SubspaceRefresh(Callback):
         warmup: for this many first updates refresh every ``warmup_every`` updates instead.
         overrides: ``{module-name pattern: every}`` per-layer gaps (first matching pattern wins).
         adaptive: Q-GaLore's lazy rule: a layer whose subspace keeps coming back nearly unchanged refreshes less.
-        cos_threshold, queue_size, gamma_proj, max_gap: that rule's parameters (defaults 0.4, 5, 2, 16 x every).
+        cos_threshold: that rule's threshold on the mean of the queue (Q-GaLore's 0.4).
+        queue_size: how many comparisons the queue holds (5).
+        gamma_proj: what a layer's gap is multiplied by when the queue's mean reaches the threshold (2).
+        max_gap: the cap on a layer's gap (None: 16 x every; ``rule="lazy"`` only).
         rule: ``"lazy"`` (ours: next refresh ``gap`` after the last, queue cleared after a growth, gap capped) or
             ``"qgalore"`` (q-galore-torch 1.0's schedule step for step: refresh at multiples of the gap, queue kept,
             signed leading cosine, no cap; so it refuses ``max_gap`` and any ``similarity`` but ``"signed"``).

@@ -41,8 +41,8 @@ class LowRankFabricDDPStrategy(LowRankFabricMixin, DDPStrategy):
             weight then holds P P^T g_avg. Refused with options that read the gradient outside the subspace (see
             ``LowRankDDPStrategy``). ``fabric.clip_gradients(..., max_norm=...)`` then sees the norm of that
             projected-back gradient (a warning says so). ``comm_bytes`` lists the bytes all-reduced per step.
-        Other keywords: ``LowRankFabricMixin``'s (the low-rank options), then Fabric's ``DDPStrategy``'s and
-        ``DistributedDataParallel``'s.
+        **kwargs: ``LowRankFabricMixin``'s (the low-rank options), then Fabric's ``DDPStrategy``'s and
+            ``DistributedDataParallel``'s.
     """
 
     strategy_name = "lowrank_ddp"

@@ -35,9 +35,9 @@ class LowRankFabricFSDPStrategy(LowRankFabricMixin, ModelParallelStrategy):
         parallelize_fn: ``(module, device_mesh) -> module``, as Fabric's; None: ``fully_shard`` on each projected
             ``nn.Linear``, then on the root, over the mesh's ``"data_parallel"`` dimension.
         data_parallel_size: defaults to every process (Fabric's ``"auto"`` would take the number of nodes).
-        Other keywords: the low-rank options (``side`` is ``"right"``; ``side="left"``, ``state_bits``,
-        ``memory_budget`` and a tensor-parallel size other than 1 are refused, as by ``lowrank_fsdp``), then
-        ``ModelParallelStrategy``'s.
+        **kwargs: the low-rank options (``side`` is ``"right"``; ``side="left"``, ``state_bits``,
+            ``memory_budget`` and a tensor-parallel size other than 1 are refused, as by ``lowrank_fsdp``), then
+            ``ModelParallelStrategy``'s.
     """
 
     strategy_name = "lowrank_fsdp"

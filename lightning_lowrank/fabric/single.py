@@ -28,6 +28,7 @@ class LowRankFabricStrategy(LowRankFabricMixin, SingleDeviceStrategy):
 
     @property
     def parallel_devices(self) -> list[torch.device] | None:
+        """The one device (a list of one, as the accelerator connector sets it); more are refused."""
         return self._parallel_devices
 
     @parallel_devices.setter
@@ -41,4 +42,5 @@ class LowRankFabricStrategy(LowRankFabricMixin, SingleDeviceStrategy):
 
     @property
     def root_device(self) -> torch.device:
+        """The device the accelerator connector chose (or the one given at construction)."""
         return self._parallel_devices[0] if self._parallel_devices else self._root_device

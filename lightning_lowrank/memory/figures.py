@@ -68,6 +68,7 @@ class LayerMemory:
 
     @property
     def saving_bytes(self) -> int:
+        """Bytes saved against the dense baseline (negative: more than it)."""
         return self.baseline_bytes - self.state_bytes
 
 
@@ -83,6 +84,7 @@ class _StateTotals:
 
     @property
     def saving_bytes(self) -> int:
+        """Bytes saved against the dense baseline (negative: more than it)."""
         return self.baseline_bytes - self.state_bytes
 
 
@@ -185,6 +187,7 @@ class MemoryReport:
 
     @property
     def optimizer_state_bytes(self) -> int:
+        """Every byte of optimizer state: dense, projected, and projections."""
         return self.dense_state_bytes + self.projected_state_bytes + self.projector_bytes
 
     @property
@@ -272,6 +275,7 @@ class MemoryReport:
 
     @property
     def saving_bytes(self) -> int:
+        """Optimizer-state bytes saved against the module's own optimizer held densely (negative: more)."""
         return self.baseline_state_bytes - self.optimizer_state_bytes
 
     def costly_layers(self) -> list[str]:

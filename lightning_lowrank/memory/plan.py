@@ -114,6 +114,7 @@ class Plan:
 
     @property
     def fits_dense(self) -> bool | None:
+        """Whether dense training (the module's own optimizer) fits ``gpu_gib``; None without one."""
         return None if self.gpu_bytes is None else self.dense_bytes <= self.gpu_bytes
 
     def verdict(self) -> list[str]:
@@ -204,7 +205,8 @@ def plan(
             ``"muon"`` (torch's Muon on the hidden weights: every ``nn.Linear`` but output heads; AdamW on the
             rest), a torch optimizer class, or a callable ``params -> Optimizer``. None: the module's own
             ``configure_optimizers()`` when it has one (as the strategy does), else AdamW.
-        lr, optimizer_options: for the optimizer built from a name or class (e.g. ``{"momentum": 0.9}`` for SGD).
+        lr: for the optimizer built from a name or class.
+        optimizer_options: its other keywords (e.g. ``{"momentum": 0.9}`` for SGD).
         dtype: cast floating parameters (``torch.bfloat16`` or ``"bf16"`` for bf16-true training); None keeps them.
         gpu_gib: GPU memory in GiB; the plan then says whether it fits with and without low rank.
         layerwise: plan the strategy's ``layerwise=True`` (GaLore's per-layer weight update): one parameter's full
@@ -213,10 +215,12 @@ def plan(
         fsdp: plan ``lowrank_fsdp`` on this many ranks: per-rank figures (rank 0's, ceil(m / N) rows of every
             parameter, gradient and moment; P and counters replicated) and ``Plan.total`` over all ranks. It plans
             ``side="right"`` and refuses what ``lowrank_fsdp`` refuses (``side="left"``, ``layerwise``, ...).
-        protect, protect_targets, protect_exclude: plan ``ProtectedSubspaces(ratio=protect, schedule="uniform",
-            target_modules=protect_targets, exclude=protect_exclude)`` at its first task: the optimizer also holds
-            each targeted weight's protected bases (k = floor(protect x min(m, n))). Refused with ``layerwise`` and
-            ``fsdp``, as the callback refuses them.
+        protect: plan ``ProtectedSubspaces(ratio=protect, schedule="uniform", target_modules=protect_targets,
+            exclude=protect_exclude)`` at its first task: the optimizer also holds each targeted weight's protected
+            bases (k = floor(protect x min(m, n))). Refused with ``layerwise`` and ``fsdp``, as the callback refuses
+            them.
+        protect_targets: that callback's ``target_modules``.
+        protect_exclude: that callback's ``exclude``.
         protect_bits: passed to ``ProjectedOptimizer.protect(bits=...)`` (quantized bases) when given.
         **lowrank_options: any ``LowRankConfig`` field (rank, projector, state_bits, residual, ...), validated there,
             so a bad option raises the error the strategy raises.

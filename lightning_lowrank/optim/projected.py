@@ -1,14 +1,10 @@
 """``ProjectedOptimizer``: an optimizer whose 2-D weights keep their state in a rank-r subspace.
 
-The step in torch's shape (``torch/optim/adam.py``): ``step()`` checks the gradients (``nonfinite.py``); per group,
-``_init_group`` gathers the parameters with a gradient and creates state lazily; the due layers refresh
-(``refresh.Refresher``; ranks from ``budget.RankBudget`` under ``memory_budget``); each layer's P is built once; one
-update call per group (``dispatch.py``) picks the multi-tensor or the single-layer path (``functional.py``).
-
-Which parameters are projected is decided per parameter by the group key ``lowrank_mask`` (a list of bools parallel
-to ``group["params"]``; when absent, every 2-D parameter of a group whose ``rank`` is not None). Everything lives in
-``self.state`` and ``self.param_groups`` as tensors and primitives, so ``state_dict()`` round-trips and loads with
-``torch.load(weights_only=True)``.
+The step in torch's shape (``torch/optim/adam.py``): check the gradients (``nonfinite.py``), gather each group's
+parameters and create state lazily, refresh the due layers (``refresh.Refresher``; ranks from ``budget`` under
+``memory_budget``), one update call per group (``update/dispatch.py``). Which parameters are projected: the group key
+``lowrank_mask`` (bools parallel to ``group["params"]``; absent: every 2-D parameter of a group whose ``rank`` is not
+None). All state is tensors and primitives, so ``state_dict()`` loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -46,7 +42,7 @@ class ProjectedOptimizer(Optimizer):
 
     Args:
         params: parameters or param-group dicts (groups may override every option but the budget's).
-        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        lr: as in ``torch.optim.AdamW``, and so are ``betas``, ``eps`` and ``weight_decay``.
         decoupled_weight_decay: True for AdamW's decay, False for Adam's L2 penalty.
         rule: the inner update, ``adamw``, ``sgd`` or ``adafactor`` (their options as torch's optimizers'); it runs
             on the projected gradient of projected weights and on the full gradient of the others.
@@ -219,15 +215,18 @@ class ProjectedOptimizer(Optimizer):
             protect.store_bases(self.state[p], p, U, V, bits)
         self._protected = bool(self.protected_params())
 
-    def unprotect(self, params: Iterable[Tensor] | None = None) -> None:  # drop them (every weight's: None)
+    def unprotect(self, params: Iterable[Tensor] | None = None) -> None:
+        """Drop the protected bases of ``params`` (None: of every weight): their updates are free again."""
         for p in self.protected_params() if params is None else params:
             protect.drop(self.state[p])
         self._protected = bool(self.protected_params())
 
     def protected_params(self) -> list[Tensor]:
+        """The weights whose updates ``protect`` confines."""
         return [p for p, _, _ in self.placements() if protect.is_protected(self.state[p])]
 
-    def protected_rank(self, param: Tensor) -> int:  # k, the number of protected directions (0: none)
+    def protected_rank(self, param: Tensor) -> int:
+        """k, the number of protected directions of ``param`` (0: none)."""
         return protect.protected_rank(self.state[param], param)
 
     def projection_mask(self, group: dict[str, Any]) -> list[bool]:
@@ -255,6 +254,7 @@ class ProjectedOptimizer(Optimizer):
         return state_kinds(self.state[param], group, self.is_projected(param))
 
     def projected_params(self) -> list[Tensor]:
+        """The weights updated in a low-rank subspace, in param-group order."""
         return [p for g in self.param_groups for p, on in zip(g["params"], self._mask(g)) if on]
 
     def is_projected(self, param: Tensor) -> bool:

@@ -60,11 +60,12 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
             with a user ``ddp_comm_hook``. Gradient clipping by norm is allowed but sees the norm of P P^T g_avg for
             projected weights (and of the full gradient of layers refreshing that step): a warning says so.
             ``comm_bytes`` lists the bytes all-reduced per optimizer step, with and without the projection.
-        layerwise: ``LowRankMixin``'s layer-wise updates; each gradient is averaged in its own hook, projected weights
-            in their subspace (as low_rank_comm, but exact for every option: a layer whose update reads the full
-            gradient sends it in full), and no ``DistributedDataParallel`` wrapper holds gradient buckets. Of DDP's
-            keywords only ``broadcast_buffers`` applies. ``comm_bytes`` counts the all-reduced bytes as above.
-        Other keywords: ``LowRankMixin``'s, then ``DDPStrategy``'s and ``DistributedDataParallel``'s.
+        **kwargs: ``LowRankMixin``'s (the low-rank options), then ``DDPStrategy``'s and
+            ``DistributedDataParallel``'s. With ``layerwise=True`` (``LowRankMixin``'s layer-wise updates) each
+            gradient is averaged in its own hook, projected weights in their subspace (as low_rank_comm, but exact
+            for every option: a layer whose update reads the full gradient sends it in full), and no
+            ``DistributedDataParallel`` wrapper holds gradient buckets. Of DDP's keywords only ``broadcast_buffers``
+            then applies. ``comm_bytes`` counts the all-reduced bytes as above.
     """
 
     strategy_name = "lowrank_ddp"
@@ -129,6 +130,7 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
         return True
 
     def configure_ddp(self) -> None:
+        """Lightning's DDP wrapper, or with ``layerwise=True`` none: each gradient is averaged in its own hook."""
         if not self.layerwise:
             super().configure_ddp()
             return
@@ -179,6 +181,7 @@ class LowRankDDPStrategy(LowRankMixin, DDPStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """``lowrank_ddp`` and its ``_spawn``, ``_fork`` and ``_notebook`` start methods."""
         for name, start_method in (
             ("lowrank_ddp", "popen"),
             ("lowrank_ddp_spawn", "spawn"),

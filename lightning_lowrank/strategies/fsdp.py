@@ -84,6 +84,7 @@ class LowRankFSDPStrategy(LowRankMixin, ModelParallelStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """``lowrank_fsdp``."""
         strategy_registry.register(
             cls.strategy_name, cls, description="FSDP2 (ModelParallelStrategy) with low-rank optimizer state"
         )

@@ -32,6 +32,7 @@ class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
 
     @property
     def parallel_devices(self) -> list[torch.device] | None:
+        """The one device (a list of one, as the accelerator connector sets it); more are refused."""
         return self._parallel_devices
 
     @parallel_devices.setter
@@ -46,8 +47,10 @@ class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
 
     @property
     def root_device(self) -> torch.device:
+        """The device the accelerator connector chose (or the one given at construction)."""
         return self._parallel_devices[0] if self._parallel_devices else self._root_device
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """``lowrank``."""
         strategy_registry.register(cls.strategy_name, cls, description="Single device with low-rank optimizer state")

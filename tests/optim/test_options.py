@@ -147,8 +147,8 @@ def test_projected_rule_is_a_deprecated_alias_of_inner():
 
 
 def test_a_budget_with_quantized_state_is_refused_when_the_strategy_is_built():
-    """The README promises option errors at construction: memory_budget with 8-bit state or P fails there, not at
-    fit."""
+    """The options reference (docs/reference/options.md) promises option errors at construction: memory_budget with
+    8-bit state or P fails there, not at fit."""
     from lightning_lowrank import LowRankStrategy
 
     for key, value in (("state_bits", 8), ("projector_bits", 4)):

@@ -1,4 +1,5 @@
-"""Every error the README promises is raised where it says: at ``LowRankStrategy(...)`` / ``Trainer(...)`` / the
+"""Every error the options reference (docs/reference/options.md) promises is raised where it says: at
+``LowRankStrategy(...)`` / ``Trainer(...)`` / the
 callback's construction when the arguments alone decide it, else at setup, before the first training step. Each
 message names the bad value and what is allowed."""
 
