@@ -10,10 +10,11 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_lowrank.strategies.checks import check_combinations, check_keywords, precision_plugin_property
 from lightning_lowrank.strategies.mixin import LowRankMixin, declare_signature
+from lightning_lowrank.strategies.one_device import OneDevice
 
 
 @declare_signature
-class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
+class LowRankStrategy(OneDevice, LowRankMixin, SingleDeviceStrategy):
     """``SingleDeviceStrategy`` with projected optimizer state: ``Trainer(strategy="lowrank")``.
 
     ``device`` defaults to the Trainer's accelerator (the first of its devices), so a registry name
@@ -27,28 +28,7 @@ class LowRankStrategy(LowRankMixin, SingleDeviceStrategy):
         check_keywords(type(self).__name__, kwargs, SingleDeviceStrategy.__init__)
         super().__init__(*args, device=device or "cpu", **kwargs)
         check_combinations(self)
-        # Lightning's connector fills ``parallel_devices`` on any strategy that has the attribute.
-        self._parallel_devices: list[torch.device] | None = [torch.device(device)] if device is not None else None
-
-    @property
-    def parallel_devices(self) -> list[torch.device] | None:
-        """The one device (a list of one, as the accelerator connector sets it); more are refused."""
-        return self._parallel_devices
-
-    @parallel_devices.setter
-    def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        if devices and len(devices) > 1:
-            raise ValueError(
-                f"LowRankStrategy runs on one device, but the Trainer asked for {len(devices)}. "
-                "Use strategy='lowrank_ddp' (or 'lowrank_ddp_spawn', 'lowrank_ddp_fork') for several devices, "
-                "or devices=1."
-            )
-        self._parallel_devices = devices
-
-    @property
-    def root_device(self) -> torch.device:
-        """The device the accelerator connector chose (or the one given at construction)."""
-        return self._parallel_devices[0] if self._parallel_devices else self._root_device
+        self._keep_device(device)
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
