@@ -16,11 +16,14 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, memory_report, render_memory_report
-from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
-from lightning_lowrank.optim.options import supported_names
-from lightning_lowrank.selection import strategy_selection, warn_user
-from lightning_lowrank.strategies.mixin import _check_curvature_sources, _rebind
-from lightning_lowrank.strategies.naming import named_after
+from lightning_lowrank.selection import strategy_selection
+from lightning_lowrank.strategies.swap import (
+    check_curvature_sources,
+    name_parameters,
+    projected_names,
+    rebind_scheduler,
+    swap_optimizer,
+)
 
 _REPORT = "render_memory_report(fabric.strategy.memory_report()) (or fabric.strategy.print_memory_report())"
 # The Trainer strategies' keywords that need a Trainer, with what to do in a Fabric loop instead. Off values (False)
@@ -92,7 +95,7 @@ class LowRankFabricMixin:
         module, swapped, scheduler = super().setup_module_and_optimizers(module, optimizers, scheduler)  # type: ignore[misc]
         for old, new in zip(optimizers, swapped):
             if new is not old and scheduler is not None:
-                _rebind(scheduler, old, new)  # also a scheduler nested in SequentialLR / ChainedScheduler
+                rebind_scheduler(scheduler, old, new)  # also a scheduler nested in SequentialLR / ChainedScheduler
         return module, swapped, scheduler
 
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -115,24 +118,13 @@ class LowRankFabricMixin:
             self._selected = {}
             for module in self._lowrank_modules:
                 self._selected.update(strategy_selection(module, cfg.target_modules, cfg.exclude, cfg.rank))
-        if isinstance(optimizer, ProjectedOptimizer):
-            new: Optimizer = optimizer
-        elif type(optimizer) not in SUPPORTED_OPTIMIZERS and self.fallback == "dense":
-            warn_user(
-                f"{type(optimizer).__name__} cannot be projected (supported: {supported_names()}); fallback='dense' "
-                "keeps it unchanged, so its parameters hold full-size optimizer state."
-            )
-            new = optimizer
-        else:
-            cls = named_after(type(optimizer), ProjectedOptimizer)  # the user's class name, as the Trainer's swap
-            new = cls.from_optimizer(optimizer, self._selected, **cfg.optimizer_options())  # unsupported: TypeError
+        new = swap_optimizer(optimizer, self._selected, cfg, self.fallback)
+        if new is not optimizer:
             self._replaced[id(new)] = optimizer
-        if isinstance(new, ProjectedOptimizer):
-            new.param_names.update({p: n for m in self._lowrank_modules for n, p in m.named_parameters()})
-            projected = {id(p) for p in new.projected_params()}  # Adafactor may keep some selected weights dense
-            self._lowrank_names.update({p: n for p, n in self._selected.items() if id(p) in projected})
+        name_parameters([new], {p: n for m in self._lowrank_modules for n, p in m.named_parameters()})
+        self._lowrank_names.update(projected_names([new], self._selected))
         self._lowrank_optimizers.append(new)
-        _check_curvature_sources(cfg, self._lowrank_optimizers, ())  # memory_budget: one projected optimizer
+        check_curvature_sources(cfg, self._lowrank_optimizers, ())  # memory_budget: one projected optimizer
         return new
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:

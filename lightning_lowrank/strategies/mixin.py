@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any, get_type_hints
 
 import lightning.pytorch as pl
@@ -24,11 +25,16 @@ from torch.optim import Optimizer
 from lightning_lowrank.callbacks.protected_subspaces import ProtectedSubspaces
 from lightning_lowrank.config import LowRankConfig
 from lightning_lowrank.memory import MemoryReport, Plan, memory_report, plan, render_memory_report
-from lightning_lowrank.optim import SUPPORTED_OPTIMIZERS, ProjectedOptimizer
+from lightning_lowrank.optim import ProjectedOptimizer
 from lightning_lowrank.optim.layerwise import LayerwiseProjectedOptimizer
-from lightning_lowrank.optim.options import supported_names
-from lightning_lowrank.selection import strategy_selection, warn_once, warn_user, warnings_once
-from lightning_lowrank.strategies.naming import named_after
+from lightning_lowrank.selection import strategy_selection, warn_once, warnings_once
+from lightning_lowrank.strategies.swap import (
+    check_curvature_sources,
+    name_parameters,
+    projected_names,
+    rebind_scheduler,
+    swap_optimizer,
+)
 
 
 class LowRankMixin:
@@ -119,37 +125,21 @@ class LowRankMixin:
         selected = warnings_once(
             self._warned, strategy_selection, self.lightning_module, cfg.target_modules, cfg.exclude, cfg.rank
         )
-        swapped = []
-        for old in self.optimizers:
-            if isinstance(old, ProjectedOptimizer):
-                new = old
-            elif type(old) not in SUPPORTED_OPTIMIZERS and self.fallback == "dense":
-                warn_once(
-                    self._warned,
-                    f"{type(old).__name__} cannot be projected (supported: {supported_names()}); fallback='dense' "
-                    "keeps it unchanged, so its parameters hold full-size optimizer state.",
-                )
-                new = old
-            else:
-                base = LayerwiseProjectedOptimizer if self.layerwise else ProjectedOptimizer
-                cls = named_after(type(old), base)  # keeps the user's class name (LearningRateMonitor's keys)
-                new = cls.from_optimizer(old, selected, **cfg.optimizer_options())  # names for its warnings
+        base = LayerwiseProjectedOptimizer if self.layerwise else ProjectedOptimizer
+        warn = partial(warn_once, self._warned)  # said once per fit
+        swapped = [swap_optimizer(old, selected, cfg, self.fallback, base, warn) for old in self.optimizers]
+        for old, new in zip(self.optimizers, swapped):
+            if new is not old:
                 rebind_lr_schedulers(self.lr_scheduler_configs, old, new)
-            swapped.append(new)
-        names = {p: name for name, p in self.lightning_module.named_parameters()}
-        for opt in swapped:
-            if isinstance(opt, ProjectedOptimizer):
-                opt.param_names.update(names)  # its messages (a non-finite gradient) name the module's parameters
-        # The optimizer may keep some selected weights dense (Adafactor where projecting saves nothing).
-        projected = {id(p) for opt in swapped if isinstance(opt, ProjectedOptimizer) for p in opt.projected_params()}
-        self._lowrank_names = {p: name for p, name in selected.items() if id(p) in projected}
+        name_parameters(swapped, {p: name for name, p in self.lightning_module.named_parameters()})
+        self._lowrank_names = projected_names(swapped, selected)
         self.optimizers = swapped  # the setter rebuilds the LightningOptimizer wrappers
         if self.layerwise:
             _check_layerwise(self, trainer, swapped)
             for opt in swapped:
                 if isinstance(opt, LayerwiseProjectedOptimizer):
                     opt.attach()
-        _check_curvature_sources(cfg, swapped, trainer.callbacks)
+        check_curvature_sources(cfg, swapped, trainer.callbacks)
         if self.memory_plan and self.is_global_zero:
             # Before any step: the report the first step will measure, planned on a meta twin of the module.
             protection = next((c.plan_options() for c in trainer.callbacks if isinstance(c, ProtectedSubspaces)), {})
@@ -268,48 +258,9 @@ def write_memory_json(report: MemoryReport, path: str) -> None:
 
 
 def rebind_lr_schedulers(configs: Sequence[LRSchedulerConfig], old: Optimizer, new: Optimizer) -> None:
-    """Point every scheduler (also those nested in SequentialLR/ChainedScheduler) at ``new``.
-
-    Without this a resumed run freezes the LR: ``load_state_dict`` gives ``new`` fresh group dicts
-    that the old optimizer, still held by the scheduler, never sees.
-    """
+    """Point every scheduler of the Trainer at ``new`` where it held ``old`` (``swap.rebind_scheduler``)."""
     for config in configs:
-        _rebind(config.scheduler, old, new)
-
-
-def _rebind(scheduler: Any, old: Optimizer, new: Optimizer) -> None:
-    if getattr(scheduler, "optimizer", None) is old:
-        scheduler.optimizer = new
-    for child in getattr(scheduler, "_schedulers", ()):
-        _rebind(child, old, new)
-
-
-def _check_curvature_sources(cfg: LowRankConfig, optimizers: Sequence[Optimizer], callbacks: Sequence[Any]) -> None:
-    """Options that consume curvature need a ``CurvatureProbe`` that measures it: say so before the first step."""
-    # Imported here: the callbacks import Lightning, whose import registers the strategies (``_registration.py``),
-    # so a module-level import would be circular when the first thing imported is a callback.
-    from lightning_lowrank.callbacks.curvature_probe import CurvatureProbe
-
-    measured = {e for c in callbacks if isinstance(c, CurvatureProbe) for e in c.estimators}
-    projected = [opt for opt in optimizers if isinstance(opt, ProjectedOptimizer)]
-    if cfg.preconditioner == "lazy_hessian" and "subspace_diagonal" not in measured:
-        raise ValueError(
-            "preconditioner='lazy_hessian' reuses a curvature diagonal that a CurvatureProbe measures: add "
-            "CurvatureProbe(every=10, estimators=('subspace_diagonal',), samples=1) (Sophia refreshes it every 10 "
-            "steps) to the Trainer's callbacks, or drop the preconditioner."
-        )
-    if cfg.memory_budget is not None:
-        if len(projected) > 1:
-            raise ValueError(
-                f"memory_budget is one budget for one optimizer, but configure_optimizers returned {len(projected)} "
-                "that are projected; return one optimizer (with several param groups if needed)."
-            )
-        if cfg.rank_by == "curvature" and "trace" not in measured:
-            warn_user(
-                "memory_budget with rank_by='curvature' takes each layer's Hessian trace from a CurvatureProbe with "
-                "'trace' in its estimators, and there is none: ranks follow the gradient energy outside each "
-                "subspace (rank_by='residual') instead."
-            )
+        rebind_scheduler(config.scheduler, old, new)
 
 
 def _check_layerwise(strategy: Any, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
