@@ -55,6 +55,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from byte_lm import SIZES, ByteLM, ByteLMConfig  # noqa: E402
+from compare_update_rules import comparison_trainer  # noqa: E402
 from continual_data import SEQUENCES, Task, load_tasks, missing_corpora  # noqa: E402
 from stdlib_data import RandomWindows  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -175,21 +176,8 @@ def metrics(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
 
 
 def _trainer(strategy: Any, callbacks: list[Any], steps: int) -> L.Trainer:
-    return L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps,
-        limit_val_batches=0,  # each task's validation runs after it, on fixed windows of every task
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    """The comparison Trainer (clip 1.0); each task's validation runs after it, on fixed windows of every task."""
+    return comparison_trainer(strategy, callbacks, steps)
 
 
 def _train_loader(task: Task, seed: int, index: int, steps: int, args: argparse.Namespace) -> DataLoader:

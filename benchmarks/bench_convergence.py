@@ -274,20 +274,7 @@ def manual_trainer(callbacks: list[Any], steps: int, strategy: Any, optimizers: 
     """``comparison_trainer`` without ``gradient_clip_val`` (refused under manual optimization; ``MuonByteLM`` clips in
     its step). Lightning counts every optimizer's step in ``global_step``, so ``max_steps`` is ``steps`` batches
     times the optimizers stepped per batch."""
-    return L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=steps * optimizers,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return comparison_trainer(strategy, callbacks, steps * optimizers, clip=None)
 
 
 def peer_factory(name: str, run: Run, args: argparse.Namespace) -> Any:

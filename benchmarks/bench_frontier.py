@@ -13,8 +13,9 @@ The configurations (``configs``), on top of the harness's settings (scale 0.25, 
   norm (``fft``, ``l1``) at d/4's point; DCT at SVD's rank (the equal-rank comparison of the earlier study).
 * Fira's residual on each basis at d/4's point.
 
-Equal time is measured apart (``--time``): every configuration for ``--time-steps`` steps of the same model, one
-process, nothing else running, which gives seconds per step with the refreshes amortised at each one's own gap.
+Equal time is measured apart (``--time``, ``time_configs``): each configuration's optimizer step and refresh step on
+the model's own gradients, one thread, plus the model's forward and backward once, which gives seconds per step with
+the refreshes amortised at each one's own gap (seconds for all; pause any other process while it runs).
 
     python benchmarks/bench_frontier.py --model small --part 0/2 &   # two single-threaded processes,
     python benchmarks/bench_frontier.py --model small --part 1/2     # one cache (resumable)
@@ -178,6 +179,12 @@ def run_part(args: argparse.Namespace, names: list[str], tables: dict[str, list[
         run_one(args, name, tables, f"/tmp/frontier_{args.model}_{k}.json")
 
 
+def amortised(forward_backward: float, step: float, refresh_step: float, gap: int) -> float:
+    """Seconds per training step with one refresh every ``gap`` steps: what a refresh step costs beyond an ordinary
+    one, spread over the gap (never negative: a refresh that timed faster than the median step adds nothing)."""
+    return forward_backward + step + max(refresh_step - step, 0.0) / gap
+
+
 def time_configs(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
     """Seconds per training step of each configuration, its refreshes amortised at its own gap: forward and backward
     (the model's, once: the same for all), plus the optimizer's ordinary step (median), plus (refresh step - ordinary
@@ -224,8 +231,9 @@ def time_configs(args: argparse.Namespace, names: list[str]) -> dict[str, float]
             if i >= warmup:
                 (refresh if options and i % sample_gap == 0 else ordinary).append(seconds)
         step = statistics.median(ordinary)
-        extra = (statistics.median(refresh) - step) / gap if refresh else 0.0
-        timing[name] = fb + step + max(extra, 0.0)
+        timing[name] = amortised(fb, step, statistics.median(refresh) if refresh else step, gap)
+        extra = timing[name] - fb - step
+        timing[f"{name}/optimizer"] = timing[name] - fb  # the part where configurations differ
         print(f"{name}: {timing[name] * 1e3:.1f} ms/step (step {step * 1e3:.2f} ms, refresh +{extra * gap * 1e3:.2f} "
               f"ms every {gap}, forward+backward {fb * 1e3:.1f} ms)", flush=True)  # fmt: skip
     out = RESULTS / f"frontier_{args.model}_timing.json"
@@ -264,14 +272,14 @@ def report(args: argparse.Namespace, tables: dict[str, list[str]]) -> str:
               "| SVD rank | state | best SVD | val loss | best DCT (equal bytes) | state | val loss | DCT vs SVD |",
               "|---:|---:|---|---|---|---:|---|---|"]  # fmt: skip
     d = SIZES[args.model].d_model
-    frontier: dict[str, list[tuple[float, float]]] = {"svd": [], "dct": []}
+    frontier: dict[str, list[dict[str, Any]]] = {"svd": [], "dct": []}
     for r in (d // 8, d // 4, d // 2):
         svd = min((rows[n] for n in tables["svd"] if f"-r{r}-" in n), key=lambda x: x["val_mean"])
         dct_rank = equal_memory_rank(args.model, r)
         candidates = [rows[n] for n in tables["dct"] + tables["dct_grid"] if n.startswith(f"dct-r{dct_rank}-")]
         dct = min(candidates, key=lambda x: x["val_mean"])
-        frontier["svd"].append((svd["state_bytes"] / mib, svd["val_mean"]))
-        frontier["dct"].append((dct["state_bytes"] / mib, dct["val_mean"]))
+        frontier["svd"].append(svd)
+        frontier["dct"].append(dct)
         lines.append(
             f"| {r} | {svd['state_bytes'] / mib:.2f} MiB | {svd['name']} (lr {svd['lr']:g}) | {_cell(svd)} "
             f"| {dct['name']} (lr {dct['lr']:g}) | {dct['state_bytes'] / mib:.2f} MiB | {_cell(dct)} "
@@ -284,11 +292,11 @@ def report(args: argparse.Namespace, tables: dict[str, list[str]]) -> str:
         cells = [next((_cell(r) for n, r in grid.items() if f"-g{gap}-{m}" in n), "-") for m in MOMENTS]
         lines.append(f"| {gap} | " + " | ".join(cells) + " |")
     lines += ["", "Every configuration (seeds' mean, min - max; state; seconds per step timed alone).", "",
-              "| configuration | lr | val loss | / AdamW | state | ms / step |",
+              "| configuration | lr | val loss | / AdamW | state | ms / step (optimizer's) |",
               "|---|---:|---|---:|---:|---:|"]  # fmt: skip
     for name in names:
         r = rows[name]
-        ms = f"{timing[name] * 1e3:.1f}" if name in timing else "-"
+        ms = f"{timing[name] * 1e3:.1f} ({timing[name + '/optimizer'] * 1e3:.2f})" if name in timing else "-"
         lines.append(
             f"| {name} | {r['lr']:g} | {_cell(r)} | {r['vs_adamw']:.3f} | {r['state_bytes'] / mib:.2f} MiB | {ms} |"
         )
@@ -314,23 +322,34 @@ def report(args: argparse.Namespace, tables: dict[str, list[str]]) -> str:
     return text
 
 
-def _plot(frontier: dict[str, list[tuple[float, float]]], adamw: dict[str, Any], args: argparse.Namespace) -> None:
+def _plot(frontier: dict[str, list[dict[str, Any]]], adamw: dict[str, Any], args: argparse.Namespace) -> None:
+    """Loss against optimizer-state bytes, one line per projector through its best configuration at each memory
+    point, bars from the best to the worst seed; into the results and into docs/assets/ for the documentation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for projector, points in frontier.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=f"{projector} (best configuration at each memory point)")
-    ax.scatter([adamw["state_bytes"] / 2**20], [adamw["val_mean"]], marker="x", color="black", label="AdamW")
+    mib = 2**20
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for projector, rows in frontier.items():
+        rows = sorted(rows, key=lambda r: r["state_bytes"])
+        xs = [r["state_bytes"] / mib for r in rows]
+        ys = [r["val_mean"] for r in rows]
+        spread = [[r["val_mean"] - r["val_min"] for r in rows], [r["val_max"] - r["val_mean"] for r in rows]]
+        ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=f"{projector} (best configuration per point)")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["name"], (x, y), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    ax.errorbar([adamw["state_bytes"] / mib], [adamw["val_mean"]],
+                yerr=[[adamw["val_mean"] - adamw["val_min"]], [adamw["val_max"] - adamw["val_mean"]]],
+                marker="x", color="black", capsize=3, label="AdamW (dense)")  # fmt: skip
     ax.set_xlabel("optimizer state (MiB)")
-    ax.set_ylabel(f"validation loss, mean of {len(args.seeds)} seeds")
-    ax.set_title(f"Byte LM ({args.model}): loss against optimizer memory")
+    ax.set_ylabel(f"validation loss, mean of {len(args.seeds)} seeds (bars: min - max)")
+    ax.set_title(f"Byte LM ({args.model}), {args.steps} steps: loss against optimizer memory")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"frontier_{args.model}.png")
+    for folder in (RESULTS, HERE.parent / "docs" / "assets"):
+        fig.savefig(folder / f"frontier_{args.model}.png", dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

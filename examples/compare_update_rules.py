@@ -184,17 +184,21 @@ def adamw_bytes(model: torch.nn.Module) -> int:
     return sum(2 * p.numel() * p.element_size() + step for p in model.parameters() if p.requires_grad)
 
 
-def comparison_trainer(strategy: Any, callbacks: list[L.Callback], max_steps: int) -> L.Trainer:
-    """The Trainer every compared run gets: CPU, fp32, clipping at 1.0 as in the demo, no logger or checkpoints."""
+def comparison_trainer(
+    strategy: Any, callbacks: list[L.Callback], max_steps: int, clip: float | None = 1.0
+) -> L.Trainer:
+    """The Trainer every compared run gets: CPU, fp32, clipping at ``clip`` (1.0 as in the demo; None for manual
+    optimization, which refuses it), no validation loop (each script validates after training, on a fixed set), no
+    logger or checkpoints."""
     return L.Trainer(
         strategy=strategy,
         accelerator="cpu",
         devices=1,
         precision="32-true",
         max_steps=max_steps,
-        limit_val_batches=0,  # validation runs once, after training, on a fixed set
+        limit_val_batches=0,
         num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
+        gradient_clip_val=clip,
         logger=False,
         callbacks=callbacks,
         enable_checkpointing=False,

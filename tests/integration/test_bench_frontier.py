@@ -55,3 +55,35 @@ def test_the_grid_is_not_widened_where_the_best_is_inside_or_widen_is_zero(monke
     assert bench_tuned.tune(_args(widen=2), log=lambda *_: None)["m"] == 3e-3 and len(tried) == 3
     tried = _fake_runs(monkeypatch, lambda lr: abs(lr - 0.05))
     assert bench_tuned.tune(_args(widen=0), log=lambda *_: None)["m"] == 1e-2 and len(tried) == 3
+
+
+def test_every_memory_point_runs_three_seeds_and_only_the_grid_is_screened():
+    """The equal-memory table compares the best SVD and DCT configuration at each point over every seed, so the
+    configurations it may pick are never screened; the gap x moments grid's other cells are (seed 0, tuned lr)."""
+    tables = frontier.configs("small")
+    screened = frontier.screened(tables)
+    for name in tables["svd"] + tables["dct"] + ["adamw"]:
+        assert name not in screened
+    grid = tables["dct_grid"]
+    assert {n for n in grid if n.endswith(("-g10-rotate", "-g50-keep"))}.isdisjoint(screened)
+    assert len([n for n in grid if n in screened]) == len(grid) - 2 == 13
+    order = sorted(tables["adamw"] + tables["svd"] + tables["dct"] + grid, key=lambda n: frontier.priority(n, tables))
+    assert order[0] == "adamw" and all(n in screened for n in order[-13:])
+
+
+def test_a_refresh_is_amortised_over_its_gap():
+    """By hand: 300 ms forward+backward, a 5 ms step, a 85 ms refresh step every 50: 300 + 5 + 80 / 50 = 306.6 ms."""
+    assert abs(frontier.amortised(0.300, 0.005, 0.085, 50) - 0.3066) < 1e-12
+    assert frontier.amortised(0.300, 0.005, 0.004, 10) == 0.305  # a refresh timed faster than a step adds nothing
+
+
+def test_timing_runs_every_configuration_and_writes_its_file(tmp_path, monkeypatch):
+    """``--time`` on two configurations, a few steps: a positive figure each, in the results file."""
+    monkeypatch.setattr(frontier, "RESULTS", tmp_path)
+    args = frontier.parse_args(["--model", "small", "--time-steps", "10", "--batch-size", "2"])
+    tables = frontier.configs("small")
+    names = ["svd-r16-g200-keep", "svd-r16-g50-keep"]
+    assert all(n in tables["svd"] for n in names)
+    timing = frontier.time_configs(args, names)
+    assert set(timing) == set(names) and all(t > 0 for t in timing.values())
+    assert (tmp_path / "frontier_small_timing.json").exists()
