@@ -248,12 +248,19 @@ def _cell(row: dict[str, Any]) -> str:
 
 
 def _apart(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """Whether two rows' seed ranges do not overlap: a difference larger than the spread."""
+    """Whether two rows' seed ranges do not overlap (a difference larger than the spread), and seed by seed: each
+    seed gives both runs the same initial weights and batches, so ``a - b`` per seed is a paired difference."""
     if a["val_max"] < b["val_min"]:
-        return "lower, beyond the spread"
-    if b["val_max"] < a["val_min"]:
-        return "higher, beyond the spread"
-    return "within the spread"
+        verdict = "lower, beyond the spread"
+    elif b["val_max"] < a["val_min"]:
+        verdict = "higher, beyond the spread"
+    else:
+        verdict = "within the spread"
+    if a["seeds"] == b["seeds"] > 1:
+        diffs = [x - y for x, y in zip(a["val_losses"], b["val_losses"])]
+        higher = sum(d > 0 for d in diffs)
+        verdict += f"; paired {statistics.fmean(diffs):+.3f}, higher on {higher} of {len(diffs)} seeds"
+    return verdict
 
 
 def report(args: argparse.Namespace, tables: dict[str, list[str]]) -> str:

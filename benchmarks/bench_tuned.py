@@ -207,6 +207,7 @@ def summarise(results: dict[str, list[conv.Result]], lrs: dict[str, float | None
                 "val_mean": statistics.fmean(losses),
                 "val_min": min(losses),
                 "val_max": max(losses),
+                "val_losses": losses,  # in seed order: same seed, same initial weights and batches for every method
                 "vs_adamw": statistics.fmean(losses) / reference,
                 # the loss is nats per byte, so exp(difference) is the ratio of per-byte perplexities. The papers'
                 # ratios are per token, and a token spans several bytes: compare signs and order, not magnitudes

@@ -87,3 +87,12 @@ def test_timing_runs_every_configuration_and_writes_its_file(tmp_path, monkeypat
     timing = frontier.time_configs(args, names)
     assert set(timing) == set(names) and all(t > 0 for t in timing.values())
     assert (tmp_path / "frontier_small_timing.json").exists()
+
+
+def test_differences_are_judged_against_the_spread_and_seed_by_seed():
+    """Hand-made rows: overlapping ranges are 'within the spread', yet one higher on every seed says so, paired."""
+    a = {"val_min": 1.512, "val_max": 1.559, "seeds": 3, "val_losses": [1.559, 1.512, 1.537]}
+    b = {"val_min": 1.450, "val_max": 1.518, "seeds": 3, "val_losses": [1.518, 1.450, 1.483]}
+    assert frontier._apart(a, b) == "within the spread; paired +0.052, higher on 3 of 3 seeds"
+    c = {"val_min": 1.60, "val_max": 1.70, "seeds": 1, "val_losses": [1.60]}
+    assert frontier._apart(c, b) == "higher, beyond the spread"
