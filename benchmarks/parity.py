@@ -239,7 +239,8 @@ def _group(params: list[Tensor], rank: int, **keys: Any) -> list[dict[str, Any]]
 
 def _ours(rank: int = RANK, **options: Any) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     def make(params: list[Tensor]) -> torch.optim.Optimizer:
-        keys = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rank=rank, update_gap=GAP)
+        # svd_signs='none': the references take their SVD's columns as they come
+        keys = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rank=rank, update_gap=GAP, svd_signs="none")
         return ProjectedOptimizer(params, **{**keys, **options})
 
     return make
@@ -821,7 +822,9 @@ def qgalore_refresh_steps(stream: list[Tensor]) -> tuple[list[int], int]:
 def ours_refresh_steps(stream: list[Tensor]) -> tuple[list[int], int]:
     """Ours under RefreshSchedule(rule="qgalore"), driven as SubspaceRefresh drives it (lr 0: the weight stays)."""
     w = torch.nn.Parameter(torch.zeros(stream[0].shape, dtype=stream[0].dtype))
-    opt = ProjectedOptimizer([w], lr=0.0, weight_decay=0.0, rank=STREAM_RANK, projector="svd", update_gap=GAP)
+    opt = ProjectedOptimizer(
+        [w], lr=0.0, weight_decay=0.0, rank=STREAM_RANK, projector="svd", update_gap=GAP, svd_signs="none"
+    )
     opt.external_schedule()
     schedule = RefreshSchedule(RefreshPolicy(every=GAP, adaptive=True, rule="qgalore", **QGALORE))
     steps = []

@@ -2,11 +2,11 @@
 steps, 160 samples: do the two agree after the refreshes? Run as a script (Lightning's launchers re-run it for the
 second process), by ``tests/strategies/test_svd_signs_runs.py`` and ``benchmarks``:
 
-    python tests/ddp_fsdp_signs.py OUT_DIR [SIGNS ...]     # SIGNS: none, max_abs (default: both)
+    python tests/ddp_fsdp_signs.py OUT_DIR [SIGNS ...]     # SIGNS: none, max_abs, default (default: none, max_abs)
 
 Each rank trains on its half of every batch of 16 (``use_distributed_sampler=False``), so both strategies average
 the same gradients; they differ only in rounding (FSDP2 reduce-scatters, DDP all-reduces). For each ``svd_signs``
-it writes OUT_DIR/{ddp,fsdp}_{signs}.pt (rank 0: every parameter in full).
+it writes OUT_DIR/{ddp,fsdp}_{signs}.pt (rank 0: every parameter in full); ``default`` passes no ``svd_signs``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def fit(kind: str, signs: str, out: Path) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=cls(**OPTIONS, svd_signs=signs, **extra),
+        strategy=cls(**OPTIONS, **({} if signs == "default" else {"svd_signs": signs}), **extra),
         max_steps=STEPS,
         use_distributed_sampler=False,
         logger=False,

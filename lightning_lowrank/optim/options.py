@@ -93,9 +93,10 @@ class ProjectionOptions:
             no rank is spent on directions the confinement removes; better with SVD in docs/benchmarks.md's
             continual study, the same with the DCT) or ``gradient`` (as it is).
         svd_signs: the sign of each column of an SVD-derived P (``svd``, ``rsvd``, ``online_pca``'s refresh):
-            ``none`` (as the decomposition returns them, galore-torch's) or ``max_abs`` (each column's largest entry
-            positive: the same P for gradients that differ by rounding, so moments kept across a refresh keep their
-            meaning).
+            ``max_abs`` (each column's largest entry positive: gradients that differ by rounding, as under
+            ``lowrank_ddp`` and ``lowrank_fsdp``, give the same P, and moments kept across a refresh keep their
+            meaning; convergence unchanged in docs/benchmarks.md's frontier study) or ``none`` (as the decomposition
+            returns them: galore-torch's and q-galore-torch's, which their step-for-step parity needs).
     """
 
     rank: int | None = 128
@@ -114,7 +115,7 @@ class ProjectionOptions:
     pca_lr: float = 0.1
     side: Literal[SIDES] = "auto"
     protected_refresh: Literal[PROTECTED_REFRESH] = "complement"
-    svd_signs: Literal[SVD_SIGNS] = "none"
+    svd_signs: Literal[SVD_SIGNS] = "max_abs"
 
     def __post_init__(self) -> None:
         rank = self.rank

@@ -87,7 +87,7 @@ def our_refresh_steps(grads, rule, field, **policy):
     """ProjectedAdamW + RefreshSchedule driven as the callback drives them: {layer: refresh steps}."""
     dtype = grads["tall"][0].dtype
     weights = {name: nn.Parameter(torch.zeros(shape, dtype=dtype)) for name, shape in SHAPES.items()}
-    opt = ProjectedAdamW(list(weights.values()), rank=RANK, projector="svd")
+    opt = ProjectedAdamW(list(weights.values()), rank=RANK, projector="svd", svd_signs="none")
     opt.external_schedule()
     schedule = RefreshSchedule(RefreshPolicy(adaptive=True, rule=rule, **policy))
     steps = {name: [] for name in SHAPES}
@@ -122,7 +122,7 @@ def test_qgalore_rule_refreshes_exactly_when_the_transcribed_reference_does(kind
 def test_the_optimizer_reports_the_signed_leading_cosine():
     grads = {name: stream("flipping", shape, 4) for name, shape in SHAPES.items()}
     weights = {name: nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for name, shape in SHAPES.items()}
-    opt = ProjectedAdamW(list(weights.values()), rank=RANK, projector="svd", update_gap=1)
+    opt = ProjectedAdamW(list(weights.values()), rank=RANK, projector="svd", update_gap=1, svd_signs="none")
     for t in range(2):
         for name, w in weights.items():
             w.grad = grads[name][t]
@@ -174,7 +174,7 @@ def fit_stream(grads, refresh, ckpt_path=None, callbacks=(), **trainer_kwargs):
     """Train StreamNet(grads) in float64 under ``refresh``: {layer: refresh steps}."""
     log = RefreshSteps()
     trainer = L.Trainer(
-        strategy=LowRankStrategy(rank=RANK, memory_report=False, target_modules=tuple(grads)),
+        strategy=LowRankStrategy(rank=RANK, memory_report=False, target_modules=tuple(grads), svd_signs="none"),
         max_steps=len(next(iter(grads.values()))),
         callbacks=[refresh, log, *callbacks],
         precision="64-true",

@@ -34,6 +34,7 @@ import torch
 
 from tests import ROOT
 from tests.fixtures.make_checkpoints import (
+    CHANGED_DEFAULTS,
     RESUME_OPTIONS,
     RESUMED_SUFFIX,
     build_model,
@@ -90,7 +91,7 @@ def test_main_checkpoint_loads_as_it_was_saved(config):
     fixture = _load(f"main_{config}.pt")
     meta = fixture["meta"]
     model = build_model(meta["model"], getattr(torch, meta["dtype"].removeprefix("torch.")))
-    groups = param_groups(model, meta["model"], meta["options"])
+    groups = param_groups(model, meta["model"], {**CHANGED_DEFAULTS, **meta["options"]})
     opt = ProjectedOptimizer(groups, lr=meta["lr"], weight_decay=meta["weight_decay"])
     opt.load_state_dict(fixture["optimizer"])
     loaded = opt.state_dict()

@@ -136,7 +136,7 @@ def _run_both(kind, alpha, rank=RANK, reference_exact=None, **options):
     residual = {"galore": "none"}.get(kind, kind)
     opt = ProjectedOptimizer(
         ours_w, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, rank=rank, update_gap=GAP, scale=alpha,
-        residual=residual, **options,
+        residual=residual, **{"svd_signs": "none", **options},  # the references' raw SVD columns (galore-torch's)
     )  # fmt: skip
     worst = []
     for step in range(STEPS):

@@ -65,7 +65,8 @@ def test_batched_step_matches_dense_galore_adam(form, decoupled, chunk, monkeypa
     grads[2][1] = grads[4][1] = None  # one layer skips steps: its counter differs from the others'
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     options = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, decoupled_weight_decay=decoupled)
-    opt = ProjectedOptimizer(params, rank=3, update_gap=3, scale=0.5, adam_form=form, **options)
+    # svd_signs='none': the reference takes torch.linalg.svd's columns as they come, as galore-torch does
+    opt = ProjectedOptimizer(params, rank=3, update_gap=3, scale=0.5, adam_form=form, svd_signs="none", **options)
     for step in grads:
         for p, g in zip(params, step):
             p.grad = g
