@@ -6,7 +6,8 @@ the grid is widened past its edge wherever the optimum lands on it (``--widen``)
 The configurations (``configs``), on top of the harness's settings (scale 0.25, GaLore's recipe, for ours):
 
 * SVD at ranks d/8, d/4, d/2 (the memory points), each refreshed every 200 (GaLore's default) or 50 steps with the
-  moments kept, and every 50 with them rotated; ``svd_signs="max_abs"`` at d/4 for the two kept-moment gaps.
+  moments kept, and every 50 with them rotated, with ``svd_signs="none"`` (the default when the study ran);
+  ``svd_signs="max_abs"`` (the default since) at d/4 for the two kept-moment gaps.
 * DCT at *equal bytes*: at each memory point, the largest rank whose optimizer state (the planner's figure, which the
   report measures) is no more than SVD's at that point. At d/4's point: refresh gap {10, 25, 50, 100, 200} x
   moments {keep, rotate, reset}; at the other points gaps 10 and 50 with rotated or kept moments. DCT's scorer and
@@ -77,7 +78,8 @@ def configs(model: str) -> dict[str, list[str]]:
     tables: dict[str, list[str]] = {"adamw": ["adamw"], "svd": [], "dct": [], "dct_grid": [], "variants": []}
     for r in points:
         for gap, moments in ((200, "keep"), (50, "keep"), (50, "rotate")):
-            options = dict(projector="svd", rank=r, update_gap=gap, moments=moments)
+            # svd_signs="none": the study ran before max_abs became the default, which the -maxabs rows measure
+            options = dict(projector="svd", rank=r, update_gap=gap, moments=moments, svd_signs="none")
             tables["svd"].append(_run(f"svd-r{r}-g{gap}-{moments}", options, f"SVD rank {r}, gap {gap}, {moments}"))
         dct_rank = equal_memory_rank(model, r)
         grid = [(g, m) for g in GAPS for m in MOMENTS] if r == middle else [(10, "rotate"), (50, "keep")]
@@ -101,7 +103,8 @@ def configs(model: str) -> dict[str, list[str]]:
                  f"DCT, {scorer} scorer, {norm} norm (the matmul scorer's equal-bytes rank)")
             for scorer, norm in (("fft", "l2"), ("matmul", "l1"), ("fft", "l1"))
         ),
-        _run(f"svd-r{middle}-g200-keep-fira", dict(projector="svd", rank=middle, update_gap=200, residual="fira"),
+        _run(f"svd-r{middle}-g200-keep-fira",
+             dict(projector="svd", rank=middle, update_gap=200, residual="fira", svd_signs="none"),
              "SVD + Fira's residual"),
         _run(f"dct-r{dct_rank}-g10-rotate-fira",
              dict(projector="dct", rank=dct_rank, update_gap=10, moments="rotate", residual="fira"),
