@@ -353,7 +353,7 @@ def report(args: argparse.Namespace, tables: dict[str, list[str]]) -> str:
             rank = int(svd_name.split("-")[1][1:])
             prefix = f"dct-r{equal_memory_rank(args.model, rank)}-"
             pool = [n for n in tables["dct"] + tables["dct_grid"] if n.startswith(prefix) and n in opt_ms]
-            fast = [rows[n] for n in pool if opt_ms[n] <= opt_ms[svd_name]]
+            fast = [rows[n] for n in pool if opt_ms[n] <= opt_ms[svd_name] and rows[n]["seeds"] == len(args.seeds)]
             if not fast:
                 lines.append(f"| {svd_name} | {opt_ms[svd_name]:.2f} | {_cell(rows[svd_name])} | none | | | |")
                 continue
