@@ -10,7 +10,8 @@ The configurations (``configs``), on top of the harness's settings (scale 0.25, 
   ``svd_signs="max_abs"`` (the default since) at d/4 for the two kept-moment gaps.
 * DCT at *equal bytes*: at each memory point, the largest rank whose optimizer state (the planner's figure, which the
   report measures) is no more than SVD's at that point. At d/4's point: refresh gap {10, 25, 50, 100, 200} x
-  moments {keep, rotate, reset}; at the other points gaps 10 and 50 with rotated or kept moments. DCT's scorer and
+  moments {keep, rotate, reset}; at the other points gap 10 with rotated moments and 50 and 100 with kept ones (100:
+  the grid's best on seed 0, added once it was known). DCT's scorer and
   norm (``fft``, ``l1``) at d/4's point; DCT at SVD's rank (the equal-rank comparison of the earlier study).
 * Fira's residual on each basis at d/4's point.
 
@@ -81,7 +82,7 @@ def configs(model: str) -> dict[str, list[str]]:
             options = dict(projector="svd", rank=r, update_gap=gap, moments=moments, svd_signs="none")
             tables["svd"].append(_run(f"svd-r{r}-g{gap}-{moments}", options, f"SVD rank {r}, gap {gap}, {moments}"))
         dct_rank = equal_memory_rank(model, r)
-        grid = [(g, m) for g in GAPS for m in MOMENTS] if r == middle else [(10, "rotate"), (50, "keep")]
+        grid = [(g, m) for g in GAPS for m in MOMENTS] if r == middle else [(10, "rotate"), (50, "keep"), (100, "keep")]
         for gap, moments in grid:
             options = dict(projector="dct", rank=dct_rank, update_gap=gap, moments=moments)
             name = _run(f"dct-r{dct_rank}-g{gap}-{moments}", options, f"DCT at SVD rank {r}'s bytes")
@@ -116,7 +117,7 @@ def screened(tables: dict[str, list[str]], promoted: Sequence[str] = ()) -> set[
     """Configurations run on seed 0 only (its lr tuned at the full horizon): the gap x moments grid's cells other than
     the two every memory point has, and DCT's scorer/norm variants. The 2-core study cannot afford three seeds of all;
     the tables mark these rows. ``promoted`` (``--promote``: the grid's best cells on seed 0) get every seed."""
-    grid = [n for n in tables["dct_grid"] if not n.endswith(("-g10-rotate", "-g50-keep"))]
+    grid = [n for n in tables["dct_grid"] if not n.endswith(("-g10-rotate", "-g50-keep", "-g100-keep"))]
     return (set(grid) | {n for n in tables["variants"] if "-fft-" in n or "-l1" in n}) - set(promoted)
 
 

@@ -59,16 +59,18 @@ def test_the_grid_is_not_widened_where_the_best_is_inside_or_widen_is_zero(monke
 
 def test_every_memory_point_runs_three_seeds_and_only_the_grid_is_screened():
     """The equal-memory table compares the best SVD and DCT configuration at each point over every seed, so the
-    configurations it may pick are never screened; the gap x moments grid's other cells are (seed 0, tuned lr)."""
+    configurations it may pick are never screened; the gap x moments grid's other cells are (seed 0, tuned lr), unless
+    promoted."""
     tables = frontier.configs("small")
     screened = frontier.screened(tables)
     for name in tables["svd"] + tables["dct"] + ["adamw"]:
         assert name not in screened
     grid = tables["dct_grid"]
-    assert {n for n in grid if n.endswith(("-g10-rotate", "-g50-keep"))}.isdisjoint(screened)
-    assert len([n for n in grid if n in screened]) == len(grid) - 2 == 13
+    assert {n for n in grid if n.endswith(("-g10-rotate", "-g50-keep", "-g100-keep"))}.isdisjoint(screened)
+    assert len([n for n in grid if n in screened]) == len(grid) - 3 == 12
     order = sorted(tables["adamw"] + tables["svd"] + tables["dct"] + grid, key=lambda n: frontier.priority(n, tables))
-    assert order[0] == "adamw" and all(n in screened for n in order[-13:])
+    assert order[0] == "adamw" and all(n in screened for n in order[-12:])
+    assert "dct-r39-g200-keep" not in frontier.screened(tables, promoted=["dct-r39-g200-keep"])
 
 
 def test_a_refresh_is_amortised_over_its_gap():
