@@ -57,12 +57,8 @@ def state_bytes(model: str, **options: Any) -> int:
 
 
 def equal_memory_rank(model: str, svd_rank: int, **dct: Any) -> int:
-    """The largest DCT rank whose state is at most SVD's at ``svd_rank`` (the DCT keeps r indices, SVD a d x r P)."""
-    budget = state_bytes(model, rank=svd_rank, projector="svd")
-    rank = svd_rank
-    while state_bytes(model, rank=rank + 1, projector="dct", **dct) <= budget:
-        rank += 1
-    return rank
+    """The largest DCT rank whose state is at most SVD's at ``svd_rank`` (``lightning_lowrank.equal_memory_rank``)."""
+    return lightning_lowrank.equal_memory_rank(ByteLM(SIZES[model]), svd_rank, **dct)
 
 
 def _run(name: str, options: dict[str, Any], recipe: str) -> str:

@@ -24,6 +24,7 @@ _EXPORTS = {
     "MemoryReport": "lightning_lowrank.memory",
     "Plan": "lightning_lowrank.memory",
     "account_memory": "lightning_lowrank.memory",
+    "equal_memory_rank": "lightning_lowrank.memory",
     "plan": "lightning_lowrank.memory",
     "render_memory_report": "lightning_lowrank.memory",
     "ProjectedAdamW": "lightning_lowrank.optim",

@@ -1,6 +1,7 @@
 """Memory accounting (computes), the rich report (draws) and the planner (the report before training)."""
 
 from lightning_lowrank.memory.accounting import account_memory, memory_report
+from lightning_lowrank.memory.equal_bytes import equal_memory_rank
 from lightning_lowrank.memory.figures import LayerMemory, MemoryReport, format_bytes
 from lightning_lowrank.memory.plan import Plan, plan
 from lightning_lowrank.memory.presets import PRESETS, llama_preset
@@ -13,6 +14,7 @@ __all__ = [
     "MemoryReport",
     "Plan",
     "account_memory",
+    "equal_memory_rank",
     "format_bytes",
     "llama_preset",
     "memory_report",
