@@ -211,7 +211,8 @@ def time_configs(args: argparse.Namespace, names: list[str]) -> dict[str, float]
         grads.append([q.grad.clone() for q in model.parameters()])
         model.zero_grad()
     fb = statistics.median(forward_backward[2:])
-    timing = {}
+    out = RESULTS / f"frontier_{args.model}_timing.json"
+    timing = json.loads(out.read_text()) if out.exists() else {}  # others timed before are kept
     for name in names:
         options = dict(conv.RUNS[name].options)
         gap = options.pop("update_gap", 200)
@@ -238,7 +239,6 @@ def time_configs(args: argparse.Namespace, names: list[str]) -> dict[str, float]
         timing[f"{name}/optimizer"] = timing[name] - fb  # the part where configurations differ
         print(f"{name}: {timing[name] * 1e3:.1f} ms/step (step {step * 1e3:.2f} ms, refresh +{extra * gap * 1e3:.2f} "
               f"ms every {gap}, forward+backward {fb * 1e3:.1f} ms)", flush=True)  # fmt: skip
-    out = RESULTS / f"frontier_{args.model}_timing.json"
     out.write_text(json.dumps(timing, indent=1))
     return timing
 
