@@ -87,7 +87,8 @@ def test_timing_runs_every_configuration_and_writes_its_file(tmp_path, monkeypat
     names = ["svd-r16-g200-keep", "svd-r16-g50-keep"]
     assert all(n in tables["svd"] for n in names)
     timing = frontier.time_configs(args, names)
-    assert set(timing) == set(names) and all(t > 0 for t in timing.values())
+    assert set(timing) == {*names, *(f"{n}/optimizer" for n in names)} and all(t > 0 for t in timing.values())
+    assert all(timing[n] > timing[f"{n}/optimizer"] for n in names)  # the step holds the forward and backward too
     assert (tmp_path / "frontier_small_timing.json").exists()
 
 
