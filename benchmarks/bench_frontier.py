@@ -30,6 +30,7 @@ Results: ``benchmarks/results/frontier_<model>.json`` / ``.md`` / ``.png``; runs
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -56,6 +57,7 @@ def state_bytes(model: str, **options: Any) -> int:
     return lightning_lowrank.plan(ByteLM(SIZES[model]), **options).report.optimizer_state_bytes
 
 
+@functools.cache  # the report asks for each memory point's rank again per table; each answer is a dozen plans
 def equal_memory_rank(model: str, svd_rank: int, **dct: Any) -> int:
     """The largest DCT rank whose state is at most SVD's at ``svd_rank`` (``lightning_lowrank.equal_memory_rank``)."""
     return lightning_lowrank.equal_memory_rank(ByteLM(SIZES[model]), svd_rank, **dct)

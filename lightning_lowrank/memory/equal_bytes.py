@@ -28,11 +28,11 @@ def equal_memory_rank(model: nn.Module, rank: int, projector: str = "dct", like:
             warnings.simplefilter("ignore")
             return plan(model, rank=r, projector=which, **options).report.optimizer_state_bytes
 
-    budget = state(rank, like)
-    if state(rank, projector) > budget:
+    budget, start = state(rank, like), state(rank, projector)
+    if start > budget:
         raise ValueError(
             f"projector={projector!r} at rank {rank} already holds more optimizer state than {like!r} at the same rank "
-            f"({state(rank, projector)} > {budget} bytes); there is no larger rank within {like!r}'s bytes."
+            f"({start} > {budget} bytes); there is no larger rank within {like!r}'s bytes."
         )
     # State grows with rank until a rank reaches a weight's smaller side, where that weight goes dense: search below.
     ceiling = min((min(p.shape) for p in model.parameters() if p.ndim == 2), default=rank + 1)
